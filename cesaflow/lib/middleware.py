@@ -1,0 +1,99 @@
+"""Project-wide middleware: security headers Django does not set, and the per-request audit context."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponseBase
+
+from cesaflow.lib import request_context
+
+GetResponse = Callable[[HttpRequest], Any]
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    if settings.TRUST_X_FORWARDED_FOR:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()[:45] or None
+    return request.META.get("REMOTE_ADDR") or None
+
+
+class _DualMiddleware:
+    """Base for middleware that works under both WSGI and ASGI without a thread hop."""
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+        self._is_async = iscoroutinefunction(get_response)
+        if self._is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        if self._is_async:
+            return self._acall(request)
+        return self.handle(request, self.get_response)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        async def call_next(req: HttpRequest) -> HttpResponseBase:
+            response: HttpResponseBase = await self.get_response(req)
+            return response
+
+        return await self.ahandle(request, call_next)
+
+    def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
+        raise NotImplementedError
+
+    async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
+        raise NotImplementedError
+
+
+class SecurityHeadersMiddleware(_DualMiddleware):
+    """X-XSS-Protection: 0 (the auditor is gone and could create XSS; the CSP replaces it) and no caching of
+    authenticated or API responses."""
+
+    def _apply(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        response.headers["X-XSS-Protection"] = "0"
+        authenticated = getattr(getattr(request, "user", None), "is_authenticated", False)
+        if request.path.startswith("/api/") or authenticated:
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
+        return self._apply(request, get_response(request))
+
+    async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
+        return self._apply(request, await call_next(request))
+
+
+class RequestContextMiddleware(_DualMiddleware):
+    """Binds client IP, user agent and a request id for the audit trail, for the duration of the request."""
+
+    def _context(self, request: HttpRequest) -> request_context.RequestContext:
+        return request_context.RequestContext(
+            ip=client_ip(request),
+            user_agent=request.META.get("HTTP_USER_AGENT", "")[:256],
+            request_id=secrets.token_hex(8),
+        )
+
+    def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
+        token = request_context.bind(self._context(request))
+        try:
+            response: HttpResponseBase = get_response(request)
+        finally:
+            request_context.unbind(token)
+        return response
+
+    async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
+        token = request_context.bind(self._context(request))
+        try:
+            response: HttpResponseBase = await call_next(request)
+        finally:
+            request_context.unbind(token)
+        return response

@@ -1,0 +1,391 @@
+"""CesaFlow settings: the only module that reads the environment.
+
+Two deployments (see README "Configuration"):
+
+* development (default, ``CESAFLOW_ENV`` unset): works offline with no configuration. SQLite under ``var/``,
+  local-memory cache, in-memory channel layer, and generated development secrets under ``var/`` (mode 0600).
+  Setting ``DATABASE_URL`` / ``REDIS_URL`` switches to PostgreSQL / Redis (that is how the tests run).
+* production (``CESAFLOW_ENV=production``): refuses to start unless every secret and service is configured.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from keys.crypto import Keyring, KeyringError
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("CESAFLOW_VAR_DIR", BASE_DIR / "var"))
+
+ENV = os.environ.get("CESAFLOW_ENV", "development").strip().lower()
+if ENV not in {"development", "production"}:
+    raise ImproperlyConfigured("CESAFLOW_ENV must be 'development' or 'production'.")
+PRODUCTION = ENV == "production"
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (true/false), not {raw!r}.")
+
+
+def _env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer.") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}.")
+    return value
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _required(name: str) -> str:
+    """A production secret or service address: missing means refusing to start, loudly."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ImproperlyConfigured(f"{name} is required when CESAFLOW_ENV=production (see README).")
+    return value
+
+
+_dev_warnings: list[str] = []
+
+
+def _dev_secret(filename: str, make: Any, what: str) -> str:
+    """Read or create a development-only secret under var/ with mode 0600."""
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    path = VAR_DIR / filename
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make())
+        _dev_warnings.append(f"generated a DEVELOPMENT {what} at {path}; never use it in production")
+    return path.read_text().strip()
+
+
+# --- Core -------------------------------------------------------------------------------------------
+
+if PRODUCTION:
+    SECRET_KEY = _required("CESAFLOW_SECRET_KEY")
+    DEBUG = False
+    ALLOWED_HOSTS = _env_list("CESAFLOW_ALLOWED_HOSTS")
+    if not ALLOWED_HOSTS:
+        raise ImproperlyConfigured("CESAFLOW_ALLOWED_HOSTS is required when CESAFLOW_ENV=production.")
+else:
+    SECRET_KEY = os.environ.get("CESAFLOW_SECRET_KEY") or _dev_secret(
+        "secret_key", lambda: secrets.token_urlsafe(50), "Django secret key"
+    )
+    DEBUG = _env_bool("CESAFLOW_DEBUG", True)
+    ALLOWED_HOSTS = _env_list("CESAFLOW_ALLOWED_HOSTS") or ["127.0.0.1", "localhost", "[::1]", "testserver"]
+
+SECRET_KEY_FALLBACKS = _env_list("CESAFLOW_SECRET_KEY_FALLBACKS")
+CSRF_TRUSTED_ORIGINS = _env_list("CESAFLOW_CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "csp",
+    "orgs",
+    "keys",
+    "runs",
+    "nexus",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "cesaflow.lib.middleware.SecurityHeadersMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Deny by default: every dashboard view needs a login unless decorated with @login_not_required.
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "cesaflow.lib.middleware.RequestContextMiddleware",
+]
+
+ROOT_URLCONF = "cesaflow.urls"
+ASGI_APPLICATION = "cesaflow.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "csp.context_processors.nonce",
+                "orgs.context_processors.current_org",
+            ],
+        },
+    },
+]
+
+# --- Database ---------------------------------------------------------------------------------------
+
+if PRODUCTION:
+    _database_url = _required("DATABASE_URL")
+    if not _database_url.startswith(("postgres://", "postgresql://")):
+        raise ImproperlyConfigured("DATABASE_URL must be a PostgreSQL URL in production.")
+else:
+    _database_url = os.environ.get("DATABASE_URL", "").strip()
+
+if _database_url:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            _database_url, conn_max_age=_env_int("CESAFLOW_DB_CONN_MAX_AGE", 60), conn_health_checks=True
+        )
+    }
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "cesaflow.sqlite3")}}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, sessions, channel layer ----------------------------------------------------------
+
+REDIS_URL = _required("REDIS_URL") if PRODUCTION else os.environ.get("REDIS_URL", "").strip()
+# A dedicated key for channel-layer payload encryption (never SECRET_KEY): streamed model output passes
+# through Redis, and Redis must not be able to hand it to disk or to anyone reading its memory.
+CHANNEL_LAYER_KEY = (
+    _required("CESAFLOW_CHANNEL_LAYER_KEY") if PRODUCTION else os.environ.get("CESAFLOW_CHANNEL_LAYER_KEY", "")
+)
+_cache_prefix = os.environ.get("CESAFLOW_CACHE_PREFIX", "cf")
+
+if REDIS_URL:
+    _redis_options = {"CLIENT_CLASS": "django_redis.client.DefaultClient"}
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": _cache_prefix,
+            "OPTIONS": _redis_options,
+        },
+        "sessions": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": f"{_cache_prefix}:s",
+            "OPTIONS": _redis_options,
+        },
+    }
+    SESSION_ENGINE = "django.contrib.sessions.backends.cache"
+    SESSION_CACHE_ALIAS = "sessions"
+    _layer_config: dict[str, Any] = {"hosts": [REDIS_URL], "prefix": f"{_cache_prefix}:asgi"}
+    if CHANNEL_LAYER_KEY:
+        _layer_config["symmetric_encryption_keys"] = [CHANNEL_LAYER_KEY]
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": _layer_config}}
+else:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "cesaflow"},
+        "sessions": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "sessions"},
+    }
+    SESSION_ENGINE = "django.contrib.sessions.backends.db"
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Provider-key keyring ---------------------------------------------------------------------------
+
+
+def _generate_dev_keyring() -> str:
+    return "1:" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+_keyring_source = (
+    _required("CESAFLOW_KEYRING")
+    if PRODUCTION
+    else os.environ.get("CESAFLOW_KEYRING") or _dev_secret("dev-keyring", _generate_dev_keyring, "keyring")
+)
+try:
+    KEYRING = Keyring.parse(_keyring_source, min_kid=_env_int("CESAFLOW_KEYRING_MIN_KID", 0))
+except KeyringError as exc:
+    raise ImproperlyConfigured(f"CESAFLOW_KEYRING is invalid: {exc}") from None
+del _keyring_source
+
+# --- Auth -------------------------------------------------------------------------------------------
+
+AUTH_USER_MODEL = "orgs.User"
+LOGIN_URL = "orgs:login"
+LOGIN_REDIRECT_URL = "orgs:home"
+LOGOUT_REDIRECT_URL = "orgs:login"
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
+
+# bcrypt over SHA-256: no silent 72-byte truncation, and bcrypt 5 would raise on long input otherwise.
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    {"NAME": "orgs.validators.MaximumLengthValidator"},
+]
+
+# Failed logins: a temporary lock per account and per client IP (audited).
+LOGIN_FAILURE_LIMIT_ACCOUNT = _env_int("CESAFLOW_LOGIN_FAILURE_LIMIT_ACCOUNT", 5, minimum=1)
+LOGIN_FAILURE_LIMIT_IP = _env_int("CESAFLOW_LOGIN_FAILURE_LIMIT_IP", 30, minimum=1)
+LOGIN_LOCKOUT_SECONDS = _env_int("CESAFLOW_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
+
+INVITATION_TTL_DAYS = 7
+AUDIT_RETENTION_DAYS = _env_int("CESAFLOW_AUDIT_RETENTION_DAYS", 90, minimum=1)
+# Client IP: only trust X-Forwarded-For when a proxy we run sets it.
+TRUST_X_FORWARDED_FOR = _env_bool("CESAFLOW_TRUST_X_FORWARDED_FOR", False)
+
+# --- Email (invitations are mailed only when SMTP is configured) ------------------------------------
+
+EMAIL_HOST = os.environ.get("CESAFLOW_EMAIL_HOST", "")
+if EMAIL_HOST:
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_PORT = _env_int("CESAFLOW_EMAIL_PORT", 587, minimum=1)
+    EMAIL_HOST_USER = os.environ.get("CESAFLOW_EMAIL_USER", "")
+    EMAIL_HOST_PASSWORD = os.environ.get("CESAFLOW_EMAIL_PASSWORD", "")
+    EMAIL_USE_TLS = _env_bool("CESAFLOW_EMAIL_USE_TLS", True)
+    EMAIL_TIMEOUT = 10
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+DEFAULT_FROM_EMAIL = os.environ.get("CESAFLOW_EMAIL_FROM", "CesaFlow <noreply@localhost>")
+EMAIL_ENABLED = bool(EMAIL_HOST)
+
+# --- Security headers, cookies ----------------------------------------------------------------------
+
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "strict-origin-when-cross-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = 60 * 60 * 12
+DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
+
+if PRODUCTION:
+    SECURE_SSL_REDIRECT = _env_bool("CESAFLOW_SSL_REDIRECT", True)
+    # Behind the TLS-terminating proxy, which must set this header (README: deployment).
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = 31536000
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = _env_bool("CESAFLOW_HSTS_PRELOAD", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    # The __Host- prefix pins cookies to this exact host, HTTPS only, path /.
+    SESSION_COOKIE_NAME = "__Host-cf_session"
+    CSRF_COOKIE_NAME = "__Host-cf_csrf"
+else:
+    SESSION_COOKIE_NAME = "cf_session"
+    CSRF_COOKIE_NAME = "cf_csrf"
+
+_ws_sources = ["'self'"] + [f"wss://{h}" for h in ALLOWED_HOSTS if not h.startswith(".")]
+if not PRODUCTION:
+    _ws_sources += [f"ws://{h}:*" for h in ALLOWED_HOSTS if not h.startswith(".")]
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": _ws_sources,
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "frame-ancestors": ["'none'"],
+        "form-action": ["'self'"],
+    }
+}
+
+# --- Static files -----------------------------------------------------------------------------------
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = Path(os.environ.get("CESAFLOW_STATIC_ROOT", BASE_DIR / "staticfiles"))
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- REST API ---------------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "orgs.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    # The tenant gate (orgs.api.base.OrgAPIView) checks capabilities; anything else is denied.
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "cesaflow.lib.api.CursorPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "cesaflow.lib.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "CesaFlow API",
+    "DESCRIPTION": "Run AI work with your organization's own provider keys. Authenticate with an org API key "
+    "in the `x-api-key` header.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- Logging ----------------------------------------------------------------------------------------
+
+LOG_LEVEL = os.environ.get("CESAFLOW_LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "cesaflow.lib.redact.RedactingFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "stream": sys.stderr,
+            "formatter": "plain",
+            # Second line of defence only: code must never log a secret in the first place.
+            "filters": ["redact"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # httpx logs full URLs at INFO and headers at DEBUG through httpcore.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}
+
+for _warning in _dev_warnings:
+    print(f"WARNING: CesaFlow {_warning}.", file=sys.stderr)  # loud on purpose: logging is not configured yet

@@ -1,0 +1,25 @@
+from django.contrib.auth.decorators import login_not_required
+from django.urls import URLPattern, URLResolver, include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+
+from cesaflow import views
+
+api_v1: list[URLPattern | URLResolver] = [
+    path("", include("orgs.api.urls")),
+    path("", include("runs.api.urls")),
+    path("schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
+    path("docs/", login_not_required(SpectacularRedocView.as_view(url_name="schema")), name="docs"),
+]
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("api/v1/", include(api_v1)),
+    path("", include("runs.urls")),
+    path("", include("orgs.urls")),
+]
+
+handler400 = "cesaflow.views.bad_request"
+handler403 = "cesaflow.views.permission_denied"
+handler404 = "cesaflow.views.page_not_found"
+handler500 = "cesaflow.views.server_error"

@@ -1,0 +1,57 @@
+"""The tenant gate for the REST API: every org-scoped endpoint subclasses ``OrgAPIView``.
+
+``initial()`` authenticates, resolves the org from the credential and checks the capability the view
+declares for the request's method. Subclasses declare ``capabilities`` and read ``self.org``; they cannot
+skip the gate (``initial`` is final by convention, and a view without a declaration refuses to serve).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.contrib.auth.decorators import login_not_required
+from django.core.exceptions import ImproperlyConfigured
+from rest_framework import exceptions
+from rest_framework.generics import GenericAPIView
+from rest_framework.request import Request
+
+from orgs.models import ApiKey, Organization
+from orgs.tenancy import OrgContext, context_for_api_key, context_for_session
+
+
+class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
+    #: HTTP method -> capability required, e.g. ``{"GET": KEYS_READ, "POST": KEYS_WRITE}``.
+    capabilities: ClassVar[dict[str, str]] = {}
+
+    org_context: OrgContext
+
+    @classmethod
+    def as_view(cls, **initkwargs: Any) -> Any:
+        # API clients authenticate per request (x-api-key); the gate below enforces authentication.
+        return login_not_required(super().as_view(**initkwargs))
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
+        if not self.capabilities:
+            raise ImproperlyConfigured(f"{type(self).__name__} declares no capabilities.")
+        required = self.capabilities.get(request.method or "")
+        if required is None:
+            raise exceptions.MethodNotAllowed(request.method or "")
+        context = self._resolve_context(request)
+        if not context.can(required):
+            raise exceptions.PermissionDenied("Your role or API key scope does not allow this action.")
+        self.org_context = context
+
+    @staticmethod
+    def _resolve_context(request: Request) -> OrgContext:
+        if isinstance(request.auth, ApiKey):
+            return context_for_api_key(request.auth)
+        context = context_for_session(request._request)
+        if context is None:
+            # Logged in, but a member of no organization: nothing here is theirs.
+            raise exceptions.NotFound("You are not a member of any organization.")
+        return context
+
+    @property
+    def org(self) -> Organization:
+        return self.org_context.org

@@ -1,0 +1,45 @@
+"""The tenant gate for dashboard views: ``OrgViewMixin`` resolves the session's org and checks a capability."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
+from django.http import HttpRequest, HttpResponseBase
+from django.shortcuts import redirect
+
+from orgs.models import Organization
+from orgs.tenancy import OrgContext, context_for_session
+
+
+class OrgViewMixin:
+    """Dashboard views that act inside the current org. Declare ``capability`` (or ``capabilities`` per method).
+
+    LoginRequiredMiddleware has already sent anonymous visitors to the login page.
+    """
+
+    capability: str | None = None
+    capabilities: dict[str, str] | None = None
+    org_context: OrgContext
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        context = context_for_session(request)
+        if context is None:
+            return redirect("orgs:org_create")
+        required = (self.capabilities or {}).get(request.method or "", self.capability)
+        if required is None:
+            raise ImproperlyConfigured(f"{type(self).__name__} declares no capability.")
+        if not context.can(required):
+            raise PermissionDenied
+        self.org_context = context
+        return super().dispatch(request, *args, **kwargs)  # type: ignore[misc,no-any-return]
+
+    @property
+    def org(self) -> Organization:
+        return self.org_context.org
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        data: dict[str, Any] = super().get_context_data(**kwargs)  # type: ignore[misc]
+        data["org"] = self.org
+        data["org_context"] = self.org_context
+        return data

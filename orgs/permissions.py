@@ -1,0 +1,41 @@
+"""Roles grant capabilities; code checks capabilities, never role names."""
+
+from __future__ import annotations
+
+from orgs.models import Role
+
+# Capability names. API key scopes use the same vocabulary.
+ORG_MANAGE = "org:manage"  # organization settings
+TEAM_MANAGE = "team:manage"  # invite, change roles, remove members
+MEMBERS_READ = "members:read"
+API_KEYS_MANAGE = "api_keys:manage"
+KEYS_WRITE = "keys:write"  # add, check, revoke provider keys
+KEYS_READ = "keys:read"  # list provider keys (masked)
+RUNS_WRITE = "runs:write"
+RUNS_READ = "runs:read"
+USAGE_READ = "usage:read"
+BILLING_MANAGE = "billing:manage"
+AUDIT_READ = "audit:read"
+
+DEVELOPER_CAPABILITIES: frozenset[str] = frozenset({MEMBERS_READ, KEYS_READ, RUNS_WRITE, RUNS_READ, USAGE_READ})
+ADMIN_CAPABILITIES: frozenset[str] = DEVELOPER_CAPABILITIES | {
+    ORG_MANAGE,
+    TEAM_MANAGE,
+    API_KEYS_MANAGE,
+    KEYS_WRITE,
+    BILLING_MANAGE,
+    AUDIT_READ,
+}
+
+CAPABILITIES: dict[str, frozenset[str]] = {
+    Role.ADMIN: ADMIN_CAPABILITIES,
+    Role.DEVELOPER: DEVELOPER_CAPABILITIES,
+}
+ALL_CAPABILITIES: frozenset[str] = ADMIN_CAPABILITIES
+
+# What a new API key may do unless the admin picks otherwise.
+DEFAULT_API_KEY_SCOPES: frozenset[str] = DEVELOPER_CAPABILITIES
+
+
+def capabilities_for_role(role: str) -> frozenset[str]:
+    return CAPABILITIES.get(role, frozenset())

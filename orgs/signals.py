@@ -1,0 +1,19 @@
+"""Domain signals sent by orgs services, in the transaction of the change.
+
+``runs`` records them in the audit trail (orgs never imports runs). Every signal carries ``org`` (may be None
+for an event that belongs to no org yet), ``actor`` (a User, an ApiKey or None) and the changed object.
+Django's own ``user_logged_in`` / ``user_logged_out`` / ``user_login_failed`` cover the rest of auth.
+"""
+
+from django.dispatch import Signal
+
+user_signed_up = Signal()  # org, actor=user, user
+login_locked_out = Signal()  # org=None, actor=None, email, scope ("account" | "ip")
+org_settings_changed = Signal()  # org, actor, changes: dict[field, [old, new]]
+invitation_sent = Signal()  # org, actor, invitation
+invitation_revoked = Signal()  # org, actor, invitation
+invitation_accepted = Signal()  # org, actor=user, invitation, membership
+member_role_changed = Signal()  # org, actor, membership, old_role
+member_removed = Signal()  # org, actor, membership
+api_key_created = Signal()  # org, actor, api_key
+api_key_revoked = Signal()  # org, actor, api_key

@@ -1,0 +1,211 @@
+"""The audit trail: records domain signals and auth events, synchronously, in the sender's transaction.
+
+Lower apps never import this module; they send signals (``orgs.signals``) and this module listens.
+IP and user agent come from the request context the middleware binds, never from the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.db import models
+from django.dispatch import receiver
+
+from cesaflow.lib import request_context
+from orgs import signals
+from orgs.models import ApiKey, Membership, Organization, User
+from runs.models import AuditEvent
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAX_TEXT = 200
+
+
+def _clean(value: Any) -> Any:
+    """Metadata is small and inert: control characters (log injection, ANSI escapes) are dropped."""
+    if isinstance(value, str):
+        return _CONTROL.sub("", value)[:_MAX_TEXT]
+    if isinstance(value, dict):
+        return {str(k)[:64]: _clean(v) for k, v in list(value.items())[:20]}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in list(value)[:20]]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _clean(str(value))
+
+
+def audit_record(
+    *,
+    event: str,
+    org: Organization | None,
+    actor: User | ApiKey | str | None,
+    target: models.Model | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one audit event. ``actor`` is a user, an org API key, a label (an unauthenticated email) or None."""
+    if event not in AuditEvent.EVENTS:
+        raise ValueError(f"unregistered audit event {event!r}")
+    context = request_context.current()
+    actor_user = actor if isinstance(actor, User) else None
+    actor_api_key = actor if isinstance(actor, ApiKey) else None
+    if actor_user is not None:
+        label = actor_user.email
+    elif actor_api_key is not None:
+        label = f"API key {actor_api_key.name} ({actor_api_key.masked})"
+    else:
+        label = actor if isinstance(actor, str) else ""
+    return AuditEvent.objects.create(
+        org=org,
+        event=event,
+        actor_user=actor_user,
+        actor_api_key=actor_api_key,
+        actor_label=_clean(label)[:254],
+        target_type=(target._meta.model_name or "") if target is not None else "",
+        target_id=str(target.pk) if target is not None else "",
+        ip=context.ip,
+        user_agent=_clean(context.user_agent)[:256],
+        metadata=_clean(metadata or {}),
+    )
+
+
+def _orgs_of(user: User | None) -> Iterable[Organization | None]:
+    """Auth events belong to every org the user is in (each org's admins see their members' sign-ins)."""
+    if user is None:
+        return [None]
+    orgs = [m.org for m in Membership.objects.filter(user=user).select_related("org")]
+    return orgs or [None]
+
+
+# --- Auth (Django's signals) ------------------------------------------------------------------------
+
+
+@receiver(user_logged_in, dispatch_uid="audit_login")
+def _on_login(sender: Any, request: Any, user: User, **kwargs: Any) -> None:
+    for org in _orgs_of(user):
+        audit_record(event=AuditEvent.LOGIN_SUCCEEDED, org=org, actor=user, target=user)
+
+
+@receiver(user_logged_out, dispatch_uid="audit_logout")
+def _on_logout(sender: Any, request: Any, user: User | None, **kwargs: Any) -> None:
+    if user is None:
+        return
+    for org in _orgs_of(user):
+        audit_record(event=AuditEvent.LOGGED_OUT, org=org, actor=user, target=user)
+
+
+@receiver(user_login_failed, dispatch_uid="audit_login_failed")
+def _on_login_failed(sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
+    # Django already masks the password in ``credentials``; only the email is kept.
+    email = str(credentials.get("email") or credentials.get("username") or "")[:254]
+    user = User.objects.filter(email__iexact=email).first() if email else None
+    for org in _orgs_of(user):
+        audit_record(event=AuditEvent.LOGIN_FAILED, org=org, actor=email, target=user, metadata={"email": email})
+
+
+@receiver(signals.login_locked_out, dispatch_uid="audit_locked_out")
+def _on_locked_out(sender: Any, email: str, scope: str, **kwargs: Any) -> None:
+    user = User.objects.filter(email__iexact=email).first() if email else None
+    for org in _orgs_of(user):
+        audit_record(
+            event=AuditEvent.LOGIN_LOCKED_OUT,
+            org=org,
+            actor=email,
+            target=user,
+            metadata={"email": email, "scope": scope},
+        )
+
+
+# --- Organizations ----------------------------------------------------------------------------------
+
+
+@receiver(signals.user_signed_up, dispatch_uid="audit_signed_up")
+def _on_signed_up(sender: Any, org: Organization, actor: User, user: User, **kwargs: Any) -> None:
+    audit_record(event=AuditEvent.USER_SIGNED_UP, org=org, actor=actor, target=user)
+
+
+@receiver(signals.org_settings_changed, dispatch_uid="audit_org_settings")
+def _on_org_settings(sender: Any, org: Organization, actor: Any, changes: dict[str, Any], **kwargs: Any) -> None:
+    audit_record(event=AuditEvent.ORG_SETTINGS_CHANGED, org=org, actor=actor, target=org, metadata={"changes": changes})
+
+
+@receiver(signals.invitation_sent, dispatch_uid="audit_invitation_sent")
+def _on_invitation_sent(sender: Any, org: Organization, actor: Any, invitation: Any, **kwargs: Any) -> None:
+    audit_record(
+        event=AuditEvent.INVITATION_SENT,
+        org=org,
+        actor=actor,
+        target=invitation,
+        metadata={"email": invitation.email, "role": invitation.role},
+    )
+
+
+@receiver(signals.invitation_revoked, dispatch_uid="audit_invitation_revoked")
+def _on_invitation_revoked(sender: Any, org: Organization, actor: Any, invitation: Any, **kwargs: Any) -> None:
+    audit_record(
+        event=AuditEvent.INVITATION_REVOKED,
+        org=org,
+        actor=actor,
+        target=invitation,
+        metadata={"email": invitation.email},
+    )
+
+
+@receiver(signals.invitation_accepted, dispatch_uid="audit_invitation_accepted")
+def _on_invitation_accepted(
+    sender: Any, org: Organization, actor: Any, invitation: Any, membership: Membership, **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.INVITATION_ACCEPTED,
+        org=org,
+        actor=actor,
+        target=membership,
+        metadata={"email": invitation.email, "role": membership.role},
+    )
+
+
+@receiver(signals.member_role_changed, dispatch_uid="audit_role_changed")
+def _on_role_changed(
+    sender: Any, org: Organization, actor: Any, membership: Membership, old_role: str, **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.MEMBER_ROLE_CHANGED,
+        org=org,
+        actor=actor,
+        target=membership,
+        metadata={"email": membership.user.email, "from": old_role, "to": membership.role},
+    )
+
+
+@receiver(signals.member_removed, dispatch_uid="audit_member_removed")
+def _on_member_removed(sender: Any, org: Organization, actor: Any, membership: Membership, **kwargs: Any) -> None:
+    audit_record(
+        event=AuditEvent.MEMBER_REMOVED,
+        org=org,
+        actor=actor,
+        target=membership,
+        metadata={"email": membership.user.email, "role": membership.role},
+    )
+
+
+@receiver(signals.api_key_created, dispatch_uid="audit_api_key_created")
+def _on_api_key_created(sender: Any, org: Organization, actor: Any, api_key: ApiKey, **kwargs: Any) -> None:
+    audit_record(
+        event=AuditEvent.API_KEY_CREATED,
+        org=org,
+        actor=actor,
+        target=api_key,
+        metadata={"name": api_key.name, "prefix": api_key.prefix, "scopes": list(api_key.scopes)},
+    )
+
+
+@receiver(signals.api_key_revoked, dispatch_uid="audit_api_key_revoked")
+def _on_api_key_revoked(sender: Any, org: Organization, actor: Any, api_key: ApiKey, **kwargs: Any) -> None:
+    audit_record(
+        event=AuditEvent.API_KEY_REVOKED,
+        org=org,
+        actor=actor,
+        target=api_key,
+        metadata={"name": api_key.name, "prefix": api_key.prefix},
+    )
