@@ -6,6 +6,7 @@ from cesaflow import views
 
 api_v1: list[URLPattern | URLResolver] = [
     path("", include("orgs.api.urls")),
+    path("", include("keys.api.urls")),
     path("", include("runs.api.urls")),
     path("schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
     path("docs/", login_not_required(SpectacularRedocView.as_view(url_name="schema")), name="docs"),
@@ -15,6 +16,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("api/v1/", include(api_v1)),
+    path("", include("keys.urls")),
     path("", include("runs.urls")),
     path("", include("orgs.urls")),
 ]
