@@ -5,6 +5,7 @@ from __future__ import annotations
 from orgs.models import Role
 
 # Capability names. API key scopes use the same vocabulary.
+ORG_READ = "org:read"  # see the organization itself (id, slug, name)
 ORG_MANAGE = "org:manage"  # organization settings
 TEAM_MANAGE = "team:manage"  # invite, change roles, remove members
 MEMBERS_READ = "members:read"
@@ -17,7 +18,9 @@ USAGE_READ = "usage:read"
 BILLING_MANAGE = "billing:manage"
 AUDIT_READ = "audit:read"
 
-DEVELOPER_CAPABILITIES: frozenset[str] = frozenset({MEMBERS_READ, KEYS_READ, RUNS_WRITE, RUNS_READ, USAGE_READ})
+DEVELOPER_CAPABILITIES: frozenset[str] = frozenset(
+    {ORG_READ, MEMBERS_READ, KEYS_READ, RUNS_WRITE, RUNS_READ, USAGE_READ}
+)
 ADMIN_CAPABILITIES: frozenset[str] = DEVELOPER_CAPABILITIES | {
     ORG_MANAGE,
     TEAM_MANAGE,
