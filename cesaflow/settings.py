@@ -11,6 +11,7 @@ Two deployments (see README "Configuration"):
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 import sys
@@ -232,6 +233,18 @@ try:
 except KeyringError as exc:
     raise ImproperlyConfigured(f"CESAFLOW_KEYRING is invalid: {exc}") from None
 del _keyring_source
+# The keyring must be independent of every other secret: a leaked SECRET_KEY must not open provider keys.
+_derived = {
+    form
+    for secret in (SECRET_KEY, *SECRET_KEY_FALLBACKS)
+    for form in (
+        secret.encode()[:32],
+        hashlib.sha256(secret.encode()).digest(),
+        hashlib.sha512(secret.encode()).digest()[:32],
+    )
+}
+if any(material in _derived for material in KEYRING.keys.values()):
+    raise ImproperlyConfigured("CESAFLOW_KEYRING must not reuse or derive from CESAFLOW_SECRET_KEY.")
 
 # --- Auth -------------------------------------------------------------------------------------------
 
@@ -293,6 +306,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
 
 if PRODUCTION:
     SECURE_SSL_REDIRECT = _env_bool("CESAFLOW_SSL_REDIRECT", True)
+    # Load balancers probe over plain HTTP inside the private network.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
     # Behind the TLS-terminating proxy, which must set this header (README: deployment).
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = 31536000
