@@ -5,8 +5,9 @@ Keys are accepted in headers only, never in a query string, cookie or body. Ever
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
@@ -14,6 +15,9 @@ from orgs.models import ApiKey
 from orgs.selectors import api_key_get_active_by_secret
 from orgs.services import api_key_record_use
 from orgs.tokens import MAX_KEY_LENGTH
+
+if TYPE_CHECKING:
+    from drf_spectacular.openapi import AutoSchema
 
 
 class ApiKeyPrincipal:
@@ -59,3 +63,20 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="cesaflow"'
+
+
+# drf-spectacular registers extensions in an untyped __init_subclass__.
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    """Documents both ways of presenting an org API key in the OpenAPI schema (either one suffices)."""
+
+    target_class = ApiKeyAuthentication
+    name = ["apiKeyAuth", "bearerAuth"]
+
+    def get_security_definition(self, auto_schema: AutoSchema) -> list[dict[str, str]]:
+        return [
+            {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            {"type": "http", "scheme": "bearer", "description": "The org API key as a Bearer token."},
+        ]
+
+    def get_security_requirement(self, auto_schema: AutoSchema) -> list[dict[str, list[Any]]]:
+        return [{"apiKeyAuth": []}, {"bearerAuth": []}]

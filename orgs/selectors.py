@@ -25,13 +25,15 @@ def api_key_get_active_by_secret(*, secret: str) -> ApiKey | None:
     return api_key
 
 
+# Both also join the user: the tenant gate reads ``membership.user`` as the actor on every request, and a lazy load
+# there would cost one extra query per request.
 def memberships_for_user(*, user: User) -> QuerySet[Membership]:
-    return Membership.objects.filter(user=user).select_related("org").order_by("org__name")
+    return Membership.objects.filter(user=user).select_related("org", "user").order_by("org__name")
 
 
 def membership_get_for_user(*, user: User, org_id: uuid.UUID | str) -> Membership | None:
     try:
-        return Membership.objects.select_related("org").get(user=user, org__id=org_id)
+        return Membership.objects.select_related("org", "user").get(user=user, org__id=org_id)
     except (Membership.DoesNotExist, ValueError, TypeError):
         return None
 

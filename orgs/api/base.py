@@ -34,7 +34,9 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
         if not self.capabilities:
             raise ImproperlyConfigured(f"{type(self).__name__} declares no capabilities.")
-        required = self.capabilities.get(request.method or "")
+        # HEAD is a GET without a body: it needs what GET needs (else every HEAD would be a 405).
+        method = "GET" if request.method == "HEAD" else (request.method or "")
+        required = self.capabilities.get(method)
         if required is None:
             raise exceptions.MethodNotAllowed(request.method or "")
         context = self._resolve_context(request)
