@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured, PermissionDenied
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, HttpResponseNotAllowed
 from django.shortcuts import redirect
 
 from orgs.models import Organization
@@ -26,9 +26,15 @@ class OrgViewMixin:
         context = context_for_session(request)
         if context is None:
             return redirect("orgs:org_create")
-        required = (self.capabilities or {}).get(request.method or "", self.capability)
-        if required is None:
+        declared = self.capabilities or {}
+        if self.capability is None and not declared:
             raise ImproperlyConfigured(f"{type(self).__name__} declares no capability.")
+        # HEAD is a GET without a body, so it needs what GET needs (else a HEAD would be a 500).
+        method = "GET" if request.method == "HEAD" else (request.method or "")
+        required = declared.get(method, self.capability)
+        if required is None:
+            # Deny by default: a method the view declares no capability for is not offered at all.
+            return HttpResponseNotAllowed(sorted(declared))
         if not context.can(required):
             raise PermissionDenied
         self.org_context = context

@@ -85,6 +85,10 @@ def org_update(*, org: Organization, actor: Actor, name: str) -> Organization:
 # --- Memberships ------------------------------------------------------------------------------------
 
 
+# The ValidationError code when a change would leave an org without an Admin (the API answers 409 with it).
+LAST_ADMIN = "last_admin"
+
+
 def _lock_admins(org: Organization) -> list[Membership]:
     return list(Membership.objects.select_for_update().filter(org=org, role=Role.ADMIN).order_by("id"))
 
@@ -99,7 +103,7 @@ def membership_change_role(*, membership: Membership, role: str, actor: Actor) -
     if old_role == role:
         return membership
     if old_role == Role.ADMIN and len(admins) <= 1:
-        raise ValidationError("An organization needs at least one Admin: promote someone else first.")
+        raise ValidationError("An organization needs at least one Admin: promote someone else first.", code=LAST_ADMIN)
     membership.role = role
     membership.save(update_fields=["role"])
     signals.member_role_changed.send(
@@ -113,7 +117,7 @@ def membership_remove(*, membership: Membership, actor: Actor) -> None:
     admins = _lock_admins(membership.org)
     membership.refresh_from_db()
     if membership.role == Role.ADMIN and len(admins) <= 1:
-        raise ValidationError("The last Admin cannot be removed: promote someone else first.")
+        raise ValidationError("The last Admin cannot be removed: promote someone else first.", code=LAST_ADMIN)
     signals.member_removed.send(sender=Membership, org=membership.org, actor=actor, membership=membership)
     membership.delete()
 
@@ -194,6 +198,28 @@ def invitation_accept(*, token: str, user: User) -> Membership:
             sender=Invitation, org=invitation.org, actor=user, invitation=invitation, membership=membership
         )
     return membership
+
+
+@transaction.atomic
+def user_signup_from_invitation(*, token: str, password: str, name: str = "") -> tuple[User, Membership]:
+    """An invitee without an account: creates the account for the invited email (no new org) and accepts.
+
+    Either both happen or neither does: a used or revoked link leaves no orphan account behind.
+    """
+    invitation = invitation_get_pending(token=token)
+    if invitation is None:
+        raise ValidationError("This invitation link is invalid, expired or already used.")
+    email = invitation.email.lower()
+    if User.objects.filter(email__iexact=email).exists():
+        raise ValidationError("An account with this email already exists: log in to accept the invitation.")
+    try:
+        with transaction.atomic():
+            user = User.objects.create_user(email=email, password=password, name=name.strip())
+    except IntegrityError:
+        raise ValidationError("An account with this email already exists: log in to accept the invitation.") from None
+    membership = invitation_accept(token=token, user=user)
+    signals.user_signed_up.send(sender=User, org=membership.org, actor=user, user=user)
+    return user, membership
 
 
 @transaction.atomic

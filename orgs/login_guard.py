@@ -1,0 +1,107 @@
+"""Failed-login rate limiting: a temporary lock per account and per client IP, kept in the cache.
+
+* Failures are counted per account (the email typed, whether or not such an account exists, so a lock tells an
+  attacker nothing) and per client IP, in a window of ``LOGIN_LOCKOUT_SECONDS`` from the first failure.
+* Reaching ``LOGIN_FAILURE_LIMIT_ACCOUNT`` / ``LOGIN_FAILURE_LIMIT_IP`` locks that account (from every IP) or that
+  IP (for every account) for ``LOGIN_LOCKOUT_SECONDS``. While locked, attempts are refused before the password is
+  checked, so the right password does not help a guesser.
+* An IP lock never blocks the same account from another IP: one noisy address cannot lock a user out everywhere.
+* ``orgs.signals.login_locked_out`` is sent once per lock (``cache.add`` succeeds for exactly one caller), and the
+  audit trail records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.cache import cache
+
+from orgs import signals
+from orgs.models import User
+
+ACCOUNT = "account"
+IP = "ip"
+
+
+@dataclass(frozen=True)
+class Lockout:
+    scope: str  # ACCOUNT or IP
+    retry_after: int  # seconds until the lock lifts
+
+    @property
+    def retry_after_minutes(self) -> int:
+        return max(1, math.ceil(self.retry_after / 60))
+
+
+def _normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def _subject_key(kind: str, scope: str, value: str) -> str:
+    # Hashed: cache keys stay short and bounded, and Redis does not collect a list of typed email addresses.
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"login-guard:{kind}:{scope}:{digest}"
+
+
+def _subjects(email: str, ip: str | None) -> list[tuple[str, str, int]]:
+    subjects = [(ACCOUNT, _normalize_email(email), settings.LOGIN_FAILURE_LIMIT_ACCOUNT)]
+    if ip:
+        subjects.append((IP, ip, settings.LOGIN_FAILURE_LIMIT_IP))
+    return subjects
+
+
+def _active_lock(scope: str, value: str) -> Lockout | None:
+    until = cache.get(_subject_key("lock", scope, value))
+    if until is None:
+        return None
+    remaining = math.ceil(float(until) - time.time())
+    return Lockout(scope=scope, retry_after=max(1, remaining))
+
+
+def login_lockout(*, email: str, ip: str | None) -> Lockout | None:
+    """The lock that refuses this attempt, if any (checked before the password is)."""
+    for scope, value, _limit in _subjects(email, ip):
+        lock = _active_lock(scope, value)
+        if lock is not None:
+            return lock
+    return None
+
+
+def _count_failure(scope: str, value: str) -> int:
+    key = _subject_key("fail", scope, value)
+    window = settings.LOGIN_LOCKOUT_SECONDS
+    if cache.add(key, 1, timeout=window):
+        return 1
+    try:
+        return cache.incr(key)  # atomic; keeps the window's expiry
+    except ValueError:  # the window expired between add() and incr(): this failure starts a new one
+        cache.set(key, 1, timeout=window)
+        return 1
+
+
+def login_failure_record(*, email: str, ip: str | None) -> Lockout | None:
+    """Count one failed attempt; returns the lock this failure caused (or that is already in place), if any."""
+    lockout: Lockout | None = None
+    seconds = settings.LOGIN_LOCKOUT_SECONDS
+    for scope, value, limit in _subjects(email, ip):
+        if _count_failure(scope, value) < limit:
+            continue
+        lock_key = _subject_key("lock", scope, value)
+        if cache.add(lock_key, time.time() + seconds, timeout=seconds):
+            # A fresh lock: the counter restarts when it lifts, and the lock is reported exactly once.
+            cache.delete(_subject_key("fail", scope, value))
+            signals.login_locked_out.send(
+                sender=User, org=None, actor=None, email=_normalize_email(email)[:254], scope=scope
+            )
+        lockout = lockout or _active_lock(scope, value)
+    return lockout
+
+
+def login_success_record(*, email: str) -> None:
+    """A correct password clears the account's failures. The IP's count stays: an attacker holding one valid
+    account must not be able to reset the per-IP budget between guesses at other accounts."""
+    cache.delete(_subject_key("fail", ACCOUNT, _normalize_email(email)))
