@@ -1,3 +1,4 @@
+from csp.decorators import csp_update
 from django.contrib.auth.decorators import login_not_required
 from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
@@ -9,7 +10,16 @@ api_v1: list[URLPattern | URLResolver] = [
     path("", include("keys.api.urls")),
     path("", include("runs.api.urls")),
     path("schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
-    path("docs/", login_not_required(SpectacularRedocView.as_view(url_name="schema")), name="docs"),
+    # Redoc renders with styled-components (inline <style>) and a blob: worker; scripts stay 'self' only.
+    path(
+        "docs/",
+        login_not_required(
+            csp_update({"style-src": ["'unsafe-inline'"], "worker-src": ["blob:"]})(
+                SpectacularRedocView.as_view(url_name="schema")
+            )
+        ),
+        name="docs",
+    ),
 ]
 
 urlpatterns = [
