@@ -111,6 +111,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "csp",
     "orgs",
@@ -246,6 +247,10 @@ _derived = {
 if any(material in _derived for material in KEYRING.keys.values()):
     raise ImproperlyConfigured("CESAFLOW_KEYRING must not reuse or derive from CESAFLOW_SECRET_KEY.")
 
+# Hosts a custom provider base URL may point at even though they are loopback/private (an in-house vLLM or
+# Ollama): comma-separated host names, host:port pairs, IPs or CIDR networks (keys/urlguard.py).
+PROVIDER_HOST_ALLOWLIST = [h.lower() for h in _env_list("CESAFLOW_PROVIDER_HOST_ALLOWLIST")]
+
 # --- Auth -------------------------------------------------------------------------------------------
 
 AUTH_USER_MODEL = "orgs.User"
@@ -322,9 +327,11 @@ else:
     SESSION_COOKIE_NAME = "cf_session"
     CSRF_COOKIE_NAME = "cf_csrf"
 
-_ws_sources = ["'self'"] + [f"wss://{h}" for h in ALLOWED_HOSTS if not h.startswith(".")]
+# CSP host-sources cannot express IPv6 literals or wildcard-subdomain entries; 'self' covers same-origin fetches.
+_csp_hosts = [h for h in ALLOWED_HOSTS if not h.startswith((".", "[")) and h != "*"]
+_ws_sources = ["'self'"] + [f"wss://{h}" for h in _csp_hosts]
 if not PRODUCTION:
-    _ws_sources += [f"ws://{h}:*" for h in ALLOWED_HOSTS if not h.startswith(".")]
+    _ws_sources += [f"ws://{h}:*" for h in _csp_hosts]
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": ["'self'"],
@@ -375,6 +382,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Logging ----------------------------------------------------------------------------------------

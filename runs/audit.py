@@ -15,6 +15,8 @@ from django.db import models
 from django.dispatch import receiver
 
 from cesaflow.lib import request_context
+from keys import signals as key_signals
+from keys.models import ProviderKey
 from orgs import signals
 from orgs.models import ApiKey, Membership, Organization, User
 from runs.models import AuditEvent
@@ -208,4 +210,120 @@ def _on_api_key_revoked(sender: Any, org: Organization, actor: Any, api_key: Api
         actor=actor,
         target=api_key,
         metadata={"name": api_key.name, "prefix": api_key.prefix},
+    )
+
+
+# --- Provider keys ----------------------------------------------------------------------------------
+# Metadata names the key (label, provider, last four) and never carries the secret or the sealed value.
+
+
+def _key_metadata(provider_key: ProviderKey) -> dict[str, Any]:
+    return {"label": provider_key.label, "provider": provider_key.provider, "last_four": provider_key.last_four}
+
+
+@receiver(key_signals.provider_key_created, dispatch_uid="audit_provider_key_created")
+def _on_provider_key_created(
+    sender: Any, org: Organization, actor: Any, provider_key: ProviderKey, **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.KEY_CREATED,
+        org=org,
+        actor=actor,
+        target=provider_key,
+        metadata={**_key_metadata(provider_key), "base_url": provider_key.base_url, "kid": provider_key.kid},
+    )
+
+
+@receiver(key_signals.provider_key_checked, dispatch_uid="audit_provider_key_checked")
+def _on_provider_key_checked(
+    sender: Any, org: Organization, actor: Any, provider_key: ProviderKey, old_status: str, detail: str, **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.KEY_CHECKED,
+        org=org,
+        actor=actor,
+        target=provider_key,
+        metadata={**_key_metadata(provider_key), "from": old_status, "to": provider_key.status, "detail": detail},
+    )
+
+
+@receiver(key_signals.provider_key_used, dispatch_uid="audit_provider_key_used")
+def _on_provider_key_used(
+    sender: Any, org: Organization, actor: Any, provider_key: ProviderKey, purpose: str, reference: str, **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.KEY_USED,
+        org=org,
+        actor=actor,
+        target=provider_key,
+        metadata={**_key_metadata(provider_key), "purpose": purpose, "reference": reference},
+    )
+
+
+@receiver(key_signals.provider_key_revoked, dispatch_uid="audit_provider_key_revoked")
+def _on_provider_key_revoked(
+    sender: Any, org: Organization, actor: Any, provider_key: ProviderKey, **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.KEY_REVOKED, org=org, actor=actor, target=provider_key, metadata=_key_metadata(provider_key)
+    )
+
+
+@receiver(key_signals.provider_keys_disabled_all, dispatch_uid="audit_provider_keys_disabled_all")
+def _on_provider_keys_disabled_all(
+    sender: Any, org: Organization, actor: Any, provider_keys: list[ProviderKey], **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.KEYS_DISABLED_ALL,
+        org=org,
+        actor=actor,
+        target=org,
+        metadata={"count": len(provider_keys), "keys": [f"{k.label} ({k.id})" for k in provider_keys]},
+    )
+
+
+@receiver(key_signals.provider_key_decrypt_failed, dispatch_uid="audit_provider_key_decrypt_failed")
+def _on_provider_key_decrypt_failed(
+    sender: Any,
+    org: Organization,
+    actor: Any,
+    provider_key: ProviderKey,
+    kid: int | None,
+    retired_kid: bool,
+    purpose: str,
+    reference: str,
+    **kwargs: Any,
+) -> None:
+    audit_record(
+        event=AuditEvent.KEY_DECRYPT_FAILED,
+        org=org,
+        actor=actor,
+        target=provider_key,
+        metadata={
+            **_key_metadata(provider_key),
+            "kid": kid,
+            "retired_kid": retired_kid,
+            "purpose": purpose,
+            "reference": reference,
+        },
+    )
+
+
+@receiver(key_signals.provider_keys_rewrapped, dispatch_uid="audit_provider_keys_rewrapped")
+def _on_provider_keys_rewrapped(
+    sender: Any,
+    org: Organization | None,
+    actor: Any,
+    to_kid: int,
+    from_kids: list[int],
+    rewrapped: int,
+    failed: int,
+    **kwargs: Any,
+) -> None:
+    audit_record(
+        event=AuditEvent.KEY_REWRAPPED,
+        org=org,
+        actor=actor,
+        target=org,
+        metadata={"to_kid": to_kid, "from_kids": from_kids, "rewrapped": rewrapped, "failed": failed},
     )

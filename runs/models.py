@@ -27,6 +27,13 @@ class AuditEvent(models.Model):
     MEMBER_REMOVED = "member.removed"
     API_KEY_CREATED = "api_key.created"
     API_KEY_REVOKED = "api_key.revoked"
+    KEY_CREATED = "key.created"
+    KEY_CHECKED = "key.checked"
+    KEY_USED = "key.used"
+    KEY_REVOKED = "key.revoked"
+    KEY_REWRAPPED = "key.rewrapped"
+    KEY_DECRYPT_FAILED = "key.decrypt_failed"
+    KEYS_DISABLED_ALL = "key.disabled_all"
 
     EVENTS = (
         USER_SIGNED_UP,
@@ -42,6 +49,13 @@ class AuditEvent(models.Model):
         MEMBER_REMOVED,
         API_KEY_CREATED,
         API_KEY_REVOKED,
+        KEY_CREATED,
+        KEY_CHECKED,
+        KEY_USED,
+        KEY_REVOKED,
+        KEY_REWRAPPED,
+        KEY_DECRYPT_FAILED,
+        KEYS_DISABLED_ALL,
     )
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

@@ -108,9 +108,7 @@ def test_production_uses_redis_for_cache_sessions_and_channel_layer_with_encrypt
         ".get('symmetric_encryption_keys')), s.DEBUG, s.SESSION_COOKIE_NAME, s.SESSION_COOKIE_SECURE)"
     )
     env = _production_env(DJANGO_SETTINGS_MODULE="cesaflow.settings")
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "django_redis.cache.RedisCache",

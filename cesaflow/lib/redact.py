@@ -9,10 +9,14 @@ _PATTERNS = [
     # CesaFlow org API keys.
     re.compile(r"cf_(?:live|test)_[A-Za-z0-9_]{8,}"),
     # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), Groq (gsk_) keys.
-    re.compile(r"\b(?:sk-ant-|sk-proj-|sk-|gsk_)[A-Za-z0-9_\-]{8,}"),
+    # (Not preceded by a letter or digit, so "api_key_sk-…" is caught and "task-…" is not.)
+    re.compile(r"(?<![A-Za-z0-9])(?:sk-ant-|sk-proj-|sk-|gsk_)[A-Za-z0-9_\-]{8,}"),
     # Header forms, whatever the key looks like.
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=\-]{8,}"),
-    re.compile(r"(?i)(x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]{4,}"),
+    # "x-api-key: v", "'x-api-key': 'v'", "x-api-key=v" and httpcore's "(b'x-api-key', b'v')"; also "api-key".
+    re.compile(r"(?i)((?:x-)?api-key['\"]?\s*[:=,]\s*(?:b?['\"])?)[^\s'\",})]{4,}"),
+    # Any Authorization header value (Basic, Token, ...), whatever its scheme.
+    re.compile(r"(?i)(\bauthorization['\"]?\s*[:=,]\s*(?:b?['\"])?)[^'\",})\r\n]{4,}"),
     # JWTs.
     re.compile(r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]+"),
 ]
