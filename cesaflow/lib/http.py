@@ -1,0 +1,233 @@
+"""The one outbound HTTP client per process and event loop, with an SSRF guard applied at connect time.
+
+Provider base URLs can be chosen by customers (``openai_compatible``), so every outbound connection is checked
+*after* DNS resolution, against the address actually dialled: a name that resolves to 127.0.0.1, a private network,
+a link-local or cloud-metadata address is refused unless the caller's policy allows it. Checking the URL text alone
+would miss DNS tricks; checking at connect time also pins the connection to the address that was checked.
+
+This module reads no settings: callers build an :class:`EgressPolicy` (production: ``allow_private=False`` plus an
+explicit allowlist; development: ``allow_private=True``) and ask for the client that enforces it. In practice a
+process uses one policy, hence one client (and one connection pool) per event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpcore
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Sized for thousands of concurrent provider streams per process: a stream holds one connection for its lifetime.
+DEFAULT_LIMITS = httpx.Limits(max_connections=8192, max_keepalive_connections=1024, keepalive_expiry=60.0)
+# Per-request timeouts normally come from the caller (adapters pass their own); these are the fallbacks.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=30.0)
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+class EgressDenied(httpx.ConnectError):
+    """An outbound connection was refused by the egress policy. The message names the host, never a secret."""
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Which destinations outbound calls may reach.
+
+    ``allow_private``: allow loopback, private, link-local, metadata and other non-global addresses
+    (development and tests). ``allowlist``: host names, ``host:port`` pairs, IP addresses or CIDR networks that
+    are allowed even when ``allow_private`` is false (e.g. an internal OpenAI-compatible gateway).
+    """
+
+    allow_private: bool = False
+    allowlist: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def build(cls, *, allow_private: bool, allowlist: Iterable[str] = ()) -> EgressPolicy:
+        cleaned = frozenset(entry.strip().lower().strip("[]") for entry in allowlist if entry.strip())
+        return cls(allow_private=allow_private, allowlist=cleaned)
+
+    def host_allowlisted(self, host: str, port: int | None) -> bool:
+        host = host.lower().strip("[]")
+        return host in self.allowlist or (port is not None and f"{host}:{port}" in self.allowlist)
+
+    def address_allowed(self, address: IPAddress) -> bool:
+        if self.allow_private or not is_forbidden_address(address):
+            return True
+        for entry in self.allowlist:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue  # a host name entry, not an address
+        return False
+
+
+def is_forbidden_address(address: IPAddress) -> bool:
+    """True for anything that is not a plain public unicast address (loopback, private, link-local, metadata,
+    CGNAT, multicast, reserved, unspecified), including IPv4 addresses smuggled inside IPv6 forms."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded: ipaddress.IPv4Address | None = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_forbidden_address(embedded)
+    return (
+        not address.is_global
+        or address.is_multicast
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_private
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def check_url(url: str | httpx.URL, policy: EgressPolicy) -> None:
+    """Cheap checks on a URL before any network I/O: http(s) only, no credentials, and IP literals against the
+    policy. Names are checked again at connect time, after resolution. Raises :class:`EgressDenied`."""
+    parsed = httpx.URL(url) if isinstance(url, str) else url
+    if parsed.scheme not in ("http", "https"):
+        raise EgressDenied(f"Only http and https URLs are allowed, not {parsed.scheme or 'no scheme'!r}.")
+    if not parsed.host:
+        raise EgressDenied("The URL has no host.")
+    if parsed.userinfo:
+        raise EgressDenied("URLs must not carry credentials.")
+    if policy.allow_private or policy.host_allowlisted(parsed.host, parsed.port):
+        return
+    address = _literal_address(parsed.host)
+    if address is not None and not policy.address_allowed(address):
+        raise EgressDenied(f"Connections to {parsed.host} are not allowed (private or reserved address).")
+
+
+async def resolve_allowed(host: str, port: int, policy: EgressPolicy) -> list[str]:
+    """Resolve ``host`` and return the addresses the policy allows, in resolver order. Raises EgressDenied if the
+    name resolves only to forbidden addresses; OSError (socket.gaierror) if it does not resolve."""
+    literal = _literal_address(host)
+    if literal is not None:
+        candidates = [literal]
+    else:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        candidates = []
+        for _family, _type, _proto, _canon, sockaddr in infos:
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if address not in candidates:
+                candidates.append(address)
+    allowed = [str(a) for a in candidates if policy.address_allowed(a)]
+    if not allowed:
+        raise EgressDenied(f"Connections to {host} are not allowed (it resolves to a private or reserved address).")
+    return allowed
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves the host itself, drops forbidden addresses and dials the checked address (no second lookup that a
+    rebinding DNS server could answer differently). TLS still verifies the original host name: httpcore passes the
+    origin host as SNI / server_hostname independently of the address dialled."""
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        self._policy = policy
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        if self._policy.allow_private or self._policy.host_allowlisted(host, port):
+            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        try:
+            async with asyncio.timeout(timeout):
+                addresses = await resolve_allowed(host, port, self._policy)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"Resolving {host} timed out.") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(f"Could not resolve {host}: {exc.strerror or exc}") from None
+        last_error: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last_error = exc
+        if last_error is None:  # unreachable: resolve_allowed never returns an empty list
+            raise EgressDenied(f"No allowed address for {host}.")
+        raise last_error
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise EgressDenied("Unix sockets are not allowed for outbound calls.")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport with the connection pool's network backend replaced by the guarded one."""
+
+    def __init__(self, policy: EgressPolicy, *, limits: httpx.Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._policy = policy
+        # httpx 0.28 builds its pool without a network_backend argument; rebuild it with ours (same options).
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_GuardedBackend(policy),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            check_url(request.url, self._policy)
+        except EgressDenied as exc:
+            exc.request = request
+            raise
+        return await super().handle_async_request(request)
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[EgressPolicy, httpx.AsyncClient]]
+_clients = weakref.WeakKeyDictionary()
+
+
+def get_http_client(policy: EgressPolicy) -> httpx.AsyncClient:
+    """The shared client for the running event loop and this policy (created on first use).
+
+    httpx clients are bound to the loop their connections were opened on, hence one per loop. Redirects are not
+    followed (a redirect to an internal address is a classic SSRF) and the environment (proxies, .netrc) is ignored.
+    """
+    loop = asyncio.get_running_loop()
+    per_loop = _clients.setdefault(loop, {})
+    client = per_loop.get(policy)
+    if client is None or client.is_closed:
+        client = httpx.AsyncClient(
+            transport=GuardedTransport(policy),
+            timeout=DEFAULT_TIMEOUT,
+            follow_redirects=False,
+            trust_env=False,
+        )
+        per_loop[policy] = client
+    return client
+
+
+async def close_http_clients() -> None:
+    """Close the running loop's shared clients (shutdown hooks and tests)."""
+    per_loop = _clients.pop(asyncio.get_running_loop(), {})
+    for client in per_loop.values():
+        await client.aclose()

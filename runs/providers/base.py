@@ -1,0 +1,325 @@
+"""The adapter interface and the machinery every dialect shares: one HTTP attempt, retries before the first token,
+timeouts, and closing the upstream as soon as the consumer goes away.
+
+Usage::
+
+    adapter = adapter_for("openai", base_url=None, api_key=secret, client=get_http_client(policy))
+    async with contextlib.aclosing(adapter.stream_chat(request)) as events:
+        async for event in events:
+            ...
+
+``aclosing`` (or cancelling the consuming task) closes the upstream response at once: the connection is dropped,
+not drained, so the provider stops generating (and billing) for a stream nobody reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any, ClassVar, Literal
+
+import httpx
+
+from runs.providers.errors import classify_http_error, classify_transport_error
+from runs.providers.events import CONTENT_EVENTS, ErrorKind, ProviderError, ProviderEvent, Retry, Usage
+from runs.providers.sse import SSEDecoder, SSEEvent, SSEProtocolError
+
+logger = logging.getLogger("cesaflow.providers")
+
+_jitter = random.SystemRandom()
+
+# --- The neutral request ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCall:
+    call_id: str
+    name: str
+    arguments_json: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """One conversation message. ``tool`` messages answer one call (``tool_call_id``); assistant messages carry
+    the text and the tool calls of one model turn, as received."""
+
+    role: Literal["user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    is_error: bool = False  # tool results only
+
+    def __repr__(self) -> str:
+        # Conversation text is customer content: keep it out of reprs (tracebacks, debug logs).
+        return f"Message(role={self.role!r}, tool_calls={len(self.tool_calls)})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: Mapping[str, Any]  # JSON Schema of the arguments object
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: Sequence[Message]
+    system: str | None = dataclasses.field(default=None, repr=False)
+    tools: Sequence[ToolSpec] = ()
+    max_tokens: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class CallLimits:
+    """Timeouts and retry budget of one model call. The read timeout is the longest silence allowed between bytes;
+    the deadline bounds the whole call, retries included (a stream of keep-alives must not run forever)."""
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 120.0
+    write_timeout_s: float = 30.0
+    deadline_s: float = 300.0
+    max_retries: int = 2
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 8.0
+    max_retry_after_s: float = 60.0  # a longer retry-after is not waited for: the error surfaces with its value
+    error_body_max_bytes: int = 64 * 1024
+    drain_timeout_s: float = 0.5  # after the terminal event, wait this long for the body's end (keep-alive reuse)
+
+    def httpx_timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(
+            connect=self.connect_timeout_s,
+            read=self.read_timeout_s,
+            write=self.write_timeout_s,
+            pool=self.connect_timeout_s,
+        )
+
+
+# --- Dialect parsers ----------------------------------------------------------------------------------------------
+
+
+class StreamParser(ABC):
+    """Turns one attempt's SSE events into normalized events. ``is_done()`` becomes true at the terminal marker or an
+    in-stream error; after that the attempt stops reading."""
+
+    _done: bool = False
+
+    def is_done(self) -> bool:
+        return self._done
+
+    @abstractmethod
+    def on_event(self, sse: SSEEvent) -> list[ProviderEvent]: ...
+
+    @abstractmethod
+    def partial_usage(self) -> Usage | None:
+        """What is known of usage when the attempt ends early (None: nothing at all)."""
+
+    def at_eof(self) -> list[ProviderEvent]:
+        """The body ended without the terminal marker: the SDKs accept this silently, we must not (§1.8)."""
+        events: list[ProviderEvent] = []
+        usage = self.partial_usage()
+        if usage is not None:
+            events.append(usage)
+        events.append(
+            ProviderError(
+                kind=ErrorKind.INCOMPLETE,
+                retryable=True,
+                message="The provider ended the stream before the end of the turn.",
+            )
+        )
+        return events
+
+
+# --- Adapters -----------------------------------------------------------------------------------------------------
+
+
+class ProviderAdapter(ABC):
+    """One provider call per ``stream_chat``. Instances are cheap and hold the key only for the call they make:
+    create one per call and drop it."""
+
+    provider: ClassVar[str]
+
+    def __init__(
+        self, *, base_url: str, api_key: str, client: httpx.AsyncClient, limits: CallLimits | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._client = client
+        self.limits = limits or CallLimits()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    @abstractmethod
+    def build_request(self, request: ChatRequest) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """(url, headers, json body) of the streaming call."""
+
+    @abstractmethod
+    def new_parser(self) -> StreamParser: ...
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncGenerator[ProviderEvent, None]:
+        """Stream one model turn as normalized events (see ``runs.providers.events`` for the contract)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.deadline_s
+        attempt = 0
+        while True:
+            content_seen = False
+            failure: ProviderError | None = None
+            async with aclosing(self._attempt(request, deadline)) as events:
+                async for event in events:
+                    if isinstance(event, ProviderError):
+                        failure = event
+                        break
+                    if isinstance(event, CONTENT_EVENTS):
+                        content_seen = True
+                    yield event
+            if failure is None:
+                return
+            delay = None if content_seen else self._retry_delay(failure, attempt)
+            if delay is None or loop.time() + delay >= deadline:
+                self._log_failure(failure, attempt)
+                yield failure
+                return
+            attempt += 1
+            logger.info(
+                "provider retry provider=%s kind=%s status=%s attempt=%d delay=%.2fs request_id=%s",
+                self.provider,
+                failure.kind,
+                failure.status,
+                attempt,
+                delay,
+                failure.request_id,
+            )
+            yield Retry(attempt=attempt, delay_s=delay, error=failure)
+            await asyncio.sleep(delay)
+
+    def _retry_delay(self, error: ProviderError, attempt: int) -> float | None:
+        """Seconds before the next attempt, or None for no retry. Follows the SDKs: a positive retry-after within
+        the cap is obeyed; otherwise exponential backoff with jitter (longer for overloads)."""
+        if not error.retryable or attempt >= self.limits.max_retries:
+            return None
+        if error.retry_after_s is not None:
+            return error.retry_after_s if error.retry_after_s <= self.limits.max_retry_after_s else None
+        base = self.limits.backoff_base_s * (2.0 if error.kind is ErrorKind.OVERLOADED else 1.0)
+        return min(base * 2.0**attempt, self.limits.backoff_max_s) * _jitter.uniform(0.75, 1.0)
+
+    def _log_failure(self, error: ProviderError, attempts: int) -> None:
+        # Kind, status and request id only: the message may quote the request.
+        logger.warning(
+            "provider call failed provider=%s kind=%s status=%s retries=%d request_id=%s",
+            self.provider,
+            error.kind,
+            error.status,
+            attempts,
+            error.request_id,
+        )
+
+    def _deadline_error(self) -> ProviderError:
+        return ProviderError(
+            kind=ErrorKind.DEADLINE,
+            retryable=False,
+            message=f"The model call exceeded its {self.limits.deadline_s:g} s deadline.",
+        )
+
+    async def _attempt(self, request: ChatRequest, deadline: float) -> AsyncGenerator[ProviderEvent, None]:
+        """One HTTP request. Yields normalized events; a ProviderError, if any, is the last one."""
+        url, headers, body = self.build_request(request)
+        http_request = self._client.build_request(
+            "POST", url, json=body, headers=headers, timeout=self.limits.httpx_timeout()
+        )
+        parser = self.new_parser()
+        response: httpx.Response | None = None
+        error_body = b""
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await self._client.send(http_request, stream=True)
+                    if not 200 <= response.status_code < 300:
+                        error_body = await self._read_capped(response)
+            except TimeoutError:
+                yield self._deadline_error()
+                return
+            except (httpx.HTTPError, OSError) as exc:
+                yield classify_transport_error(exc)
+                return
+            if not 200 <= response.status_code < 300:
+                yield classify_http_error(response.status_code, response.headers, error_body, secret=self._api_key)
+                return
+
+            decoder = SSEDecoder()
+            chunks = response.aiter_bytes()
+            request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+            while not parser.is_done():
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(chunks, None)
+                    sse_events = decoder.feed(chunk) if chunk is not None else decoder.end()
+                except TimeoutError:
+                    for event in _partial(parser):
+                        yield event
+                    yield self._deadline_error()
+                    return
+                except (httpx.HTTPError, OSError, SSEProtocolError) as exc:
+                    for event in _partial(parser):
+                        yield event
+                    yield _with_request_id(classify_transport_error(exc), request_id)
+                    return
+                for sse in sse_events:
+                    for event in parser.on_event(sse):
+                        if isinstance(event, ProviderError):
+                            event = _with_request_id(event, request_id)
+                        yield event
+                    if parser.is_done():
+                        break
+                if chunk is None:
+                    break
+            if not parser.is_done():
+                for event in parser.at_eof():
+                    yield _with_request_id(event, request_id) if isinstance(event, ProviderError) else event
+                return
+            await self._drain(chunks, deadline)
+        finally:
+            if response is not None:
+                await response.aclose()
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        """An error body, at most ``error_body_max_bytes`` (it is parsed for type/code/message, never logged)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= self.limits.error_body_max_bytes:
+                break
+        return b"".join(parts)[: self.limits.error_body_max_bytes]
+
+    async def _drain(self, chunks: AsyncIterator[bytes], deadline: float) -> None:
+        """Read the few bytes after the terminal event (the chunked-encoding end) so the connection can go back to
+        the pool. Bounded: a server that keeps the body open just loses its connection."""
+        loop = asyncio.get_running_loop()
+        limit = min(deadline, loop.time() + self.limits.drain_timeout_s)
+        size = 0
+        try:
+            async with asyncio.timeout_at(limit):
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > 64 * 1024:
+                        return
+        except (TimeoutError, httpx.HTTPError, OSError):
+            return
+
+
+def _partial(parser: StreamParser) -> list[ProviderEvent]:
+    usage = parser.partial_usage()
+    return [usage] if usage is not None else []
+
+
+def _with_request_id(error: ProviderError, request_id: str | None) -> ProviderError:
+    if error.request_id or not request_id:
+        return error
+    return dataclasses.replace(error, request_id=request_id[:200])
