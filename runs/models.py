@@ -1,4 +1,4 @@
-"""Runs and the audit trail. (Runs and the usage ledger arrive with the provider work.)"""
+"""Runs, the usage ledger and the audit trail. None of them has a column for prompts or responses."""
 
 from __future__ import annotations
 
@@ -89,3 +89,102 @@ class AuditEvent(models.Model):
         if self.actor_user_id:
             return "user"
         return "system" if not self.actor_label else "anonymous"
+
+
+class RunKind(models.TextChoices):
+    CHAT = "chat", "Chat"
+    COMPLETION = "completion", "Completion (proxy)"
+    AGENT = "agent", "Agent"
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+TERMINAL_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class Run(models.Model):
+    """One piece of AI work done with one of the org's provider keys: metadata and token counts only.
+
+    The objective is what the user asked for (it is the run's title, shown in lists); the model's answer is
+    streamed to whoever watches and never stored. Completions from the OpenAI-compatible proxy have no objective.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    org = models.ForeignKey("orgs.Organization", on_delete=models.CASCADE, related_name="runs")
+    kind = models.CharField(max_length=16, choices=RunKind.choices)
+    objective = models.TextField(blank=True)
+    provider_key = models.ForeignKey(
+        "keys.ProviderKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="runs"
+    )
+    provider = models.CharField(max_length=32)
+    model = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    # A short machine kind (auth, rate_limit, incomplete, worker_lost, …) and our own one-line explanation; never
+    # provider content.
+    error_kind = models.CharField(max_length=32, blank=True)
+    error_message = models.CharField(max_length=300, blank=True)
+    created_by_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_by_api_key = models.ForeignKey(
+        "orgs.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=254, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    # False when the provider never reported final usage (an interrupted stream): the counts are lower bounds.
+    usage_complete = models.BooleanField(default=False)
+    # Executor bookkeeping: who runs it, proof of life, and a cancellation request any process can set.
+    worker_id = models.CharField(max_length=64, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["org", "-created_at"], name="runs_run_org_created"),
+            models.Index(fields=["status", "created_at"], name="runs_run_status_created"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(status__in=RunStatus.values), name="runs_run_status_valid"),
+            models.CheckConstraint(condition=models.Q(kind__in=RunKind.values), name="runs_run_kind_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class UsageRecord(models.Model):
+    """The usage ledger: one row per provider call, append-only, for usage pages and billing."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    org = models.ForeignKey("orgs.Organization", on_delete=models.CASCADE, related_name="usage_records")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="usage_records")
+    provider = models.CharField(max_length=32)
+    model = models.CharField(max_length=200)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    complete = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["org", "created_at"], name="runs_usage_org_created")]
+
+    def __str__(self) -> str:
+        return f"usage {self.input_tokens}+{self.output_tokens} for run {self.run_id}"
