@@ -40,6 +40,7 @@ typecheck: $(VENV)/.dev
 
 pytest: $(VENV)/.dev
 	@eval "$$($(BIN)/python tests/services.py --database-url '$(TEST_DATABASE_URL)' --redis-url '$(TEST_REDIS_URL)')" && \
+	  export CESAFLOW_CHANNEL_LAYER_KEY="$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))')" && \
 	  DATABASE_URL="$$CF_DATABASE_URL" REDIS_URL="$$CF_REDIS_URL" $(BIN)/python manage.py makemigrations --check --dry-run && \
 	  DATABASE_URL="$$CF_DATABASE_URL" REDIS_URL="$$CF_REDIS_URL" $(BIN)/pytest $(PYTEST_ARGS)
 

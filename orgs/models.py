@@ -71,6 +71,9 @@ class Organization(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=50, unique=True)
+    # Optional ceiling on input + output tokens per calendar month (UTC); new runs and proxy calls are refused
+    # once it is reached. None means no cap.
+    monthly_token_cap = models.PositiveBigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

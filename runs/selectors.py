@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet, Sum
+from django.utils import timezone
 
 from orgs.models import Organization
-from runs.models import AuditEvent
+from runs.models import AuditEvent, Run, UsageRecord
 
 
 def audit_events_for_org(
@@ -42,3 +43,49 @@ def _looks_like_uuid(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- Runs and usage -----------------------------------------------------------------------------------------
+
+
+def run_get_for_org(*, org: Organization, run_id: uuid.UUID | str) -> Run | None:
+    """The org's run with this id, or None (another org's run and a missing one look the same)."""
+    try:
+        return Run.objects.select_related("provider_key", "created_by_user", "created_by_api_key").get(
+            org=org, id=run_id
+        )
+    except (Run.DoesNotExist, ValueError, TypeError):
+        return None
+
+
+def runs_for_org(
+    *,
+    org: Organization,
+    status: str | None = None,
+    kind: str | None = None,
+    created_by: str | None = None,
+) -> QuerySet[Run]:
+    """The org's runs, newest first. ``created_by`` is a user id or an API key id."""
+    runs = Run.objects.filter(org=org).select_related("provider_key", "created_by_user", "created_by_api_key")
+    if status:
+        runs = runs.filter(status=status)
+    if kind:
+        runs = runs.filter(kind=kind)
+    if created_by:
+        if not _looks_like_uuid(created_by):
+            return runs.none()
+        runs = runs.filter(Q(created_by_user_id=created_by) | Q(created_by_api_key_id=created_by))
+    return runs.order_by("-created_at", "-id")
+
+
+def month_start(now: datetime | None = None) -> datetime:
+    now = now or timezone.now()
+    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def tokens_used_this_month(*, org: Organization) -> int:
+    """Input + output tokens of the org's provider calls since the start of this calendar month (UTC)."""
+    totals = UsageRecord.objects.filter(org=org, created_at__gte=month_start()).aggregate(
+        total=Sum(F("input_tokens") + F("output_tokens"))
+    )
+    return int(totals["total"] or 0)

@@ -1,13 +1,23 @@
-"""Writes for runs and the audit trail."""
+"""Writes for runs, the usage ledger and the audit trail."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from runs.models import AuditEvent
+from keys.selectors import provider_key_get_usable_for_org
+from orgs.models import ApiKey, Organization, User
+from runs import events
+from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord
+from runs.selectors import tokens_used_this_month
+
+Actor = User | ApiKey | None
 
 
 @transaction.atomic
@@ -18,3 +28,207 @@ def audit_purge(*, older_than_days: int) -> int:
     cutoff = timezone.now() - timedelta(days=older_than_days)
     deleted, _ = AuditEvent.objects.filter(created_at__lt=cutoff).delete()
     return deleted
+
+
+# --- Runs ---------------------------------------------------------------------------------------------------
+
+OBJECTIVE_MAX_CHARS = 8000
+MODEL_MAX_CHARS = 200
+
+
+@dataclass(frozen=True)
+class UsageEntry:
+    """Token counts of one provider call, for the usage ledger."""
+
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    complete: bool
+
+
+def _actor_fields(actor: Actor) -> dict[str, Any]:
+    if isinstance(actor, User):
+        return {"created_by_user": actor, "created_by_label": actor.email}
+    if isinstance(actor, ApiKey):
+        return {"created_by_api_key": actor, "created_by_label": f"API key {actor.name} ({actor.masked})"}
+    return {"created_by_label": ""}
+
+
+def run_check_token_cap(*, org: Organization) -> None:
+    """Refuse new work once the org's monthly token cap is reached (``ValidationError`` code ``token_cap_reached``)."""
+    if org.monthly_token_cap is None:
+        return
+    used = tokens_used_this_month(org=org)
+    if used >= org.monthly_token_cap:
+        raise ValidationError(
+            f"This organization has used {used:,} of its {org.monthly_token_cap:,} monthly tokens. "
+            "An Admin can raise the cap in Settings.",
+            code="token_cap_reached",
+        )
+
+
+@transaction.atomic
+def run_create(
+    *,
+    org: Organization,
+    actor: Actor,
+    provider_key_id: uuid.UUID | str,
+    model: str,
+    objective: str = "",
+    kind: str = RunKind.CHAT,
+) -> Run:
+    """A new run. ``chat`` runs are queued and handed to the executor after commit; ``completion`` runs (the
+    proxy) start immediately in the caller's request."""
+    key = provider_key_get_usable_for_org(org=org, key_id=provider_key_id)
+    if key is None:
+        # Another org's key and a missing one look the same.
+        raise ValidationError({"provider_key": "No such provider key."}, code="not_found")
+    model = (model or "").strip()
+    if not model or len(model) > MODEL_MAX_CHARS:
+        raise ValidationError({"model": f"Choose a model (at most {MODEL_MAX_CHARS} characters)."})
+    objective = (objective or "").strip()
+    if kind == RunKind.CHAT and not objective:
+        raise ValidationError({"objective": "Say what the run should do."})
+    if len(objective) > OBJECTIVE_MAX_CHARS:
+        raise ValidationError({"objective": f"Keep the objective under {OBJECTIVE_MAX_CHARS:,} characters."})
+    if kind not in RunKind.values:
+        raise ValidationError({"kind": "Unknown run kind."})
+    run_check_token_cap(org=org)
+    now = timezone.now()
+    starts_now = kind == RunKind.COMPLETION
+    run = Run.objects.create(
+        org=org,
+        kind=kind,
+        objective=objective,
+        provider_key=key,
+        provider=key.provider,
+        model=model,
+        status=RunStatus.RUNNING if starts_now else RunStatus.QUEUED,
+        started_at=now if starts_now else None,
+        **_actor_fields(actor),
+    )
+    transaction.on_commit(lambda: _after_create(run))
+    return run
+
+
+def _after_create(run: Run) -> None:
+    from runs import executor  # the executor imports services; import at call time
+
+    events.publish(run, events.status_event(run))
+    if run.kind != RunKind.COMPLETION:
+        executor.submit(run.id)
+
+
+@transaction.atomic
+def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
+    """Claim a queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise."""
+    run = Run.objects.select_for_update(skip_locked=True).filter(id=run_id, status=RunStatus.QUEUED).first()
+    if run is None:
+        return None
+    now = timezone.now()
+    run.status = RunStatus.RUNNING
+    run.started_at = now
+    run.worker_id = worker_id[:64]
+    run.heartbeat_at = now
+    run.save(update_fields=["status", "started_at", "worker_id", "heartbeat_at"])
+    return run
+
+
+def run_heartbeat(*, run_ids: list[uuid.UUID], worker_id: str) -> int:
+    """Proof of life for the runs a worker is executing (one UPDATE); returns how many are still running."""
+    return Run.objects.filter(id__in=run_ids, worker_id=worker_id, status=RunStatus.RUNNING).update(
+        heartbeat_at=timezone.now()
+    )
+
+
+@transaction.atomic
+def run_finish(
+    *,
+    run_id: uuid.UUID,
+    status: str,
+    usage: list[UsageEntry],
+    error_kind: str = "",
+    error_message: str = "",
+) -> Run:
+    """Record the end of a run: status, times, token totals and one usage-ledger row per provider call.
+
+    Idempotent: a run that already ended (reaped, cancelled while queued) keeps its first outcome, but the
+    usage of calls that really happened is still recorded, because the provider bills them.
+    """
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"not a terminal status: {status!r}")
+    run = Run.objects.select_for_update().get(id=run_id)
+    for entry in usage:
+        UsageRecord.objects.create(
+            org_id=run.org_id,
+            run=run,
+            provider=entry.provider,
+            model=entry.model[:MODEL_MAX_CHARS],
+            input_tokens=max(0, entry.input_tokens),
+            output_tokens=max(0, entry.output_tokens),
+            complete=entry.complete,
+        )
+    run.input_tokens += sum(max(0, e.input_tokens) for e in usage)
+    run.output_tokens += sum(max(0, e.output_tokens) for e in usage)
+    fields = ["input_tokens", "output_tokens"]
+    if not run.is_terminal:
+        run.status = status
+        run.finished_at = timezone.now()
+        run.usage_complete = bool(usage) and all(e.complete for e in usage)
+        run.error_kind = error_kind[:32]
+        run.error_message = error_message[:300]
+        fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
+    run.save(update_fields=fields)
+    return run
+
+
+@transaction.atomic
+def run_request_cancel(*, run: Run, actor: Actor) -> Run:
+    """Cancel a run. A queued run ends at once; a running one is flagged and its executor stops the provider
+    call (it watches the flag and the run's channel-layer group)."""
+    locked = Run.objects.select_for_update().get(id=run.id)
+    if locked.is_terminal:
+        return locked
+    now = timezone.now()
+    if locked.status == RunStatus.QUEUED:
+        locked.status = RunStatus.CANCELLED
+        locked.finished_at = now
+        locked.error_kind = "cancelled"
+        locked.error_message = "Cancelled before it started."
+        locked.save(update_fields=["status", "finished_at", "error_kind", "error_message"])
+        transaction.on_commit(lambda: events.publish(locked, events.finished_event(locked, seq=0)))
+    elif locked.cancel_requested_at is None:
+        locked.cancel_requested_at = now
+        locked.save(update_fields=["cancel_requested_at"])
+        transaction.on_commit(lambda: _signal_cancel(locked))
+    return locked
+
+
+def _signal_cancel(run: Run) -> None:
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is not None:
+        async_to_sync(layer.group_send)(events.run_group(run.id), {"type": "run.cancel", "run_id": str(run.id)})
+
+
+@transaction.atomic
+def runs_reap_lost(*, stale_after: timedelta) -> list[Run]:
+    """Mark running runs whose executor stopped heart-beating as failed (``worker_lost``)."""
+    cutoff = timezone.now() - stale_after
+    lost = list(
+        Run.objects.select_for_update(skip_locked=True).filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
+    )
+    now = timezone.now()
+    for run in lost:
+        run.status = RunStatus.FAILED
+        run.finished_at = now
+        run.error_kind = "worker_lost"
+        run.error_message = "The process executing this run stopped; the run cannot resume."
+        run.usage_complete = False
+        run.save(update_fields=["status", "finished_at", "error_kind", "error_message", "usage_complete"])
+    for run in lost:
+        transaction.on_commit(lambda run=run: events.publish(run, events.finished_event(run, seq=0)))  # type: ignore[misc]
+    return lost

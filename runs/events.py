@@ -1,0 +1,151 @@
+"""Run events: the one JSON schema shared by websockets (browser) and SSE (IDEs and CLIs).
+
+Every event has ``type``, ``run_id`` and ``seq`` (a per-run sequence number, increasing, starting at 1 for the
+run's executor; snapshot events sent to a (re)connecting client carry ``seq`` 0). Events travel through the
+channel layer to the run's group and, for status changes, to the org's group; nobody listening means the event
+is gone: that is the retention policy for content.
+
+Channel-layer messages wrap an event as ``{"type": "run.event", "event": {...}}``; consumers handle it in a
+``run_event`` method and forward ``event`` as-is.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal, NotRequired, TypedDict
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from runs.models import Run
+
+EventType = Literal["run.status", "text.delta", "tool.call", "tool.result", "usage", "error", "run.finished"]
+
+
+class RunStatusEvent(TypedDict):
+    type: Literal["run.status"]
+    run_id: str
+    seq: int
+    status: str
+    kind: str
+    model: str
+    provider: str
+    objective: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    input_tokens: int
+    output_tokens: int
+    usage_complete: bool
+    error_kind: str
+    error_message: str
+    # Set while the executor waits before retrying a failed provider call ("rate limited, retrying in 2 s").
+    retrying_in_s: NotRequired[float]
+    retry_reason: NotRequired[str]
+
+
+class TextDeltaEvent(TypedDict):
+    type: Literal["text.delta"]
+    run_id: str
+    seq: int
+    text: str
+
+
+class UsageEvent(TypedDict):
+    type: Literal["usage"]
+    run_id: str
+    seq: int
+    input_tokens: int
+    output_tokens: int
+    complete: bool
+
+
+class ErrorEvent(TypedDict):
+    type: Literal["error"]
+    run_id: str
+    seq: int
+    kind: str
+    message: str
+    retryable: bool
+
+
+class RunFinishedEvent(TypedDict):
+    type: Literal["run.finished"]
+    run_id: str
+    seq: int
+    status: str
+    input_tokens: int
+    output_tokens: int
+    usage_complete: bool
+    error_kind: str
+    error_message: str
+
+
+RunEvent = RunStatusEvent | TextDeltaEvent | UsageEvent | ErrorEvent | RunFinishedEvent
+
+
+def run_group(run_id: uuid.UUID | str) -> str:
+    """The channel-layer group of one run (derived server-side from an authorized run, never from input)."""
+    return f"run.{uuid.UUID(str(run_id)).hex}"
+
+
+def org_runs_group(org_id: uuid.UUID | str) -> str:
+    """The channel-layer group carrying status changes of every run of one org."""
+    return f"org.{uuid.UUID(str(org_id)).hex}.runs"
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def status_event(run: Run, *, seq: int = 0) -> RunStatusEvent:
+    """The run's current metadata as a ``run.status`` event (what a connecting client gets first)."""
+    return {
+        "type": "run.status",
+        "run_id": str(run.id),
+        "seq": seq,
+        "status": run.status,
+        "kind": run.kind,
+        "model": run.model,
+        "provider": run.provider,
+        "objective": run.objective[:200],
+        "created_at": run.created_at.isoformat(),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "input_tokens": run.input_tokens,
+        "output_tokens": run.output_tokens,
+        "usage_complete": run.usage_complete,
+        "error_kind": run.error_kind,
+        "error_message": run.error_message,
+    }
+
+
+def finished_event(run: Run, *, seq: int) -> RunFinishedEvent:
+    return {
+        "type": "run.finished",
+        "run_id": str(run.id),
+        "seq": seq,
+        "status": run.status,
+        "input_tokens": run.input_tokens,
+        "output_tokens": run.output_tokens,
+        "usage_complete": run.usage_complete,
+        "error_kind": run.error_kind,
+        "error_message": run.error_message,
+    }
+
+
+async def apublish(run: Run, event: RunEvent) -> None:
+    """Send ``event`` to the run's group; status and finish events also go to the org's group (live lists)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "run.event", "event": dict(event)}
+    await layer.group_send(run_group(run.id), message)
+    if event["type"] in ("run.status", "run.finished"):
+        summary = status_event(run, seq=event["seq"]) if event["type"] == "run.finished" else event
+        await layer.group_send(org_runs_group(run.org_id), {"type": "run.event", "event": dict(summary)})
+
+
+def publish(run: Run, event: RunEvent) -> None:
+    """``apublish`` for sync code (services after commit)."""
+    async_to_sync(apublish)(run, event)
