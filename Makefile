@@ -26,10 +26,15 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
+SIMULATOR_PORT ?= 8765
+
+# The provider simulator runs beside the server (loopback only) so the demo org's keys work offline.
 run: $(VENV)/.runtime
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py ensure_demo
-	$(BIN)/python manage.py runserver $(HOST):$(PORT)
+	@$(BIN)/python manage.py provider_simulator --port $(SIMULATOR_PORT) > var/provider-simulator.log 2>&1 & \
+	  sim=$$!; trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
+	  $(BIN)/python manage.py ensure_demo --simulator-url http://127.0.0.1:$(SIMULATOR_PORT) && \
+	  $(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -48,6 +48,7 @@ def organization_create(*, name: str, admin: User, slug: str | None = None) -> O
             raise ValidationError({"slug": "This slug is taken."})
     org = Organization.objects.create(name=name, slug=slug or _unique_slug(name))
     Membership.objects.create(user=admin, org=org, role=Role.ADMIN)
+    signals.org_created.send(sender=Organization, org=org, actor=admin)
     return org
 
 

@@ -8,6 +8,7 @@ Django's own ``user_logged_in`` / ``user_logged_out`` / ``user_login_failed`` co
 from django.dispatch import Signal
 
 user_signed_up = Signal()  # org, actor=user, user
+org_created = Signal()  # org, actor=user (its first Admin)
 login_locked_out = Signal()  # org=None, actor=None, email, scope ("account" | "ip")
 org_settings_changed = Signal()  # org, actor, changes: dict[field, [old, new]]
 invitation_sent = Signal()  # org, actor, invitation

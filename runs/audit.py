@@ -127,6 +127,11 @@ def _on_signed_up(sender: Any, org: Organization, actor: User, user: User, **kwa
     audit_record(event=AuditEvent.USER_SIGNED_UP, org=org, actor=actor, target=user)
 
 
+@receiver(signals.org_created, dispatch_uid="audit_org_created")
+def _on_org_created(sender: Any, org: Organization, actor: User, **kwargs: Any) -> None:
+    audit_record(event=AuditEvent.ORG_CREATED, org=org, actor=actor, target=org, metadata={"name": org.name})
+
+
 @receiver(signals.org_settings_changed, dispatch_uid="audit_org_settings")
 def _on_org_settings(sender: Any, org: Organization, actor: Any, changes: dict[str, Any], **kwargs: Any) -> None:
     audit_record(event=AuditEvent.ORG_SETTINGS_CHANGED, org=org, actor=actor, target=org, metadata={"changes": changes})

@@ -15,6 +15,7 @@ class AuditEvent(models.Model):
 
     # The registry of event names: code refers to these constants, never to string literals.
     USER_SIGNED_UP = "user.signed_up"
+    ORG_CREATED = "org.created"
     LOGIN_SUCCEEDED = "auth.login_succeeded"
     LOGIN_FAILED = "auth.login_failed"
     LOGIN_LOCKED_OUT = "auth.locked_out"
@@ -37,6 +38,7 @@ class AuditEvent(models.Model):
 
     EVENTS = (
         USER_SIGNED_UP,
+        ORG_CREATED,
         LOGIN_SUCCEEDED,
         LOGIN_FAILED,
         LOGIN_LOCKED_OUT,

@@ -88,6 +88,14 @@ def test_signup_gives_distinct_slugs_to_same_named_orgs():
     assert second.slug.startswith("same-name-")
 
 
+def test_creating_another_org_is_audited_in_that_org(cast):
+    org = organization_create(name="Side Project", admin=cast.admin_a.user)
+    event = AuditEvent.objects.get(event=AuditEvent.ORG_CREATED, org=org)
+    assert event.actor_user == cast.admin_a.user
+    assert event.target_id == str(org.id)
+    assert not AuditEvent.objects.filter(event=AuditEvent.ORG_CREATED, org=cast.org_b, target_id=str(org.id)).exists()
+
+
 def test_org_needs_a_name():
     user = User.objects.create_user(email="x@example.com", password=PASSWORD)
     with pytest.raises(ValidationError):
