@@ -49,6 +49,7 @@ def test_every_keys_api_route_is_covered_here():
     assert {name for name in resolver.reverse_dict if isinstance(name, str)} == {
         "provider-key-list",
         "provider-key-detail",
+        "provider-key-check",  # isolation and role tests: tests/keys/test_check.py
     }
 
 
