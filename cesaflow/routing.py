@@ -2,4 +2,11 @@
 
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from django.urls import path
+
+from runs.consumers import OrgRunsConsumer, RunConsumer
+
+websocket_urlpatterns: list[Any] = [
+    path("ws/runs/<uuid:run_id>/", RunConsumer.as_asgi()),
+    path("ws/org/runs/", OrgRunsConsumer.as_asgi()),
+]

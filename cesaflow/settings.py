@@ -205,7 +205,12 @@ if REDIS_URL:
     }
     SESSION_ENGINE = "django.contrib.sessions.backends.cache"
     SESSION_CACHE_ALIAS = "sessions"
-    _layer_config: dict[str, Any] = {"hosts": [REDIS_URL], "prefix": f"{_cache_prefix}:asgi"}
+    # channels_redis waits for messages with 5 s blocking pops; redis-py's default 5 s socket timeout would cut
+    # every idle wait short with a TimeoutError (an idle websocket consumer dies). Reads get 15 s.
+    _layer_config: dict[str, Any] = {
+        "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+        "prefix": f"{_cache_prefix}:asgi",
+    }
     if CHANNEL_LAYER_KEY:
         _layer_config["symmetric_encryption_keys"] = [CHANNEL_LAYER_KEY]
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": _layer_config}}
@@ -250,6 +255,34 @@ if any(material in _derived for material in KEYRING.keys.values()):
 # Hosts a custom provider base URL may point at even though they are loopback/private (an in-house vLLM or
 # Ollama): comma-separated host names, host:port pairs, IPs or CIDR networks (keys/urlguard.py).
 PROVIDER_HOST_ALLOWLIST = [h.lower() for h in _env_list("CESAFLOW_PROVIDER_HOST_ALLOWLIST")]
+
+# --- Runs: execution and live streaming ---------------------------------------------------------------
+
+# inline: runs execute as asyncio tasks inside the ASGI server process (one machine). worker: any number of
+# `manage.py run_worker` processes, on any machine sharing PostgreSQL and Redis, claim queued runs.
+RUN_EXECUTOR = os.environ.get("CESAFLOW_EXECUTOR", "").strip().lower() or "inline"
+if RUN_EXECUTOR not in {"inline", "worker"}:
+    raise ImproperlyConfigured("CESAFLOW_EXECUTOR must be 'inline' or 'worker'.")
+# Every executor proves it is alive each RUN_HEARTBEAT_SECONDS; a running run whose heartbeat is older than
+# RUN_STALE_AFTER_SECONDS is marked failed (worker_lost) by any other executor: well within a minute.
+RUN_HEARTBEAT_SECONDS = float(_env_int("CESAFLOW_RUN_HEARTBEAT_SECONDS", 10, minimum=1))
+RUN_STALE_AFTER_SECONDS = float(_env_int("CESAFLOW_RUN_STALE_AFTER_SECONDS", 30, minimum=2))
+if RUN_STALE_AFTER_SECONDS < 2 * RUN_HEARTBEAT_SECONDS:
+    raise ImproperlyConfigured("CESAFLOW_RUN_STALE_AFTER_SECONDS must be at least twice the heartbeat interval.")
+# Workers wait this long between looks at the queue (a channel-layer nudge wakes them at once).
+RUN_WORKER_POLL_SECONDS = float(_env_int("CESAFLOW_RUN_WORKER_POLL_SECONDS", 2, minimum=1))
+RUN_WORKER_CONCURRENCY = _env_int("CESAFLOW_RUN_WORKER_CONCURRENCY", 100, minimum=1)
+# On shutdown (SIGTERM to a worker, ASGI lifespan shutdown) running runs get this long to finish; the rest are
+# stopped and recorded failed, so nothing is left "running".
+RUN_SHUTDOWN_GRACE_SECONDS = float(_env_int("CESAFLOW_RUN_SHUTDOWN_GRACE_SECONDS", 10, minimum=0))
+# A cancelled run stops within a second even if its channel-layer message is lost: the flag is polled too.
+RUN_CANCEL_POLL_SECONDS = 0.5
+# Text deltas after the first are batched for this long, so the channel layer is not hit once per token.
+RUN_STREAM_COALESCE_SECONDS = 0.04
+# Overrides of runs.providers.base.CallLimits for run execution (tests shrink timeouts; empty = defaults).
+RUN_CALL_LIMITS: dict[str, Any] = {}
+# SSE run streams send a comment this often so proxies and clients keep idle connections open.
+SSE_KEEPALIVE_SECONDS = 15.0
 
 # --- Auth -------------------------------------------------------------------------------------------
 
@@ -383,6 +416,11 @@ SPECTACULAR_SETTINGS = {
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
     "REDOC_DIST": "SIDECAR",
+    # Several resources have a `status`; name each enum after its model's choices.
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "runs.models.RunStatus",
+        "ProviderKeyStatusEnum": "keys.models.KeyStatus",
+    },
 }
 
 # --- Logging ----------------------------------------------------------------------------------------

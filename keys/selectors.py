@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet
 
 from keys.models import KeyStatus, ProviderKey
@@ -20,7 +21,7 @@ def provider_key_get_for_org(*, org: Organization, key_id: uuid.UUID | str) -> P
     """The org's key with this id, or None (another org's key and a missing one look the same)."""
     try:
         return ProviderKey.objects.select_related("org", "created_by").get(org=org, id=key_id)
-    except (ProviderKey.DoesNotExist, ValueError, TypeError):
+    except (ProviderKey.DoesNotExist, ValidationError, ValueError, TypeError):
         return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -34,7 +35,7 @@ def memberships_for_user(*, user: User) -> QuerySet[Membership]:
 def membership_get_for_user(*, user: User, org_id: uuid.UUID | str) -> Membership | None:
     try:
         return Membership.objects.select_related("org", "user").get(user=user, org__id=org_id)
-    except (Membership.DoesNotExist, ValueError, TypeError):
+    except (Membership.DoesNotExist, ValidationError, ValueError, TypeError):
         return None
 
 
@@ -45,7 +46,7 @@ def members_for_org(*, org: Organization) -> QuerySet[Membership]:
 def membership_get_for_org(*, org: Organization, membership_id: uuid.UUID | str) -> Membership | None:
     try:
         return Membership.objects.select_related("user", "org").get(org=org, id=membership_id)
-    except (Membership.DoesNotExist, ValueError, TypeError):
+    except (Membership.DoesNotExist, ValidationError, ValueError, TypeError):
         return None
 
 
@@ -56,7 +57,7 @@ def api_keys_for_org(*, org: Organization) -> QuerySet[ApiKey]:
 def api_key_get_for_org(*, org: Organization, api_key_id: uuid.UUID | str) -> ApiKey | None:
     try:
         return ApiKey.objects.select_related("org", "created_by").get(org=org, id=api_key_id)
-    except (ApiKey.DoesNotExist, ValueError, TypeError):
+    except (ApiKey.DoesNotExist, ValidationError, ValueError, TypeError):
         return None
 
 
@@ -71,5 +72,5 @@ def invitations_pending_for_org(*, org: Organization) -> QuerySet[Invitation]:
 def invitation_get_for_org(*, org: Organization, invitation_id: uuid.UUID | str) -> Invitation | None:
     try:
         return Invitation.objects.select_related("org").get(org=org, id=invitation_id)
-    except (Invitation.DoesNotExist, ValueError, TypeError):
+    except (Invitation.DoesNotExist, ValidationError, ValueError, TypeError):
         return None

@@ -15,7 +15,7 @@ import uuid
 from typing import Any, Literal, NotRequired, TypedDict
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from channels.layers import BaseChannelLayer, get_channel_layer
 
 from runs.models import Run
 
@@ -94,6 +94,17 @@ def org_runs_group(org_id: uuid.UUID | str) -> str:
     return f"org.{uuid.UUID(str(org_id)).hex}.runs"
 
 
+def run_control_group(run_id: uuid.UUID | str) -> str:
+    """The group of the executor running this run: ``run.cancel`` messages only, no events (a separate group so
+    the executor does not receive back every event it publishes)."""
+    return f"run.{uuid.UUID(str(run_id)).hex}.control"
+
+
+# Run executors (``run_worker`` processes) listening for "a run was queued" nudges. It carries no tenant data (no
+# ids, no content) and only executors join it.
+WORKERS_GROUP = "runs.workers"
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -134,9 +145,13 @@ def finished_event(run: Run, *, seq: int) -> RunFinishedEvent:
     }
 
 
-async def apublish(run: Run, event: RunEvent) -> None:
-    """Send ``event`` to the run's group; status and finish events also go to the org's group (live lists)."""
-    layer = get_channel_layer()
+async def apublish(run: Run, event: RunEvent, *, layer: BaseChannelLayer | None = None) -> None:
+    """Send ``event`` to the run's group; status and finish events also go to the org's group (live lists).
+
+    ``layer``: the channel layer instance to use (an executor on its own event loop has its own); default the
+    process's shared one.
+    """
+    layer = layer or get_channel_layer()
     if layer is None:
         return
     message = {"type": "run.event", "event": dict(event)}

@@ -1,10 +1,558 @@
-"""Hands queued runs to whatever executes them (inline asyncio task or ``run_worker`` processes)."""
+"""Hands queued runs to whatever executes them, and keeps every executing run accountable.
+
+Two modes (``settings.RUN_EXECUTOR``, environment ``CESAFLOW_EXECUTOR``):
+
+* ``inline`` (default): runs execute as asyncio tasks in the ASGI server's event loop. ``cesaflow.asgi`` wraps the
+  application with :func:`asgi_wrapper`, which binds an :class:`Executor` to the server's loop at lifespan startup
+  or on the first HTTP request. ``submit`` (called once the run's row is committed, usually from a sync view
+  thread) hands the run to that loop. Where no server loop exists (management commands, tests) a background thread
+  with its own loop executes runs; their events then reach clients only through a cross-process channel layer
+  (Redis): the in-memory layer cannot cross event loops.
+* ``worker``: ``submit`` only nudges the ``run_worker`` processes through the channel layer. They poll the queue
+  too, so a lost nudge costs at most one poll interval. There is no broker: PostgreSQL row locks hand out runs.
+
+Whatever the mode, an :class:`Executor`:
+
+* claims runs with ``FOR UPDATE SKIP LOCKED`` (``run_claim``, ``runs_claim_queued``): a run executes exactly once;
+* heartbeats its running runs, and reaps runs whose executor stopped heart-beating (``worker_lost``);
+* stops a run within a second of a cancel request: the ``run.cancel`` message on the run's control group, and a
+  poll of ``cancel_requested_at`` (one query for all its runs) in case the message is lost;
+* on shutdown stops its runs and records them failed. After a crash, the restarted executor (or any other) reaps
+  them within ``RUN_STALE_AFTER_SECONDS`` plus one heartbeat, and claims runs left queued: after any restart,
+  nothing stays ``running`` or ``queued`` forever.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import logging
+import os
+import secrets
+import socket
+import threading
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
+from django.conf import settings
+
+from runs import events
+from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl, execute_run
+from runs.providers import CallLimits
+from runs.selectors import unscoped_runs_to_stop
+from runs.services import run_claim, run_heartbeat, runs_claim_queued, runs_reap_lost
+
+logger = logging.getLogger("cesaflow.runs")
+
+# An inline executor looks at the queue only to recover runs left queued by a restart: submit() is its fast path.
+INLINE_QUEUE_POLL_SECONDS = 5.0
+# After asking its runs to stop at shutdown, an executor waits this long for them to record their end.
+STOP_RECORD_TIMEOUT_SECONDS = 10.0
+CLAIM_BATCH = 20
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    heartbeat_s: float
+    stale_after_s: float
+    poll_s: float
+    cancel_poll_s: float
+    concurrency: int
+    claim_queued: bool  # look at the queue (workers; inline server executors, to recover after a restart)
+    reap: bool  # mark other executors' lost runs failed
+
+    @classmethod
+    def from_settings(cls, *, claim_queued: bool, reap: bool, **overrides: Any) -> ExecutorConfig:
+        config = cls(
+            heartbeat_s=settings.RUN_HEARTBEAT_SECONDS,
+            stale_after_s=settings.RUN_STALE_AFTER_SECONDS,
+            poll_s=settings.RUN_WORKER_POLL_SECONDS,
+            cancel_poll_s=settings.RUN_CANCEL_POLL_SECONDS,
+            concurrency=settings.RUN_WORKER_CONCURRENCY,
+            claim_queued=claim_queued,
+            reap=reap,
+        )
+        return replace(config, **overrides)
+
+
+def new_worker_id(label: str) -> str:
+    """``label:host:pid:random``: readable in the database, unique per executor instance (max 64 characters)."""
+    host = socket.gethostname()[:32] or "host"
+    return f"{label}:{host}:{os.getpid()}:{secrets.token_hex(3)}"[:64]
+
+
+@dataclass
+class _ActiveRun:
+    control: RunControl
+    task: asyncio.Task[None] | None = None
+
+
+class Executor:
+    """Executes runs as tasks of the event loop it is started in.
+
+    ``layer``: None for the process's shared channel layer. An executor on a loop of its own needs its own layer
+    instance (channels_redis refuses to receive on two loops at once). ``limits``: provider-call limits (tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ExecutorConfig,
+        label: str = "executor",
+        layer: Any = None,
+        limits: CallLimits | None = None,
+        worker_id: str = "",
+    ) -> None:
+        self.config = config
+        self.layer = layer
+        self.limits = limits
+        self.worker_id = worker_id or new_worker_id(label)
+        self._active: dict[uuid.UUID, _ActiveRun] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._channel: str | None = None
+        self._channel_lock: asyncio.Lock | None = None
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._started = False
+        self._stopping = False
+        self._closed = False
+
+    # --- Lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start supervising (heartbeats, cancel checks, reaping, queue polling). Call in the executor's loop."""
+        if self._started:
+            return
+        self._started = True
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._channel_lock = asyncio.Lock()
+        self._spawn_internal(self._supervise(), "supervisor")
+        if self._layer() is not None:
+            self._spawn_internal(self._listen(), "listener")
+        logger.info(
+            "executor %s started (claim_queued=%s, reap=%s, concurrency=%d)",
+            self.worker_id,
+            self.config.claim_queued,
+            self.config.reap,
+            self.config.concurrency,
+        )
+
+    async def stop(self, *, grace_s: float = 0.0) -> None:
+        """Stop claiming; give running runs ``grace_s`` to finish; then stop them (recorded failed,
+        ``worker_lost``). Runs that do not record their end in time are left to the reaper."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        tasks = self._run_tasks()
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for active in list(self._active.values()):
+            active.control.request_stop(STOP_SHUTDOWN)
+        tasks = self._run_tasks()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_RECORD_TIMEOUT_SECONDS)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        layer = self._layer()
+        if layer is not None and self._channel is not None and self.config.claim_queued:
+            with suppress(Exception):
+                await layer.group_discard(events.WORKERS_GROUP, self._channel)
+        await database_sync_to_async(_close_db_connections)()
+        logger.info("executor %s stopped", self.worker_id)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no run is executing (tests, shutdown)."""
+        if self._idle is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def active_run_ids(self) -> list[uuid.UUID]:
+        return list(self._active)
+
+    # --- Claiming -------------------------------------------------------------------------------------------
+
+    async def submit_run(self, run_id: uuid.UUID) -> bool:
+        """Claim this queued run and start executing it. False if another executor has it (or it is not queued)."""
+        if self._stopping:
+            return False
+        self.start()
+        run = await database_sync_to_async(run_claim)(run_id=run_id, worker_id=self.worker_id)
+        if run is None:
+            return False
+        self._execute_claimed(run.id)
+        return True
+
+    async def claim_queued(self) -> int:
+        """Claim queued runs up to the free capacity; returns how many."""
+        capacity = self.config.concurrency - len(self._active)
+        if self._stopping or capacity <= 0:
+            return 0
+        limit = min(capacity, CLAIM_BATCH)
+        runs = await database_sync_to_async(runs_claim_queued)(worker_id=self.worker_id, limit=limit)
+        for run in runs:
+            self._execute_claimed(run.id)
+        if len(runs) == limit and self._wake is not None:
+            self._wake.set()  # there may be more
+        return len(runs)
+
+    def _execute_claimed(self, run_id: uuid.UUID) -> None:
+        active = _ActiveRun(control=RunControl())
+        self._active[run_id] = active
+        if self._idle is not None:
+            self._idle.clear()
+        active.task = asyncio.create_task(self._execute(run_id, active.control), name=f"run-{run_id}")
+
+    async def _execute(self, run_id: uuid.UUID, control: RunControl) -> None:
+        layer = self._layer()
+        group = events.run_control_group(run_id)
+        joined = False
+        try:
+            channel = await self._ensure_channel()
+            if channel is not None:
+                try:
+                    await layer.group_add(group, channel)
+                    joined = True
+                except Exception as exc:  # the cancel poll still stops the run
+                    logger.warning("run %s: control group not joined (%s)", run_id, type(exc).__name__)
+            await execute_run(run_id, control=control, layer=self.layer, limits=self.limits)
+        except Exception as exc:  # e.g. the database went away while recording: the reaper will finish it
+            logger.error("run %s: executor error %s", run_id, type(exc).__name__)
+        finally:
+            self._active.pop(run_id, None)
+            if not self._active and self._idle is not None:
+                self._idle.set()
+            if self._wake is not None and self.config.claim_queued:
+                self._wake.set()  # capacity freed
+            if joined and self._channel is not None:
+                with suppress(Exception):
+                    await layer.group_discard(group, self._channel)
+
+    # --- Supervision ----------------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        assert self._wake is not None  # noqa: S101 - start() sets it
+        loop = asyncio.get_running_loop()
+        config = self.config
+        next_heartbeat = next_reap = next_claim = loop.time()
+        woken = False
+        while not self._closed:
+            now = loop.time()
+            try:
+                if self._active:
+                    await self._check_stops()
+                if now >= next_heartbeat:
+                    next_heartbeat = now + config.heartbeat_s
+                    await self._heartbeat()
+                if config.reap and not self._stopping and now >= next_reap:
+                    next_reap = now + config.heartbeat_s
+                    await self._reap()
+                if config.claim_queued and not self._stopping and (now >= next_claim or woken):
+                    next_claim = now + config.poll_s
+                    await self.claim_queued()
+            except Exception as exc:  # the database or Redis is briefly unavailable: try again next tick
+                logger.warning("executor %s: supervision error %s", self.worker_id, type(exc).__name__)
+            deadlines = [next_heartbeat]
+            if config.reap:
+                deadlines.append(next_reap)
+            if config.claim_queued:
+                deadlines.append(next_claim)
+            timeout = min(deadlines) - loop.time()
+            if self._active:
+                timeout = min(timeout, config.cancel_poll_s)
+            # Sleep until the next deadline or a wake-up (a nudge, freed capacity). asyncio.timeout, not wait_for:
+            # wait_for can swallow a cancellation that coincides with the wake-up.
+            woken = False
+            with suppress(TimeoutError):
+                async with asyncio.timeout(max(timeout, 0.01)):
+                    await self._wake.wait()
+                    woken = True
+            # Consume the wake-up: a set event makes wait() return without yielding, and a loop that never yields
+            # freezes the whole event loop.
+            self._wake.clear()
+            await asyncio.sleep(0)
+
+    async def _check_stops(self) -> None:
+        stops = await database_sync_to_async(unscoped_runs_to_stop)(
+            run_ids=list(self._active), worker_id=self.worker_id
+        )
+        for run_id, reason in stops.items():
+            active = self._active.get(run_id)
+            if active is not None:
+                active.control.request_stop(STOP_CANCELLED if reason == "cancelled" else STOP_LOST)
+
+    async def _heartbeat(self) -> None:
+        if self._active:
+            await database_sync_to_async(run_heartbeat)(run_ids=list(self._active), worker_id=self.worker_id)
+        layer = self._layer()
+        if self.config.claim_queued and layer is not None and not self._stopping:
+            channel = await self._ensure_channel()
+            if channel is not None:
+                # Group memberships expire (a day by default): renew ours as long as we are alive.
+                await layer.group_add(events.WORKERS_GROUP, channel)
+
+    async def _reap(self) -> None:
+        lost = await database_sync_to_async(runs_reap_lost)(stale_after=timedelta(seconds=self.config.stale_after_s))
+        if lost:
+            logger.warning(
+                "executor %s reaped %d lost run(s): %s",
+                self.worker_id,
+                len(lost),
+                ", ".join(str(run.id) for run in lost),
+            )
+
+    async def _listen(self) -> None:
+        """Channel-layer messages for this executor: cancel requests of its runs, and queue nudges."""
+        assert self._wake is not None  # noqa: S101 - start() sets it
+        layer = self._layer()
+        failures = 0
+        while not self._closed:
+            try:
+                channel = await self._ensure_channel()
+                if channel is None:
+                    return
+                message = await layer.receive(channel)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restarting: the polls cover for us meanwhile
+                failures += 1
+                if failures == 1:
+                    logger.warning("executor %s: channel layer error %s", self.worker_id, type(exc).__name__)
+                await asyncio.sleep(min(5.0, 0.2 * failures))
+                continue
+            kind = message.get("type") if isinstance(message, dict) else None
+            if kind == "run.cancel":
+                run_id = _parse_uuid(message.get("run_id"))
+                active = self._active.get(run_id) if run_id is not None else None
+                if active is not None:
+                    active.control.request_stop(STOP_CANCELLED)
+            elif kind == "run.nudge":
+                self._wake.set()
+
+    async def _ensure_channel(self) -> str | None:
+        layer = self._layer()
+        if layer is None or self._channel_lock is None:
+            return None
+        async with self._channel_lock:
+            if self._channel is None:
+                try:
+                    self._channel = await layer.new_channel()
+                except Exception as exc:
+                    logger.warning("executor %s: no channel (%s)", self.worker_id, type(exc).__name__)
+                    return None
+                if self.config.claim_queued:
+                    with suppress(Exception):
+                        await layer.group_add(events.WORKERS_GROUP, self._channel)
+        return self._channel
+
+    # --- Helpers --------------------------------------------------------------------------------------------
+
+    def _layer(self) -> Any:
+        return self.layer if self.layer is not None else get_channel_layer()
+
+    def _run_tasks(self) -> list[asyncio.Task[None]]:
+        return [a.task for a in self._active.values() if a.task is not None and not a.task.done()]
+
+    def _spawn_internal(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"executor-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._internal_done)
+
+    def _internal_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("executor %s: %s died (%s)", self.worker_id, task.get_name(), type(task.exception()).__name__)
+
+
+def _parse_uuid(value: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def _close_db_connections() -> None:
+    from django.db import connections
+
+    connections.close_all()
+
+
+# --- Inline mode: the server's loop, or a background thread ---------------------------------------------------
+
+_state_lock = threading.Lock()
+_server: tuple[asyncio.AbstractEventLoop, Executor] | None = None
+_background: _BackgroundLoop | None = None
+_pending: set[asyncio.Task[Any]] = set()
+
+
+class _BackgroundLoop:
+    """A daemon thread running an event loop for runs submitted where no server loop exists."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        # Its own channel-layer instance: channels_redis binds receiving to one event loop per instance.
+        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER) if settings.CHANNEL_LAYERS else None
+        self.executor = Executor(
+            config=ExecutorConfig.from_settings(claim_queued=False, reap=False), label="inline", layer=layer
+        )
+        self.thread = threading.Thread(target=self._run, name="cesaflow-runs", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self.executor.start)
+        self.loop.run_forever()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.loop.is_closed()
 
 
 def submit(run_id: uuid.UUID) -> None:
-    """Called after the run's row is committed."""
-    # Execution arrives with the executor; until then a queued run simply waits.
+    """Hand a queued run to the executor. Called after the run's row is committed; returns at once."""
+    if settings.RUN_EXECUTOR == "worker":
+        _nudge_workers()
+        return
+    loop, executor = _inline_executor()
+    _call_in_loop(loop, executor.submit_run, run_id)
+
+
+def _inline_executor() -> tuple[asyncio.AbstractEventLoop, Executor]:
+    global _background
+    with _state_lock:
+        if _server is not None and _loop_usable(_server[0]):
+            return _server
+        if _background is None or not _background.alive:
+            _background = _BackgroundLoop()
+        return _background.loop, _background.executor
+
+
+def _loop_usable(loop: asyncio.AbstractEventLoop) -> bool:
+    return loop.is_running() and not loop.is_closed()
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run ``func(*args)`` as a task of ``loop``, in a fresh context: the caller's request state (request id,
+    asgiref's per-request thread) must not leak into work that outlives the request."""
+
+    def spawn() -> None:
+        task = loop.create_task(_logged(func, *args))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        contextvars.Context().run(spawn)
+    else:
+        loop.call_soon_threadsafe(spawn, context=contextvars.Context())
+
+
+async def _logged(func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    try:
+        await func(*args)
+    except Exception as exc:
+        logger.error("executor: %s failed (%s)", getattr(func, "__name__", "task"), type(exc).__name__)
+
+
+def _nudge_workers() -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(events.WORKERS_GROUP, {"type": "run.nudge"})
+    except Exception as exc:  # workers poll the queue anyway
+        logger.warning("run_worker nudge not sent (%s)", type(exc).__name__)
+
+
+def bind_server_loop() -> Executor | None:
+    """Make the running loop (the ASGI server's) the inline executor's. Idempotent; a no-op in worker mode."""
+    global _server
+    if settings.RUN_EXECUTOR != "inline":
+        return None
+    loop = asyncio.get_running_loop()
+    with _state_lock:
+        if _server is not None and _server[0] is loop:
+            return _server[1]
+        executor = Executor(
+            config=ExecutorConfig.from_settings(
+                claim_queued=True, reap=True, poll_s=max(settings.RUN_WORKER_POLL_SECONDS, INLINE_QUEUE_POLL_SECONDS)
+            ),
+            label="inline",
+        )
+        _server = (loop, executor)
+    contextvars.Context().run(executor.start)
+    return executor
+
+
+async def unbind_server_loop(*, grace_s: float = 0.0) -> None:
+    """Stop the server loop's executor (ASGI lifespan shutdown, tests)."""
+    global _server
+    with _state_lock:
+        bound, _server = _server, None
+    if bound is not None and bound[0] is asyncio.get_running_loop():
+        await bound[1].stop(grace_s=grace_s)
+
+
+def wait_for_background_runs(timeout: float = 10.0) -> bool:
+    """Block until the background thread's executor has no run left (tests, management commands)."""
+    background = _background
+    if background is None or not background.alive:
+        return True
+    future = asyncio.run_coroutine_threadsafe(background.executor.wait_idle(timeout), background.loop)
+    return bool(future.result(timeout + 1))
+
+
+def asgi_wrapper(app: ASGIApp) -> ASGIApp:
+    """The ASGI application with the inline executor bound to the server's loop, and lifespan handled (a server
+    that speaks lifespan gets a graceful shutdown: running runs are recorded, not left to the reaper)."""
+
+    async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] == "http" and (_server is None or _server[0] is not asyncio.get_running_loop()):
+            bind_server_loop()
+        await app(scope, receive, send)
+
+    return application
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            bind_server_loop()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await unbind_server_loop(grace_s=settings.RUN_SHUTDOWN_GRACE_SECONDS)
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from django.core.exceptions import ValidationError
 from django.db.models import F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from orgs.models import Organization
-from runs.models import AuditEvent, Run, UsageRecord
+from runs.models import AuditEvent, Run, RunStatus, UsageRecord
 
 
 def audit_events_for_org(
@@ -54,7 +55,7 @@ def run_get_for_org(*, org: Organization, run_id: uuid.UUID | str) -> Run | None
         return Run.objects.select_related("provider_key", "created_by_user", "created_by_api_key").get(
             org=org, id=run_id
         )
-    except (Run.DoesNotExist, ValueError, TypeError):
+    except (Run.DoesNotExist, ValidationError, ValueError, TypeError):
         return None
 
 
@@ -89,3 +90,28 @@ def tokens_used_this_month(*, org: Organization) -> int:
         total=Sum(F("input_tokens") + F("output_tokens"))
     )
     return int(totals["total"] or 0)
+
+
+# --- Executor reads (no org: the executor acts for whichever org queued the run) ------------------------------
+
+
+def unscoped_run_for_execution(*, run_id: uuid.UUID) -> Run | None:
+    """The run with its key and creator, for the executor that claimed it."""
+    return Run.objects.select_related("provider_key", "created_by_user", "created_by_api_key").filter(id=run_id).first()
+
+
+def unscoped_runs_to_stop(*, run_ids: list[uuid.UUID], worker_id: str) -> dict[uuid.UUID, str]:
+    """Which of an executor's runs must stop, and why: ``cancelled`` (someone asked) or ``lost`` (the run ended
+    elsewhere or belongs to another executor now: reaped after a stalled heartbeat). One query for all of them."""
+    if not run_ids:
+        return {}
+    rows = Run.objects.filter(id__in=run_ids).values_list("id", "status", "worker_id", "cancel_requested_at")
+    # A run that is gone altogether (its org was deleted) is lost too.
+    found: dict[uuid.UUID, str] = dict.fromkeys(run_ids, "lost")
+    for run_id, status, owner, cancel_requested_at in rows:
+        if status == RunStatus.RUNNING and owner == worker_id:
+            if cancel_requested_at is None:
+                del found[run_id]
+            else:
+                found[run_id] = "cancelled"
+    return found

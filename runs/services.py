@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -9,6 +10,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
@@ -16,6 +18,8 @@ from orgs.models import ApiKey, Organization, User
 from runs import events
 from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord
 from runs.selectors import tokens_used_this_month
+
+logger = logging.getLogger(__name__)
 
 Actor = User | ApiKey | None
 
@@ -115,7 +119,10 @@ def run_create(
 def _after_create(run: Run) -> None:
     from runs import executor  # the executor imports services; import at call time
 
-    events.publish(run, events.status_event(run))
+    try:
+        events.publish(run, events.status_event(run))
+    except Exception as exc:  # live lists miss one update; the run itself must still be handed over
+        logger.warning("run %s: status event not published (%s)", run.id, type(exc).__name__)
     if run.kind != RunKind.COMPLETION:
         executor.submit(run.id)
 
@@ -133,6 +140,35 @@ def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
     run.heartbeat_at = now
     run.save(update_fields=["status", "started_at", "worker_id", "heartbeat_at"])
     return run
+
+
+# A run without heartbeats (executed inside a request) still running after this long has been lost: far beyond
+# any provider call's deadline.
+UNATTENDED_RUN_LIMIT = timedelta(minutes=15)
+
+# Kinds an executor knows how to run (``completion`` runs execute in the proxy's request; ``agent`` comes later).
+EXECUTABLE_KINDS = (RunKind.CHAT,)
+
+
+@transaction.atomic
+def runs_claim_queued(*, worker_id: str, limit: int) -> list[Run]:
+    """Claim up to ``limit`` of the oldest queued runs for ``worker_id`` (one statement with ``FOR UPDATE SKIP
+    LOCKED``: concurrent workers never claim the same run and never wait for each other)."""
+    if limit < 1:
+        return []
+    runs = list(
+        Run.objects.select_for_update(skip_locked=True)
+        .filter(status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+        .order_by("created_at", "id")[:limit]
+    )
+    now = timezone.now()
+    for run in runs:
+        run.status = RunStatus.RUNNING
+        run.started_at = now
+        run.worker_id = worker_id[:64]
+        run.heartbeat_at = now
+    Run.objects.bulk_update(runs, ["status", "started_at", "worker_id", "heartbeat_at"])
+    return runs
 
 
 def run_heartbeat(*, run_ids: list[uuid.UUID], worker_id: str) -> int:
@@ -210,18 +246,33 @@ def _signal_cancel(run: Run) -> None:
     from channels.layers import get_channel_layer
 
     layer = get_channel_layer()
-    if layer is not None:
-        async_to_sync(layer.group_send)(events.run_group(run.id), {"type": "run.cancel", "run_id": str(run.id)})
+    if layer is None:
+        return
+    message = {"type": "run.cancel", "run_id": str(run.id)}
+    # The executor listens on the run's control group (it does not join the event group it publishes to). The
+    # event group still gets the message for any in-request listener; websocket and SSE clients ignore it. Best
+    # effort: the executor also polls ``cancel_requested_at``, so a lost message only costs a fraction of a second.
+    try:
+        async_to_sync(layer.group_send)(events.run_control_group(run.id), message)
+        async_to_sync(layer.group_send)(events.run_group(run.id), message)
+    except Exception as exc:  # the channel layer being down must not turn a recorded cancel into a 500
+        logger.warning("run %s: cancel signal not sent (%s)", run.id, type(exc).__name__)
 
 
 @transaction.atomic
-def runs_reap_lost(*, stale_after: timedelta) -> list[Run]:
-    """Mark running runs whose executor stopped heart-beating as failed (``worker_lost``)."""
-    cutoff = timezone.now() - stale_after
-    lost = list(
-        Run.objects.select_for_update(skip_locked=True).filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
-    )
+def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNATTENDED_RUN_LIMIT) -> list[Run]:
+    """Mark running runs whose executor stopped heart-beating as failed (``worker_lost``).
+
+    Runs executed inside a request (proxy completions) have no heartbeat; one still ``running`` after
+    ``unattended_after`` outlived any call's deadline: its process died before recording the end.
+    """
     now = timezone.now()
+    lost = list(
+        Run.objects.select_for_update(skip_locked=True).filter(
+            Q(heartbeat_at__lt=now - stale_after) | Q(heartbeat_at__isnull=True, started_at__lt=now - unattended_after),
+            status=RunStatus.RUNNING,
+        )
+    )
     for run in lost:
         run.status = RunStatus.FAILED
         run.finished_at = now
@@ -230,5 +281,9 @@ def runs_reap_lost(*, stale_after: timedelta) -> list[Run]:
         run.usage_complete = False
         run.save(update_fields=["status", "finished_at", "error_kind", "error_message", "usage_complete"])
     for run in lost:
-        transaction.on_commit(lambda run=run: events.publish(run, events.finished_event(run, seq=0)))  # type: ignore[misc]
+        # robust: one failed publish (the channel layer is down) must not skip the others.
+        transaction.on_commit(
+            lambda run=run: events.publish(run, events.finished_event(run, seq=0)),  # type: ignore[misc]
+            robust=True,
+        )
     return lost

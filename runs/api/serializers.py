@@ -1,4 +1,4 @@
-"""Serializers for the audit trail API: a filter (query string) in, events out. They never write."""
+"""Serializers for the runs and audit trail API: input and filters in, metadata out. They never write."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Any
 
 from rest_framework import serializers
 
-from runs.models import AuditEvent
+from cesaflow.lib.api import StrictInputSerializer
+from runs.models import AuditEvent, Run, RunKind, RunStatus
+from runs.services import MODEL_MAX_CHARS, OBJECTIVE_MAX_CHARS
 
 ACTOR_KINDS = ["user", "api_key", "anonymous", "system"]
 
@@ -63,3 +65,74 @@ class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):
         model = AuditEvent
         fields = ["id", "event", "actor", "target", "ip", "user_agent", "metadata", "created_at"]
         read_only_fields = fields
+
+
+# --- Runs -----------------------------------------------------------------------------------------------------
+
+
+class RunCreateSerializer(StrictInputSerializer):
+    """A chat run: the objective goes to the model with the org's provider key. The key is resolved inside the
+    caller's org: another org's key is "not found", like a missing one."""
+
+    objective = serializers.CharField(max_length=OBJECTIVE_MAX_CHARS, help_text="What the model should do.")
+    provider_key = serializers.UUIDField(help_text="The id of one of the organization's provider keys.")
+    model = serializers.CharField(max_length=MODEL_MAX_CHARS, help_text="The provider's model id, e.g. `gpt-4o`.")
+
+
+class RunFilterSerializer(serializers.Serializer[Any]):
+    status = serializers.ChoiceField(choices=RunStatus.values, required=False, help_text="Only runs in this status.")
+    kind = serializers.ChoiceField(choices=RunKind.values, required=False, help_text="Only runs of this kind.")
+    created_by = serializers.UUIDField(required=False, help_text="Only runs started by this user or API key id.")
+
+
+class RunCreatorSerializer(serializers.Serializer[Run]):
+    kind = serializers.SerializerMethodField(help_text="`user`, `api_key`, or `unknown` (deleted since).")
+    id = serializers.SerializerMethodField(help_text="The user's or API key's id; null when it is gone.")
+    # DRF's metaclass pops declared fields off the class, so this does not clash with Field.label at runtime.
+    label = serializers.CharField(  # type: ignore[assignment]
+        source="created_by_label", read_only=True, help_text="Snapshot taken when the run was created."
+    )
+
+    def get_kind(self, run: Run) -> str:
+        if run.created_by_api_key_id:
+            return "api_key"
+        return "user" if run.created_by_user_id else "unknown"
+
+    def get_id(self, run: Run) -> uuid.UUID | None:
+        return run.created_by_user_id or run.created_by_api_key_id
+
+
+class RunSerializer(serializers.ModelSerializer[Run]):
+    """A run's metadata. There is no field for the answer: it is streamed (``/runs/{id}/events``), never stored."""
+
+    provider_key = serializers.UUIDField(source="provider_key_id", read_only=True, allow_null=True)
+    created_by = RunCreatorSerializer(source="*", read_only=True)
+    total_tokens = serializers.IntegerField(read_only=True)
+    cancel_requested = serializers.SerializerMethodField(help_text="A cancel was asked for and is being carried out.")
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "kind",
+            "status",
+            "objective",
+            "provider",
+            "provider_key",
+            "model",
+            "error_kind",
+            "error_message",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "usage_complete",
+            "cancel_requested",
+        ]
+        read_only_fields = fields
+
+    def get_cancel_requested(self, run: Run) -> bool:
+        return run.cancel_requested_at is not None and not run.is_terminal

@@ -1,0 +1,147 @@
+"""``GET /api/v1/runs/{id}/events``: a run's live events as Server-Sent Events, for IDEs and CLIs (``curl -N``).
+
+The request goes through the API's tenant gate (``OrgAPIView``: org API key or session, ``runs:read``; another
+org's run is a 404 JSON error, before anything streams). The body is an async generator that Django streams on
+the server's event loop, subscribed to the run's channel-layer group::
+
+    event: run.status
+    id: 0
+    data: {"type":"run.status","run_id":"…","seq":0,"status":"running",…}
+
+    event: text.delta
+    id: 3
+    data: {"type":"text.delta","run_id":"…","seq":3,"text":"Hello"}
+
+    : keep-alive
+
+The same event JSON as the websocket (``runs.events``): first the run's current status (``seq`` 0, metadata and
+token counts only: past text is never replayed), then live events; a ``: keep-alive`` comment every
+``SSE_KEEPALIVE_SECONDS``; the stream ends after ``run.finished``. An already finished run gets its status and a
+``run.finished`` (both ``seq`` 0) and the stream ends. Hanging up does not stop the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+
+from cesaflow.lib.api import error_responses
+from orgs.api.base import OrgAPIView
+from orgs.models import Organization
+from orgs.permissions import RUNS_READ
+from runs import events
+from runs.models import Run
+from runs.selectors import run_get_for_org
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def sse_frame(event: dict[str, Any] | events.RunEvent) -> bytes:
+    data = json.dumps(event, separators=(",", ":"))  # one line: JSON escapes newlines inside strings
+    return f"event: {event['type']}\nid: {event['seq']}\ndata: {data}\n\n".encode()
+
+
+async def run_event_stream(*, org: Organization, run_id: uuid.UUID, keepalive_s: float) -> AsyncIterator[bytes]:
+    """The SSE body for one run (already authorized for ``org``)."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    group = events.run_group(run_id)
+    # Subscribe before the snapshot: an event published in between is queued for us, not missed.
+    await layer.group_add(group, channel)
+    receiver: asyncio.Future[Any] | None = None
+    try:
+        run: Run | None = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
+        if run is None:  # deleted in the instant since the gate looked
+            return
+        yield sse_frame(events.status_event(run))
+        if run.is_terminal:
+            yield sse_frame(events.finished_event(run, seq=0))
+            return
+        while True:
+            if receiver is None:
+                receiver = asyncio.ensure_future(layer.receive(channel))
+            done, _ = await asyncio.wait({receiver}, timeout=keepalive_s)
+            if not done:
+                yield KEEPALIVE
+                # Belt and braces: if the run ended but its run.finished never reached us (a channel layer
+                # restart), end the stream anyway instead of keeping it open forever.
+                run = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
+                if run is None or run.is_terminal:
+                    if run is not None:
+                        yield sse_frame(events.finished_event(run, seq=0))
+                    return
+                continue
+            message, receiver = receiver.result(), None
+            if not isinstance(message, dict) or message.get("type") != "run.event":
+                continue  # e.g. run.cancel, meant for the executor
+            event = message.get("event")
+            if not isinstance(event, dict) or "type" not in event or "seq" not in event:
+                continue
+            yield sse_frame(event)
+            if event["type"] == "run.finished":
+                return
+    finally:
+        if receiver is not None:
+            receiver.cancel()
+        with suppress(Exception):
+            await layer.group_discard(group, channel)
+
+
+class EventStreamRenderer(BaseRenderer):
+    """Lets clients that send ``Accept: text/event-stream`` (EventSource, IDE plugins) through negotiation."""
+
+    media_type = "text/event-stream"
+    format = "sse"
+    charset = "utf-8"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return json.dumps(data).encode()
+
+
+class RunEventsView(OrgAPIView):
+    capabilities = {"GET": RUNS_READ}
+    renderer_classes = [JSONRenderer, EventStreamRenderer]
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> tuple[BaseRenderer, str]:
+        # Errors before the stream starts are JSON in the API's shape, whatever the client accepts; the stream
+        # itself is a StreamingHttpResponse and bypasses renderers.
+        return JSONRenderer(), JSONRenderer.media_type
+
+    @extend_schema(
+        operation_id="runs_events",
+        summary="Stream a run's events (Server-Sent Events)",
+        description="`text/event-stream`: the run's current `run.status` (seq 0), then live `text.delta`, "
+        "`run.status`, `usage`, `error` and `run.finished` events (the websocket's JSON, one per `data:` line, "
+        "with `event:` and `id:`), and a `: keep-alive` comment every 15 s. The stream ends after "
+        "`run.finished`. Past text is never replayed: answers are not stored.",
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(response=OpenApiTypes.STR, description="The event stream."),
+            **error_responses(401, 403, 404),
+        },
+    )
+    def get(self, request: Request, run_id: Any) -> StreamingHttpResponse:
+        run = run_get_for_org(org=self.org, run_id=run_id)
+        if run is None:
+            raise exceptions.NotFound("No such run.")
+        response = StreamingHttpResponse(
+            run_event_stream(org=self.org, run_id=run.id, keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS)),
+            content_type="text/event-stream; charset=utf-8",
+        )
+        response["Cache-Control"] = "no-store"
+        # nginx and similar proxies buffer responses by default; an event stream must flow as it is written.
+        response["X-Accel-Buffering"] = "no"
+        return response

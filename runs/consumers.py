@@ -1,0 +1,177 @@
+"""Websockets for live runs: ``/ws/runs/<uuid>/`` (one run's events) and ``/ws/org/runs/`` (status changes of the
+org's runs, for live lists).
+
+Authentication and authorization happen in ``connect``, through the consumers' tenant gate
+(``orgs.tenancy.context_for_scope``: the session, or an org API key in a handshake header). The Origin is checked
+before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi``). Refusals accept and then close with a code, so
+clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read``, 4404 a run that is missing or
+another org's (the same answer), or a signed-in user of no organization. Groups are derived server-side from the
+authorized run or org only.
+
+Protocol (JSON text frames; the schema is ``runs.events``):
+
+* server → client: on connect to a run, its current ``run.status`` (``seq`` 0: metadata and token counts, never
+  past content) and, for a finished run, a ``run.finished`` (``seq`` 0); then the live events as the executor
+  publishes them. The org socket sends ``run.status`` events of every run of the org.
+* client → server: ``{"type": "cancel"}`` cancels the run if the caller has ``runs:write`` (otherwise ignored);
+  anything else is ignored. Binary frames close with 1003, frames over 4 KiB with 1009.
+
+Closing the socket never stops the run: it keeps running for whoever else watches, and records its usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from orgs.authentication import presented_api_key
+from orgs.permissions import RUNS_READ, RUNS_WRITE
+from orgs.tenancy import OrgContext, context_for_scope
+from runs import events
+from runs.models import Run
+from runs.selectors import run_get_for_org
+from runs.services import run_request_cancel
+
+logger = logging.getLogger("cesaflow.runs")
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_TOO_BIG = 1009
+MAX_CLIENT_MESSAGE_CHARS = 4096
+
+
+class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels is untyped
+    """Shared by both sockets: forwards ``run.event`` messages of the groups joined in ``connect``."""
+
+    org_context: OrgContext | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._joined: list[str] = []
+
+    async def refuse(self, code: int) -> None:
+        # Accept first: a close before the handshake completes reaches the browser as a bare 1006.
+        await self.accept()
+        await self.close(code=code)
+
+    async def authorize(self) -> OrgContext | None:
+        """The caller's org context if it may read runs; otherwise the socket is refused and None returned."""
+        context: OrgContext | None = await database_sync_to_async(context_for_scope)(self.scope)
+        if context is None:
+            # A signed-in user of no organization gets what the API gives them: nothing here is theirs.
+            await self.refuse(CLOSE_NOT_FOUND if _user_without_org(self.scope) else CLOSE_UNAUTHENTICATED)
+            return None
+        if not context.can(RUNS_READ):
+            await self.refuse(CLOSE_FORBIDDEN)
+            return None
+        self.org_context = context
+        return context
+
+    async def join(self, group: str) -> None:
+        await self.channel_layer.group_add(group, self.channel_name)
+        self._joined.append(group)
+
+    async def disconnect(self, code: int) -> None:
+        for group in self._joined:
+            await self.channel_layer.group_discard(group, self.channel_name)
+        self._joined.clear()
+
+    async def send_event(self, event: dict[str, Any] | events.RunEvent) -> None:
+        await self.send(text_data=json.dumps(event, separators=(",", ":")))
+
+    # Channel-layer handlers ------------------------------------------------------------------------------------
+
+    async def run_event(self, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if isinstance(event, dict):
+            await self.send_event(event)
+
+    async def run_cancel(self, message: dict[str, Any]) -> None:
+        """Cancel signals travel on the run's group too; they are for executors, not clients."""
+
+
+class RunConsumer(_RunEventsConsumer):
+    """``/ws/runs/<uuid:run_id>/``: one run's live events."""
+
+    run_id: uuid.UUID | None = None
+
+    async def connect(self) -> None:
+        context = await self.authorize()
+        if context is None:
+            return
+        run_id = self.scope["url_route"]["kwargs"]["run_id"]
+        run = await database_sync_to_async(run_get_for_org)(org=context.org, run_id=run_id)
+        if run is None:
+            await self.refuse(CLOSE_NOT_FOUND)
+            return
+        self.run_id = run.id
+        # Join before taking the snapshot: an event published in between is then queued for us, not missed.
+        await self.join(events.run_group(run.id))
+        await self.accept()
+        snapshot = await database_sync_to_async(run_get_for_org)(org=context.org, run_id=run.id) or run
+        await self.send_event(events.status_event(snapshot))
+        if snapshot.is_terminal:
+            await self.send_event(events.finished_event(snapshot, seq=0))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            await self.close(code=CLOSE_UNSUPPORTED_DATA)
+            return
+        if len(text_data) > MAX_CLIENT_MESSAGE_CHARS:
+            await self.close(code=CLOSE_TOO_BIG)
+            return
+        try:
+            message = json.loads(text_data)
+        except ValueError:
+            return
+        if isinstance(message, dict) and message.get("type") == "cancel":
+            await self._cancel()
+
+    async def _cancel(self) -> None:
+        if self.run_id is not None:
+            await database_sync_to_async(_cancel_run)(scope=self.scope, run_id=self.run_id)
+
+
+def _user_without_org(scope: dict[str, Any]) -> bool:
+    headers = {bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1") for k, v in scope.get("headers", ())}
+    if presented_api_key(headers) is not None:
+        return False  # a bad API key is a credentials problem, whatever the session says
+    user = scope.get("user")
+    return bool(user is not None and user.is_authenticated)
+
+
+def _cancel_run(*, scope: dict[str, Any], run_id: uuid.UUID) -> Run | None:
+    # Authorize again: the socket may have been open for hours, and the membership or API key since removed.
+    context = context_for_scope(scope)
+    if context is None or not context.can(RUNS_WRITE):
+        return None
+    run = run_get_for_org(org=context.org, run_id=run_id)
+    if run is None:
+        return None
+    logger.info("run %s cancel requested over websocket", run.id)
+    return run_request_cancel(run=run, actor=context.actor)
+
+
+class OrgRunsConsumer(_RunEventsConsumer):
+    """``/ws/org/runs/``: status changes (``run.status``) of every run of the caller's org."""
+
+    async def connect(self) -> None:
+        context = await self.authorize()
+        if context is None:
+            return
+        await self.join(events.org_runs_group(context.org.id))
+        await self.accept()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            await self.close(code=CLOSE_UNSUPPORTED_DATA)
+        elif len(text_data) > MAX_CLIENT_MESSAGE_CHARS:
+            await self.close(code=CLOSE_TOO_BIG)
+        # Nothing else to say on this socket.
