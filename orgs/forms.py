@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 
 from orgs import permissions
 from orgs.models import Organization, Role, User
+from orgs.services import MONTHLY_TOKEN_CAP_MAX
 from orgs.validators import MAX_PASSWORD_LENGTH
 
 # What each scope lets an API key do, in the words the API keys page shows next to its checkbox.
@@ -127,6 +128,25 @@ class OrganizationForm(DashboardForm):
         if not name:
             raise ValidationError("An organization needs a name.")
         return name
+
+
+class OrgSettingsForm(OrganizationForm):
+    """The settings page: the name, and for those who manage billing, the monthly token cap."""
+
+    monthly_token_cap = forms.IntegerField(
+        label="Monthly token cap",
+        required=False,
+        min_value=1,
+        max_value=MONTHLY_TOKEN_CAP_MAX,
+        widget=forms.NumberInput(attrs={"placeholder": "No cap", "step": "1"}),
+        help_text="Input + output tokens per calendar month (UTC) across all runs and proxy calls. Once reached, "
+        "new runs and proxy calls are refused with a clear error until the month ends. Leave empty for no cap.",
+    )
+
+    def __init__(self, *args: Any, with_cap: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not with_cap:
+            del self.fields["monthly_token_cap"]
 
 
 class InvitationForm(DashboardForm):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timedelta
+from enum import Enum
 from typing import Any
 
 from django.conf import settings
@@ -68,17 +69,43 @@ def user_signup(*, email: str, password: str, org_name: str, name: str = "") -> 
     return user, org
 
 
+class _Keep(Enum):
+    """'Leave this setting as it is' for optional settings where None is a meaningful value (no cap)."""
+
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP
+MONTHLY_TOKEN_CAP_MAX = 10**15  # far above any real month, far below the column's limit
+
+
 @transaction.atomic
-def org_update(*, org: Organization, actor: Actor, name: str) -> Organization:
-    name = name.strip()
-    if not name:
-        raise ValidationError({"name": "An organization needs a name."})
+def org_update(
+    *,
+    org: Organization,
+    actor: Actor,
+    name: str | None = None,
+    monthly_token_cap: int | _Keep | None = KEEP,
+) -> Organization:
+    """Change the org's settings; only what is passed changes. ``monthly_token_cap=None`` removes the cap."""
+    # Validate everything before touching ``org``, so a refused change leaves the caller's object as it was.
+    if name is not None:
+        name = name.strip()
+        if not name:
+            raise ValidationError({"name": "An organization needs a name."})
+    if isinstance(monthly_token_cap, int) and not 1 <= monthly_token_cap <= MONTHLY_TOKEN_CAP_MAX:
+        raise ValidationError(
+            {"monthly_token_cap": f"Enter a whole number of tokens from 1 to {MONTHLY_TOKEN_CAP_MAX:,}, or nothing."}
+        )
     changes: dict[str, list[Any]] = {}
-    if name != org.name:
+    if name is not None and name != org.name:
         changes["name"] = [org.name, name]
         org.name = name
-        org.save(update_fields=["name"])
+    if monthly_token_cap is not KEEP and monthly_token_cap != org.monthly_token_cap:
+        changes["monthly_token_cap"] = [org.monthly_token_cap, monthly_token_cap]
+        org.monthly_token_cap = monthly_token_cap
     if changes:
+        org.save(update_fields=list(changes))
         signals.org_settings_changed.send(sender=Organization, org=org, actor=actor, changes=changes)
     return org
 

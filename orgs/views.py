@@ -36,6 +36,7 @@ from orgs.forms import (
     InvitationSignupForm,
     LoginForm,
     OrganizationForm,
+    OrgSettingsForm,
     OrgSwitchForm,
     RoleForm,
     SignupForm,
@@ -225,14 +226,22 @@ class SettingsView(OrgViewMixin, View):
     template_name = "orgs/settings.html"
     capability = permissions.ORG_MANAGE
 
+    def _form(self, data: Any = None) -> OrgSettingsForm:
+        # The token cap is a billing decision: only those who manage billing see (and can send) it.
+        initial = {"name": self.org.name, "monthly_token_cap": self.org.monthly_token_cap}
+        return OrgSettingsForm(data, initial=initial, with_cap=self.org_context.can(permissions.BILLING_MANAGE))
+
     def get(self, request: HttpRequest) -> HttpResponse:
-        return self._render(request, OrganizationForm(initial={"name": self.org.name}))
+        return self._render(request, self._form())
 
     def post(self, request: HttpRequest) -> HttpResponse:
-        form = OrganizationForm(request.POST)
+        form = self._form(request.POST)
         if form.is_valid():
+            changes: dict[str, Any] = {"name": form.cleaned_data["name"]}
+            if "monthly_token_cap" in form.fields:
+                changes["monthly_token_cap"] = form.cleaned_data["monthly_token_cap"]
             try:
-                services.org_update(org=self.org, actor=_user(request), name=form.cleaned_data["name"])
+                services.org_update(org=self.org, actor=_user(request), **changes)
             except ValidationError as exc:
                 apply_service_errors(form, exc)
             else:
@@ -240,7 +249,7 @@ class SettingsView(OrgViewMixin, View):
                 return redirect("orgs:settings")
         return self._render(request, form)
 
-    def _render(self, request: HttpRequest, form: OrganizationForm) -> HttpResponse:
+    def _render(self, request: HttpRequest, form: OrgSettingsForm) -> HttpResponse:
         return render(request, self.template_name, {"form": form, "org": self.org})
 
 

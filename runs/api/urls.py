@@ -1,8 +1,16 @@
 from django.urls import URLPattern, URLResolver, path
 
-from runs.api import views
+from runs.api import proxy_views, sse, usage_views, views
 
 app_name = "runs_api"
 urlpatterns: list[URLPattern | URLResolver] = [
     path("audit-events", views.AuditEventListView.as_view(), name="audit-event-list"),
+    path("runs", views.RunListView.as_view(), name="run-list"),
+    path("runs/<uuid:run_id>", views.RunDetailView.as_view(), name="run-detail"),
+    path("runs/<uuid:run_id>/cancel", views.RunCancelView.as_view(), name="run-cancel"),
+    path("runs/<uuid:run_id>/events", sse.RunEventsView.as_view(), name="run-events"),
+    path("usage", usage_views.UsageView.as_view(), name="usage"),
+    # The OpenAI-compatible proxy (async views with their own error shape; see runs/api/proxy_views.py).
+    path("chat/completions", proxy_views.chat_completions, name="chat-completions"),
+    path("models", proxy_views.list_models, name="models"),
 ]

@@ -1,0 +1,118 @@
+"""Browser tests: a real ASGI server (daphne, in a subprocess) on the test database, and headless Chromium.
+
+The server sees the rows the test writes (tests use ``transactional_db``), shares Redis (cache, sessions, channel
+layer, with the same payload key) and reaches the provider simulator of this test process on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+# The provider simulator fixtures, shared with tests/runs (a fixture is visible where its conftest is imported).
+from tests.runs.conftest import simulator, simulator_server  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SERVER_START_TIMEOUT = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _database_url() -> str:
+    """The test database (``test_…``) as a URL, from the connection the test process uses."""
+    db = connection.settings_dict
+    credentials = quote(db["USER"] or "", safe="")
+    if db.get("PASSWORD"):
+        credentials += ":" + quote(db["PASSWORD"], safe="")
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or "5432"
+    return f"postgres://{credentials}@{host}:{port}/{db['NAME']}"
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"The ASGI server exited early:\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"The ASGI server did not listen within {SERVER_START_TIMEOUT} s.")
+
+
+@pytest.fixture
+def asgi_server(transactional_db, tmp_path) -> Iterator[str]:
+    """``http://127.0.0.1:<port>``: daphne serving CesaFlow (inline executor) on the test database."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "CESAFLOW_CHANNEL_LAYER_KEY": settings.CHANNEL_LAYER_KEY,
+        "CESAFLOW_EXECUTOR": "inline",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "daphne.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tests.e2e.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_port(port, process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        # Kept in the failure report: what the server said (it never logs content or secrets).
+        print(log.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture
+def browser_page(asgi_server) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        # Fail, not skip: a skipped browser test would let CI go green without it. .ci/run installs the package.
+        pytest.fail(f"Browser tests need Debian's Chromium at {CHROMIUM}: apt-get install chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(base_url=asgi_server)
+            context.set_default_timeout(10_000)
+            yield context.new_page()
+        finally:
+            browser.close()
