@@ -7,6 +7,7 @@ Tests run against real PostgreSQL and Redis (``make test`` points DATABASE_URL /
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import pytest
 from django.core.cache import caches
@@ -28,6 +29,23 @@ def _fast_hasher_and_clean_cache(settings, request):
         settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     for alias in ("default", "sessions"):
         caches[alias].clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def official_provider_specs():
+    """Tests never reach a real provider: a key without a base_url (the official API) points at a closed loopback
+    port instead, so a call fails fast as unreachable rather than leaving the machine."""
+    from dataclasses import replace
+
+    from keys import providers
+
+    original = dict(providers.PROVIDERS)
+    for name, spec in original.items():
+        if spec.default_base_url is not None:
+            path = urlsplit(spec.default_base_url).path
+            providers.PROVIDERS[name] = replace(spec, default_base_url=f"http://127.0.0.1:9{path}")
+    yield original
+    providers.PROVIDERS.update(original)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,6 +9,7 @@ which would hide exactly the faults clients must survive. Loopback only, by cons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -663,7 +664,11 @@ class ProviderSimulator:
             self.state.update(entry, client_closed=True)
             return False
         finally:
+            # Await the cancelled watcher: while it is still parked in read(), the next request on this
+            # kept-alive connection would fail with "read() called while another coroutine is waiting".
             watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             if connection.closed.is_set():
                 self.state.update(entry, client_closed=True)
 

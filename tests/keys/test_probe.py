@@ -148,11 +148,13 @@ async def test_openai_compatible_needs_a_base_url(client):
     assert "base URL" in result.message
 
 
-def test_catalog_has_the_official_base_urls_and_auth_headers():
+def test_catalog_has_the_official_base_urls_and_auth_headers(official_provider_specs):
+    official = official_provider_specs  # the catalog as shipped, before the conftest points it at loopback
     assert {p.value for p in ProviderName} == {"openai", "anthropic", "groq", "openai_compatible"}
-    assert PROVIDERS[ProviderName.OPENAI].base_url() == "https://api.openai.com/v1"
-    assert PROVIDERS[ProviderName.ANTHROPIC].base_url() == "https://api.anthropic.com"
-    assert PROVIDERS[ProviderName.GROQ].base_url() == "https://api.groq.com/openai/v1"
+    assert official[ProviderName.OPENAI].base_url() == "https://api.openai.com/v1"
+    assert official[ProviderName.ANTHROPIC].base_url() == "https://api.anthropic.com"
+    assert official[ProviderName.GROQ].base_url() == "https://api.groq.com/openai/v1"
+    assert PROVIDERS[ProviderName.OPENAI].base_url() == "http://127.0.0.1:9/v1"  # tests never leave the machine
     assert provider_spec("openai_compatible").base_url("https://llm.example.com/v1/") == "https://llm.example.com/v1"
     assert provider_spec("anthropic").auth_headers("k") == {"x-api-key": "k", "anthropic-version": "2023-06-01"}
     assert provider_spec("groq").auth_headers("k") == {"authorization": "Bearer k"}

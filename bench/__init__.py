@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): the proxy's overhead against a bare-Django floor. Run ``make bench``."""

@@ -1,0 +1,351 @@
+"""Processes under test: the provider simulator, CesaFlow and the floor under daphne and uvicorn.
+
+Every child gets ``PR_SET_PDEATHSIG`` (it dies with the benchmark, even on ``kill -9``) and, when the machine has
+more than one core, a CPU affinity: the server under test alone on core 0, the simulator and the load generator
+on the others, so "per worker process" figures are not diluted by the load generator stealing the server's core.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+PRIVATE_POSTGRES = "private"  # --database-url value: a throwaway cluster started for the run
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Tokens are 4 characters (the simulator's text_chunk_chars); one token = one SSE event.
+TOKEN_CHARS = 4
+PACED_EVENT_MS = 20  # 50 tokens/s
+
+
+def _text(tokens: int) -> str:
+    return ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * (tokens // 10 + 1))[: tokens * TOKEN_CHARS]
+
+
+def _scenario(name: str, tokens: int, per_event_ms: int = 0) -> dict[str, object]:
+    return {
+        "name": name,
+        "turns": [{"text": _text(tokens)}],
+        "timing": {"first_token_ms": 0, "per_event_ms": per_event_ms},
+        "stream_shape": {"text_chunk_chars": TOKEN_CHARS},
+    }
+
+
+# Model names (fake/<scenario>) and what they stream.
+SCENARIOS = {
+    "fast": _scenario("bench_fast", 10),  # sequential TTFT: a short answer, unpaced
+    "burst": _scenario("bench_burst", 100),  # saturation: medium answers, unpaced
+    "long": _scenario("bench_long", 2000),  # one long stream, unpaced
+    "paced": _scenario("bench_paced", 50, PACED_EVENT_MS),  # 50 tokens/s for one second
+    "paced_long": _scenario("bench_paced_long", 500, PACED_EVENT_MS),  # disconnect mid-stream
+    "hold": _scenario("bench_hold", 300, 200),  # open streams for the memory figures (5 tokens/s)
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cpu_sets() -> tuple[set[int] | None, set[int] | None]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+SERVER_CPUS, LOAD_CPUS = _cpu_sets()
+
+
+def pin_self(enabled: bool) -> None:
+    """Move the benchmark (the load generator) off the server's core."""
+    if enabled and LOAD_CPUS is not None:
+        os.sched_setaffinity(0, LOAD_CPUS)
+
+
+def _preexec(cpus: set[int] | None) -> Callable[[], None]:
+    def run() -> None:
+        # Die with the benchmark (PR_SET_PDEATHSIG = 1): no orphaned servers after a crash.
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return run
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for {self.name}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all its threads) so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Harness:
+    """Owns every child process and the generated configuration; ``close()`` stops them all."""
+
+    workdir: Path
+    database_url: str
+    redis_url: str
+    pin: bool = True
+    children: list[Child] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    env_path: str = field(default_factory=lambda: os.environ.get("PATH", "/usr/bin:/bin"))
+
+    def __post_init__(self) -> None:
+        if self.database_url == PRIVATE_POSTGRES:
+            self.database_url = self.start_private_postgres()
+        # Production settings with throwaway secrets, generated per run: nothing here is reused anywhere.
+        keyring = "1:" + base64.b64encode(secrets.token_bytes(32)).decode()
+        self.env = {
+            "PATH": self.env_path,
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(self.workdir),
+            "PYTHONPATH": str(ROOT),
+            "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
+            "CESAFLOW_ENV": "production",
+            "CESAFLOW_SECRET_KEY": secrets.token_urlsafe(50),
+            "CESAFLOW_ALLOWED_HOSTS": HOST,
+            "CESAFLOW_SSL_REDIRECT": "false",
+            "CESAFLOW_KEYRING": keyring,
+            "CESAFLOW_CHANNEL_LAYER_KEY": secrets.token_urlsafe(32),
+            "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
+            "CESAFLOW_DB_CONN_MAX_AGE": "0",
+            "CESAFLOW_VAR_DIR": str(self.workdir / "var"),
+            "CESAFLOW_CACHE_PREFIX": "cfbench",
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+        }
+
+    # --- Services -------------------------------------------------------------------------------------------------
+
+    def start_private_postgres(self) -> str:
+        """A throwaway PostgreSQL cluster for this run only; returns the URL of its ``cesaflow_bench`` database.
+
+        The proxy holds one database connection per open stream, and the memory figures open hundreds: on a shared
+        server (max_connections 100, other people's test suites) that would fail their connections and ours.
+        """
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        initdb = shutil.which("initdb") or (candidates[-1] if candidates else None)
+        if initdb is None:
+            raise SystemExit("No initdb found: install PostgreSQL, or pass --database-url of an existing server.")
+        bindir = Path(initdb).parent
+        data = self.workdir / "pg"
+        run_as: list[str] = []
+        if os.geteuid() == 0:
+            # initdb refuses to run as root: use the postgres system user the distribution package creates.
+            run_as = ["runuser", "-u", "postgres", "--"]
+            self.workdir.chmod(0o711)
+            data.mkdir(mode=0o700)
+            shutil.chown(data, user="postgres")
+        subprocess.run(
+            [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        port = free_port()
+        # Run in the foreground as our child (not pg_ctl's daemon), so it dies with the benchmark like the rest.
+        argv = [*run_as, str(bindir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(port), "-k", str(data)]
+        argv += ["-c", "max_connections=1000", "-c", "shared_buffers=128MB"]
+        child = self._spawn("postgres", argv, port, {"PATH": self.env_path, "LANG": "C.UTF-8"}, None)
+        wait_for_port(child, timeout=60)
+        return f"postgres://postgres@{HOST}:{port}/cesaflow_bench"
+
+    def reset_database(self) -> None:
+        """Drop and recreate the bench database, then migrate it: every run starts from the same empty state."""
+        import psycopg
+        from psycopg import sql
+
+        parts = urlsplit(self.database_url)
+        name = parts.path.lstrip("/")
+        if not name or "bench" not in name:
+            raise SystemExit(f"Refusing to drop {name!r}: the bench database name must contain 'bench'.")
+        admin_url = urlunsplit(parts._replace(path="/postgres"))
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self._manage("migrate", "--noinput")
+
+    def reset_redis(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.redis_url).flushdb()
+
+    def _manage(self, *args: str) -> str:
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise SystemExit(f"manage.py {' '.join(args)} failed:\n{completed.stderr[-2000:]}")
+        return completed.stdout
+
+    def seed_cesaflow(self, *, simulator_url: str, tap_url: str) -> dict[str, str]:
+        """Org, org API key and provider keys (labels ``bench`` and ``benchtap``) via CesaFlow's services."""
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "cesaflow_setup.py"), simulator_url, tap_url],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise SystemExit(f"Seeding CesaFlow failed:\n{completed.stderr[-2000:]}")
+        seeded: dict[str, str] = json.loads(completed.stdout.strip().splitlines()[-1])
+        return seeded
+
+    # --- Children -------------------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], port: int, env: dict[str, str], cpus: set[int] | None) -> Child:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # preexec_fn (not thread-safe with threads; the benchmark spawns before starting any) is the
+                # only way to set the death signal and the affinity before the server's first instruction.
+                preexec_fn=_preexec(cpus if self.pin else None),
+            )
+        child = Child(name=name, process=process, port=port, log_path=log_path)
+        self.children.append(child)
+        return child
+
+    def start_simulator(self) -> Child:
+        script = self.workdir / "scenarios.json"
+        script.write_text(json.dumps({"scenarios": list(SCENARIOS.values())}))
+        port = free_port()
+        # runs.simulator's server with a keep-alive workaround (bench/simulator.py says why).
+        argv = [sys.executable, "-m", "bench.simulator", "--port", str(port)]
+        child = self._spawn("simulator", [*argv, "--script", str(script)], port, self.env, LOAD_CPUS)
+        wait_for_port(child, timeout=30)
+        return child
+
+    def start_server(self, *, app: str, server: str, name: str, floor_env: dict[str, str] | None = None) -> Child:
+        """``app`` is ``cesaflow`` or ``floor``; ``server`` is ``daphne`` or ``uvicorn``; one process, no workers."""
+        port = free_port()
+        if app == "cesaflow":
+            env, target = self.env, "cesaflow.asgi:application"
+        else:
+            env = {k: v for k, v in self.env.items() if not k.startswith(("CESAFLOW_", "DATABASE_", "REDIS_"))} | (
+                floor_env or {}
+            )
+            env["DJANGO_SETTINGS_MODULE"] = "bench.floor.settings"
+            target = "bench.floor.asgi:application"
+        if server == "daphne":
+            # Verbosity 0: at 1 (the default) daphne writes an access log to stdout.
+            argv = [str(BIN / "daphne"), "-v", "0", "-b", HOST, "-p", str(port), target]
+        elif server == "uvicorn":
+            argv = [
+                str(BIN / "uvicorn"),
+                target,
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--lifespan",
+                "off",
+            ]
+        else:
+            raise ValueError(server)
+        child = self._spawn(name, argv, port, env, SERVER_CPUS)
+        wait_for_port(child, timeout=60)
+        return child
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def discard(self, child: Child) -> None:
+        child.stop()
+        with contextlib.suppress(ValueError):
+            self.children.remove(child)
+
+
+def wait_for_port(child: Child, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise SystemExit(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
+        try:
+            with socket.create_connection((HOST, child.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{child.name} did not listen on {child.port} within {timeout:.0f} s:\n{child.log_tail()}")
+
+
+@contextlib.contextmanager
+def harness(workdir: Path, *, database_url: str, redis_url: str, pin: bool) -> Iterator[Harness]:
+    h = Harness(workdir=workdir, database_url=database_url, redis_url=redis_url, pin=pin)
+    try:
+        yield h
+    finally:
+        h.close()
