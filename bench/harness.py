@@ -278,7 +278,6 @@ class Harness:
         script = self.workdir / "scenarios.json"
         script.write_text(json.dumps({"scenarios": list(SCENARIOS.values())}))
         port = free_port()
-        # runs.simulator's server with a keep-alive workaround (bench/simulator.py says why).
         argv = [sys.executable, "-m", "bench.simulator", "--port", str(port)]
         child = self._spawn("simulator", [*argv, "--script", str(script)], port, self.env, LOAD_CPUS)
         wait_for_port(child, timeout=30)

@@ -1,11 +1,5 @@
-"""The provider simulator as the benchmark runs it: ``runs.simulator`` unchanged, plus one workaround.
+"""The provider simulator as the benchmark runs it: ``runs.simulator`` with the benchmark's scenario script.
 
-Workaround (report it upstream; drop this once ``runs/simulator/server.py`` awaits its watcher): after a
-streamed response, ``ProviderSimulator._stream`` cancels its EOF watcher without awaiting it, so the next
-``read_request`` on the kept-alive connection finds the watcher still parked in ``StreamReader.read`` and raises
-``RuntimeError: read() called while another coroutine is already waiting``. The connection dies after every
-stream, with a logged traceback. Real providers keep connections alive; without the workaround every proxied
-stream would pay an upstream TCP connect and the simulator would spend CPU formatting tracebacks.
 Usage: ``python -m bench.simulator --port N --script FILE``.
 """
 
