@@ -2,10 +2,13 @@
 
 * Failures are counted per account (the email typed, whether or not such an account exists, so a lock tells an
   attacker nothing) and per client IP, in a window of ``LOGIN_LOCKOUT_SECONDS`` from the first failure.
-* Reaching ``LOGIN_FAILURE_LIMIT_ACCOUNT`` / ``LOGIN_FAILURE_LIMIT_IP`` locks that account (from every IP) or that
-  IP (for every account) for ``LOGIN_LOCKOUT_SECONDS``. While locked, attempts are refused before the password is
-  checked, so the right password does not help a guesser.
-* An IP lock never blocks the same account from another IP: one noisy address cannot lock a user out everywhere.
+* Reaching ``LOGIN_FAILURE_LIMIT_ACCOUNT`` / ``LOGIN_FAILURE_LIMIT_IP`` locks that account or that IP (for every
+  account) for ``LOGIN_LOCKOUT_SECONDS``. While locked, attempts are refused before the password is checked, so
+  the right password does not help a guesser.
+* An account lock refuses the addresses that failed against that account; an address with no failures against
+  it still gets its attempt checked. Otherwise anyone could lock any user out from anywhere, indefinitely, with
+  five wrong passwords every quarter of an hour (security.md T22). An IP lock likewise never blocks the same
+  account from another IP.
 * ``orgs.signals.login_locked_out`` is sent once per lock (``cache.add`` succeeds for exactly one caller), and the
   audit trail records it.
 """
@@ -62,12 +65,19 @@ def _active_lock(scope: str, value: str) -> Lockout | None:
     return Lockout(scope=scope, retry_after=max(1, remaining))
 
 
+def _account_ip(email: str, ip: str | None) -> str:
+    return f"{_normalize_email(email)}|{ip or '-'}"
+
+
 def login_lockout(*, email: str, ip: str | None) -> Lockout | None:
     """The lock that refuses this attempt, if any (checked before the password is)."""
     for scope, value, _limit in _subjects(email, ip):
         lock = _active_lock(scope, value)
-        if lock is not None:
-            return lock
+        if lock is None:
+            continue
+        if scope == ACCOUNT and not cache.get(_subject_key("fail", "account-ip", _account_ip(email, ip))):
+            continue  # this address never failed against the account: let its password be checked
+        return lock
     return None
 
 
@@ -87,6 +97,10 @@ def login_failure_record(*, email: str, ip: str | None) -> Lockout | None:
     """Count one failed attempt; returns the lock this failure caused (or that is already in place), if any."""
     lockout: Lockout | None = None
     seconds = settings.LOGIN_LOCKOUT_SECONDS
+    # Which addresses failed against this account; kept for two lock periods so it outlives any lock it causes.
+    account_ip_key = _subject_key("fail", "account-ip", _account_ip(email, ip))
+    if not cache.add(account_ip_key, 1, timeout=2 * seconds):
+        cache.touch(account_ip_key, timeout=2 * seconds)
     for scope, value, limit in _subjects(email, ip):
         if _count_failure(scope, value) < limit:
             continue

@@ -74,6 +74,9 @@ def usage_period(since: date | None, until: date | None) -> UsagePeriod:
     default = UsagePeriod.this_month()
     if since is None and until is None:
         return default
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value >= date.max:
+            raise PeriodError(name, "Choose a date before the year 9999.")
     if since is None:
         assert until is not None  # noqa: S101 (narrowing: both None returned above)
         since = until.replace(day=1)

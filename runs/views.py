@@ -52,7 +52,9 @@ class AuditFilterForm(forms.Form):
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         since, until = data.get("since"), data.get("until")
-        if since and until and since > until:
+        if until is not None and until >= date.max:
+            self.add_error("until", "Choose a date before the year 9999.")
+        elif since and until and since > until:
             self.add_error("until", "“Until” must be on or after “Since”.")
         return data
 

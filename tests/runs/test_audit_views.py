@@ -172,3 +172,9 @@ def test_csv_neutralizes_formula_injection(cast):
 )
 def test_neutralize_csv_cell(cell, expected):
     assert neutralize_csv_cell(cell) == expected
+
+
+@pytest.mark.parametrize("name", ["runs:audit", "runs:audit_csv"])
+def test_the_last_representable_day_is_a_form_error_not_a_500(cast, name):
+    response = cast.admin_a.client().get(reverse(name), {"until": "9999-12-31"})
+    assert response.status_code in {200, 400}

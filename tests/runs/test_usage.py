@@ -525,3 +525,15 @@ def test_org_update_leaves_the_cap_alone_unless_asked(cast):
     assert (cast.org_a.name, cast.org_a.monthly_token_cap) == ("Renamed", 500)
     changes = [e.metadata["changes"] for e in AuditEvent.objects.filter(event=AuditEvent.ORG_SETTINGS_CHANGED)]
     assert sorted(map(sorted, changes)) == [["monthly_token_cap"], ["name"]]
+
+
+@pytest.mark.parametrize("path", ["/usage/", "/usage.csv"])
+def test_the_last_representable_day_is_a_form_error_not_a_500(cast, path):
+    response = cast.dev_a.client().get(path, {"since": "9999-12-01", "until": "9999-12-31"})
+    assert response.status_code in {200, 400}
+
+
+def test_api_refuses_the_last_representable_day_with_a_400(cast):
+    response = cast.dev_a.api().get(API, {"since": "9999-12-01", "until": "9999-12-31"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "validation_error"
