@@ -28,6 +28,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.core.exceptions import ValidationError
 
 from orgs.authentication import presented_api_key
 from orgs.permissions import RUNS_READ, RUNS_WRITE
@@ -156,7 +157,10 @@ def _cancel_run(*, scope: dict[str, Any], run_id: uuid.UUID) -> Run | None:
     if run is None:
         return None
     logger.info("run %s cancel requested over websocket", run.id)
-    return run_request_cancel(run=run, actor=context.actor)
+    try:
+        return run_request_cancel(run=run, actor=context.actor)
+    except ValidationError:
+        return None  # not cancellable from here (a proxy call): nothing to do
 
 
 class OrgRunsConsumer(_RunEventsConsumer):

@@ -37,6 +37,7 @@ def audit_purge(*, older_than_days: int) -> int:
 # --- Runs ---------------------------------------------------------------------------------------------------
 
 OBJECTIVE_MAX_CHARS = 8000
+NOT_CANCELLABLE = "not_cancellable"
 MODEL_MAX_CHARS = 200
 
 
@@ -81,9 +82,13 @@ def run_create(
     model: str,
     objective: str = "",
     kind: str = RunKind.CHAT,
+    publish_status: bool = True,
 ) -> Run:
     """A new run. ``chat`` runs are queued and handed to the executor after commit; ``completion`` runs (the
-    proxy) start immediately in the caller's request."""
+    proxy) start immediately in the caller's request.
+
+    ``publish_status=False``: the caller publishes the run's first status event itself after commit (the proxy
+    does it from its event loop without waiting, so Redis is not on the path to the first token)."""
     key = provider_key_get_usable_for_org(org=org, key_id=provider_key_id)
     if key is None:
         # Another org's key and a missing one look the same.
@@ -112,17 +117,18 @@ def run_create(
         started_at=now if starts_now else None,
         **_actor_fields(actor),
     )
-    transaction.on_commit(lambda: _after_create(run))
+    transaction.on_commit(lambda: _after_create(run, publish_status=publish_status))
     return run
 
 
-def _after_create(run: Run) -> None:
+def _after_create(run: Run, *, publish_status: bool = True) -> None:
     from runs import executor  # the executor imports services; import at call time
 
-    try:
-        events.publish(run, events.status_event(run))
-    except Exception as exc:  # live lists miss one update; the run itself must still be handed over
-        logger.warning("run %s: status event not published (%s)", run.id, type(exc).__name__)
+    if publish_status:
+        try:
+            events.publish(run, events.status_event(run))
+        except Exception as exc:  # live lists miss one update; the run itself must still be handed over
+            logger.warning("run %s: status event not published (%s)", run.id, type(exc).__name__)
     if run.kind != RunKind.COMPLETION:
         executor.submit(run.id)
 
@@ -226,6 +232,14 @@ def run_request_cancel(*, run: Run, actor: Actor) -> Run:
     locked = Run.objects.select_for_update().get(id=run.id)
     if locked.is_terminal:
         return locked
+    if locked.kind == RunKind.COMPLETION:
+        # A proxy call lives in its client's HTTP request, which no executor watches: closing that connection is
+        # what stops it. Refuse rather than promise a cancellation nothing would carry out.
+        raise ValidationError(
+            "Calls through the OpenAI-compatible endpoint stop when their client closes the connection; "
+            "they cannot be cancelled from here.",
+            code=NOT_CANCELLABLE,
+        )
     now = timezone.now()
     if locked.status == RunStatus.QUEUED:
         locked.status = RunStatus.CANCELLED

@@ -350,7 +350,11 @@ class RunCancelView(OrgViewMixin, View):
         run = run_get_for_org(org=self.org, run_id=run_id)
         if run is None:
             raise Http404
-        run = run_request_cancel(run=run, actor=self.org_context.actor)
+        try:
+            run = run_request_cancel(run=run, actor=self.org_context.actor)
+        except ValidationError as exc:
+            messages.error(request, exc.messages[0])
+            return redirect("runs:run_detail", run_id=run.id)
         if run.status == RunStatus.CANCELLED and run.cancel_requested_at is None:
             messages.success(request, "The run was cancelled before it started.")
         elif run.is_terminal and run.cancel_requested_at is None:

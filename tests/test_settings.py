@@ -120,3 +120,24 @@ def test_production_uses_redis_for_cache_sessions_and_channel_layer_with_encrypt
         "__Host-cf_session",
         "True",
     ]
+
+
+def test_postgres_uses_a_connection_pool_sized_from_the_environment():
+    code = (
+        "import django; django.setup(); from django.db import connection as c; "
+        "pool = c.settings_dict['OPTIONS']['pool']; "
+        "print(c.settings_dict['CONN_MAX_AGE'], pool['min_size'], pool['max_size'], c.pool.max_size)"
+    )
+    env = _production_env(
+        DJANGO_SETTINGS_MODULE="cesaflow.settings", CESAFLOW_DB_POOL_MIN="3", CESAFLOW_DB_POOL_MAX="7"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # Django refuses a pool with persistent connections: CONN_MAX_AGE must be 0.
+    assert result.stdout.split() == ["0", "3", "7", "7"]
+
+
+def test_a_pool_minimum_above_its_maximum_is_refused():
+    result = _manage(_production_env(CESAFLOW_DB_POOL_MIN="5", CESAFLOW_DB_POOL_MAX="2"), "check")
+    assert result.returncode != 0
+    assert "CESAFLOW_DB_POOL_MIN must not exceed CESAFLOW_DB_POOL_MAX" in result.stderr

@@ -19,7 +19,9 @@ def client_ip(request: HttpRequest) -> str | None:
     if settings.TRUST_X_FORWARDED_FOR:
         forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
         if forwarded:
-            return forwarded.split(",")[0].strip()[:45] or None
+            # The rightmost entry is the one our proxy appended (the address it saw); everything left of it was
+            # sent by the client and can say anything.
+            return forwarded.split(",")[-1].strip()[:45] or None
     return request.META.get("REMOTE_ADDR") or None
 
 

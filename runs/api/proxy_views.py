@@ -35,19 +35,21 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
+from django.db import connection
 from django.db.models.functions import Lower
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from cesaflow.lib.http import get_http_client
 from keys.checking import aprovider_key_models, models_cache_key
+from keys.crypto import Secret
 from keys.egress import egress_policy
 from keys.models import KeyStatus, ProviderKey
 from keys.selectors import provider_keys_for_org
 from keys.services import (
     ProviderKeyDecryptionError,
     ProviderKeyUnavailable,
-    aprovider_key_open,
+    provider_key_open,
     provider_key_record_check,
 )
 from orgs.authentication import presented_api_key
@@ -139,9 +141,7 @@ def _active_api_key(presented: str) -> ApiKey | None:
     return api_key
 
 
-async def _authenticate(request: HttpRequest, capability: str) -> OrgContext:
-    """The DRF gate's rules (``ApiKeyAuthentication`` + ``OrgAPIView``) with OpenAI-shaped answers: 401 for a
-    missing or bad key, 403 for a key whose scopes lack ``capability``."""
+def _presented_key(request: HttpRequest) -> str:
     presented = presented_api_key(request.headers)
     if presented is None:
         raise ProxyError(
@@ -149,9 +149,21 @@ async def _authenticate(request: HttpRequest, capability: str) -> OrgContext:
             "You didn't provide an API key. Send your CesaFlow org API key as 'Authorization: Bearer <key>'.",
             code="missing_api_key",
         )
-    api_key = None
+    return presented
+
+
+async def _authenticate(request: HttpRequest, capability: str) -> OrgContext:
+    """The DRF gate's rules (``ApiKeyAuthentication`` + ``OrgAPIView``) with OpenAI-shaped answers: 401 for a
+    missing or bad key, 403 for a key whose scopes lack ``capability``."""
+    presented = _presented_key(request)
     if presented and len(presented) <= MAX_KEY_LENGTH:
-        api_key = await sync_to_async(_active_api_key)(presented)
+        return await sync_to_async(_context_for_key)(presented, capability)
+    return _context_for_key(None, capability)
+
+
+def _context_for_key(presented: str | None, capability: str) -> OrgContext:
+    """``_authenticate``'s database part (sync). ``presented=None``: a key that cannot be valid (too long)."""
+    api_key = _active_api_key(presented) if presented is not None else None
     if api_key is None:
         raise ProxyError(401, "Invalid API key.", code="invalid_api_key")
     context = context_for_api_key(api_key)
@@ -166,6 +178,29 @@ async def _authenticate(request: HttpRequest, capability: str) -> OrgContext:
 
 
 # --- Reads and writes (sync, called through sync_to_async) --------------------------------------------------------
+
+
+def _release_connection() -> None:
+    """Hand this thread's database connection back to the pool at the end of a hop: a stream lives for seconds
+    or minutes waiting on the provider and must not hold one of the pool's bounded connections meanwhile. Not
+    inside a transaction (a test wrapping the request), and not without a pool (nothing to hand back)."""
+    if connection.settings_dict.get("OPTIONS", {}).get("pool") and not connection.in_atomic_block:
+        connection.close()
+
+
+def _prepare_completion(request: HttpRequest, presented: str) -> tuple[OrgContext, CompletionRequest, ProviderKey, Run]:
+    """Everything before the provider call in one thread hop (each hop costs a context switch under ASGI), in
+    the order of the answers: authenticate (401/403), read and parse the body (413/400), find the key (404),
+    create the run (429/400, committed)."""
+    try:
+        context = _context_for_key(presented if len(presented) <= MAX_KEY_LENGTH else None, RUNS_WRITE)
+        completion = parse_completion_request(parse_json_body(_read_body(request)))
+        key = _key_for_label(context=context, label=completion.key_label)
+        if key is None:
+            raise _model_not_found(completion.requested_model)
+        return context, completion, key, _start_run(context=context, key=key, completion=completion)
+    finally:
+        _release_connection()
 
 
 def _key_for_label(*, context: OrgContext, label: str) -> ProviderKey | None:
@@ -204,6 +239,7 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
             provider_key_id=key.id,
             model=completion.model,
             kind=RunKind.COMPLETION,
+            publish_status=False,  # published by the view without waiting (``_ProxyCall._publish``)
         )
     except ValidationError as exc:
         if getattr(exc, "code", None) == "token_cap_reached":
@@ -221,7 +257,10 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
 
 
 def _finish_run(*, run_id: Any, status: str, usage: list[UsageEntry], error_kind: str, error_message: str) -> Run:
-    return run_finish(run_id=run_id, status=status, usage=usage, error_kind=error_kind, error_message=error_message)
+    try:
+        return run_finish(run_id=run_id, status=status, usage=usage, error_kind=error_kind, error_message=error_message)
+    finally:
+        _release_connection()
 
 
 def _mark_key_invalid(*, key: ProviderKey, actor: ApiKey) -> None:
@@ -234,6 +273,8 @@ def _mark_key_invalid(*, key: ProviderKey, actor: ApiKey) -> None:
         )
     except ProviderKeyUnavailable:
         return  # revoked meanwhile: nothing left to mark
+    finally:
+        _release_connection()
     cache.delete(models_cache_key(org_id=key.org_id, key_id=key.id))
 
 
@@ -259,6 +300,9 @@ class _ProxyCall:
         self._events: AsyncGenerator[ProviderEvent, None] | None = None
         self._parser_with_usage: StreamParser | None = None
         self._terminal_seen = False  # the adapter said its last word (TurnEnd or ProviderError)
+        # The run's first status event goes out concurrently with the provider call; the finished event waits
+        # for it, so live views see them in order.
+        self._status_published = asyncio.ensure_future(self._publish(run_events.status_event(run)))
 
     def __repr__(self) -> str:
         return f"<_ProxyCall run={self.run.id} finished={self.finished}>"
@@ -266,9 +310,7 @@ class _ProxyCall:
     async def begin(self) -> list[ProviderEvent]:
         """Open the key, start the provider call and read up to its first decisive event: content, the end of the
         turn or an error (retries, pings and usage are consumed on the way). That event decides the status code."""
-        secret = await self._stack.enter_async_context(
-            aprovider_key_open(key=self.key, actor=self.context.actor, purpose="completion", reference=str(self.run.id))
-        )
+        secret = await sync_to_async(self._open_key)()
         self._adapter = proxy_adapter_for(
             self.key.provider,
             base_url=self.key.base_url or None,
@@ -282,6 +324,27 @@ class _ProxyCall:
             event = await self.next_event()
             if not isinstance(event, Usage | Ping | Retry):
                 return [event]
+
+    def _open_key(self) -> Secret:
+        """``provider_key_open`` (audited ``key.used``, committed before the call), entered in the hop's thread;
+        the secret is dropped when the call's exit stack closes."""
+        opened = contextlib.ExitStack()
+        try:
+            secret = opened.enter_context(
+                provider_key_open(
+                    key=self.key, actor=self.context.actor, purpose="completion", reference=str(self.run.id)
+                )
+            )
+        finally:
+            _release_connection()
+        self._stack.callback(opened.close)
+        return secret
+
+    async def _publish(self, event: run_events.RunEvent) -> None:
+        try:
+            await run_events.apublish(self.run, event)
+        except Exception as exc:  # live views miss one update; the run row is already right
+            _log_failure(exc, "publish")
 
     async def next_event(self) -> ProviderEvent:
         if self._events is None:
@@ -358,10 +421,9 @@ class _ProxyCall:
         run = await sync_to_async(_finish_run)(
             run_id=self.run.id, status=status, usage=self.usage, error_kind=error_kind, error_message=error_message
         )
-        try:
-            await run_events.apublish(run, run_events.finished_event(run, seq=1))
-        except Exception as exc:  # live views miss one update; the run row is already right
-            _log_failure(exc, "publish")
+        self.run = run
+        await self._status_published  # never raises: ``_publish`` logs failures
+        await self._publish(run_events.finished_event(run, seq=1))
 
     def finish_when_dropped(self, stream: AsyncIterator[bytes]) -> None:
         """If the response is dropped before its body is ever iterated (the client left right after the view
@@ -453,15 +515,15 @@ async def _begin(call: _ProxyCall) -> list[ProviderEvent]:
         raise
 
 
-async def _start(*, context: OrgContext, key: ProviderKey, completion: CompletionRequest) -> Run:
-    """Create the run. If the client leaves meanwhile, the row is still written (the thread cannot be stopped):
-    end it as cancelled rather than leave it running forever."""
-    creating = asyncio.ensure_future(sync_to_async(_start_run)(context=context, key=key, completion=completion))
+async def _start(request: HttpRequest, presented: str) -> tuple[OrgContext, CompletionRequest, ProviderKey, Run]:
+    """``_prepare_completion``. If the client leaves meanwhile, the run is still written (the thread cannot be
+    stopped): end it as cancelled rather than leave it running forever."""
+    creating = asyncio.ensure_future(sync_to_async(_prepare_completion)(request, presented))
     try:
         return await asyncio.shield(creating)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            run = await creating
+            *_, run = await creating
             await sync_to_async(_finish_run)(
                 run_id=run.id,
                 status=RunStatus.CANCELLED,
@@ -492,12 +554,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     """``POST /api/v1/chat/completions``: OpenAI Chat Completions, streaming or not, with an org's stored key."""
     if request.method != "POST":
         raise _method_not_allowed("POST")
-    context = await _authenticate(request, RUNS_WRITE)
-    completion = parse_completion_request(parse_json_body(_read_body(request)))
-    key = await sync_to_async(_key_for_label)(context=context, label=completion.key_label)
-    if key is None:
-        raise _model_not_found(completion.requested_model)
-    run = await _start(context=context, key=key, completion=completion)
+    context, completion, key, run = await _start(request, _presented_key(request))
     call = _ProxyCall(context=context, completion=completion, key=key, run=run)
     head = await _begin(call)
     first = head[0]

@@ -29,7 +29,7 @@ from runs.api.serializers import (
 )
 from runs.models import Run, RunKind
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org
-from runs.services import run_create, run_request_cancel
+from runs.services import NOT_CANCELLABLE, run_create, run_request_cancel
 
 
 class AuditEventListView(OrgAPIView):
@@ -139,8 +139,11 @@ class RunCancelView(_RunObjectMixin):
         description="A queued run ends `cancelled` at once. A running one shows `cancel_requested: true` and "
         "ends `cancelled` within a second, its provider call stopped. A finished run is returned unchanged.",
         request=None,
-        responses={200: RunSerializer, **error_responses(401, 403, 404)},
+        responses={200: RunSerializer, **error_responses(401, 403, 404, 409)},
     )
     def post(self, request: Request, run_id: Any) -> Response:
-        run = run_request_cancel(run=self.get_run(run_id), actor=self.org_context.actor)
+        try:
+            run = run_request_cancel(run=self.get_run(run_id), actor=self.org_context.actor)
+        except DjangoValidationError as exc:
+            raise ApiError(409, NOT_CANCELLABLE, exc.messages[0]) from None
         return Response(RunSerializer(run).data)

@@ -273,6 +273,17 @@ def test_cancelling_a_running_run_flags_it_for_its_executor(cast, run_a):
     assert run_a.cancel_requested_at is not None
 
 
+def test_a_proxy_completion_cannot_be_cancelled_from_the_api_and_says_why(cast, key_a):
+    completion = run_create(
+        org=cast.org_a, actor=cast.admin_a.user, provider_key_id=key_a.id, model="gpt-4o", kind=RunKind.COMPLETION
+    )
+    response = cast.dev_a.api().post(cancel(completion.id))
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "not_cancellable"
+    completion.refresh_from_db()
+    assert (completion.status, completion.cancel_requested_at) == (RunStatus.RUNNING, None)
+
+
 def test_cancelling_a_finished_run_changes_nothing(cast, run_a):
     cast.dev_a.api().post(cancel(run_a.id))
     run_a.refresh_from_db()

@@ -14,6 +14,8 @@ class Command(BaseCommand):
         "Serve the provider simulator (OpenAI, Groq and Anthropic dialects) on 127.0.0.1 for offline use and tests. "
         "Pick a behaviour with the model name fake/<scenario>."
     )
+    # A standalone server: it touches no database, so it must start (and print its URLs) even where none is up.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--port", type=int, default=8765, help="Port on 127.0.0.1 (0 = any free port).")
