@@ -23,17 +23,12 @@ import socket
 from collections.abc import Callable, Collection, Iterable
 from urllib.parse import urlsplit
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from cesaflow.lib.http import IPAddress, address_allowlisted
+from cesaflow.lib.http import address_refusal as address_refusal  # one classification for both guards
+
 Resolver = Callable[[str, int], Iterable[str]]
 
 MAX_URL_LENGTH = 500
-
-# Cloud instance-metadata endpoints, named so the error says what was hit. All of them are also non-public
-# addresses and refused anyway; fd00:ec2::254 (AWS IPv6) is in fc00::/7, 100.100.100.200 (Alibaba) is CGNAT.
-_METADATA = frozenset(
-    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class UrlRejected(ValueError):
@@ -60,56 +55,6 @@ def parse_allowlist(entries: Iterable[str]) -> frozenset[str]:
 def host_allowlisted(host: str, port: int, allowlist: Collection[str]) -> bool:
     name = normalize_host(host)
     return name in allowlist or f"{name}:{port}" in allowlist
-
-
-def address_allowlisted(address: IPAddress, allowlist: Collection[str]) -> bool:
-    for entry in allowlist:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue  # a host name entry, not an address
-    return False
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """IPv4 addresses carried inside IPv6 forms that reach the IPv4 host (mapped, NAT64, 6to4, Teredo)."""
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address in _NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]
-    return None
-
-
-def address_refusal(address: IPAddress, *, allow_loopback: bool) -> str | None:
-    """Why ``address`` must not be connected to, or None if it is a public address.
-
-    The categories are named (loopback, private, ...) because the message goes back to an admin who typed
-    the URL and needs to know what to change or what to allow-list.
-    """
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            return address_refusal(embedded, allow_loopback=allow_loopback)
-    if address in _METADATA:
-        return "a cloud metadata address"
-    if address.is_unspecified:
-        return "an unspecified address"
-    if address.is_loopback:
-        return None if allow_loopback else "a loopback address"
-    if address.is_link_local:
-        return "a link-local address"
-    if address.is_multicast:
-        return "a multicast address"
-    if address.is_private or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local):
-        return "a private address"
-    if not address.is_global or address.is_reserved:
-        return "a non-public address"
-    return None
 
 
 def check_host(

@@ -59,35 +59,71 @@ class EgressPolicy:
         return host in self.allowlist or (port is not None and f"{host}:{port}" in self.allowlist)
 
     def address_allowed(self, address: IPAddress) -> bool:
-        if self.allow_private or not is_forbidden_address(address):
-            return True
-        for entry in self.allowlist:
-            try:
-                if address in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                continue  # a host name entry, not an address
-        return False
+        return self.allow_private or not is_forbidden_address(address) or address_allowlisted(address, self.allowlist)
+
+
+# Cloud instance-metadata endpoints, named so an error says what was hit. All are non-public addresses and refused
+# anyway; fd00:ec2::254 (AWS IPv6) is in fc00::/7, 100.100.100.200 (Alibaba) is CGNAT.
+_METADATA = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """IPv4 addresses carried inside IPv6 forms that reach the IPv4 host (mapped, NAT64, 6to4, Teredo)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
+def address_refusal(address: IPAddress, *, allow_loopback: bool = False) -> str | None:
+    """Why ``address`` must not be connected to ("a loopback address", …), or None for a public address.
+
+    The one classification for both guards: the connect-time one here and the save-time ``keys.urlguard``, whose
+    messages go back to an admin who typed the URL and needs to know what to change or allow-list.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(address)
+        if embedded is not None:
+            return address_refusal(embedded, allow_loopback=allow_loopback)
+    if address in _METADATA:
+        return "a cloud metadata address"
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_loopback:
+        return None if allow_loopback else "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_private or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local):
+        return "a private address"
+    if not address.is_global or address.is_reserved:
+        return "a non-public address"
+    return None
 
 
 def is_forbidden_address(address: IPAddress) -> bool:
     """True for anything that is not a plain public unicast address (loopback, private, link-local, metadata,
     CGNAT, multicast, reserved, unspecified), including IPv4 addresses smuggled inside IPv6 forms."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded: ipaddress.IPv4Address | None = address.ipv4_mapped or address.sixtofour
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None:
-            return is_forbidden_address(embedded)
-    return (
-        not address.is_global
-        or address.is_multicast
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_private
-        or address.is_reserved
-        or address.is_unspecified
-    )
+    return address_refusal(address) is not None
+
+
+def address_allowlisted(address: IPAddress, allowlist: Iterable[str]) -> bool:
+    """Whether an IP or CIDR entry of ``allowlist`` covers ``address`` (host-name entries are skipped)."""
+    for entry in allowlist:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name entry, not an address
+    return False
 
 
 def _literal_address(host: str) -> IPAddress | None:
