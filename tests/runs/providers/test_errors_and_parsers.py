@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -113,7 +114,7 @@ def test_retry_after_as_an_http_date():
 
 
 def test_messages_are_scrubbed_of_the_key_and_capped():
-    secret = "sk-proj-abcdefghijklmnopqrstuvwxyz"
+    secret = "sk-proj-" + secrets.token_urlsafe(18)
     body = _openai({"message": f"Incorrect API key provided: {secret}. " + "x" * 2000, "code": "invalid_api_key"})
     error = classify_http_error(401, {}, body, secret=secret)
     assert secret not in error.message
