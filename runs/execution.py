@@ -416,6 +416,9 @@ async def _stream(
             await asyncio.wait({consumer})
     if not consumer.cancelled():
         return consumer.result()
+    if adapter.abandoned_usage is not None:
+        # What the provider had already counted when we hung up (e.g. Anthropic's input tokens): billed, so kept.
+        tally.usages.append(dataclasses.replace(adapter.abandoned_usage, complete=False))
     return _stopped(control.reason)
 
 

@@ -151,6 +151,9 @@ class ProviderAdapter(ABC):
         self._api_key = api_key
         self._client = client
         self.limits = limits or CallLimits()
+        # Usage known when the consumer abandoned the stream mid-attempt (cancel, disconnect): the provider bills
+        # what it already counted (Anthropic reports input tokens up front), so the caller can still record it.
+        self.abandoned_usage: Usage | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -283,6 +286,9 @@ class ProviderAdapter(ABC):
                     yield _with_request_id(event, request_id) if isinstance(event, ProviderError) else event
                 return
             await self._drain(chunks, deadline)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.abandoned_usage = parser.partial_usage()
+            raise
         finally:
             if response is not None:
                 await response.aclose()

@@ -208,6 +208,24 @@ async def test_cancel_stops_the_provider_call_within_a_second_and_closes_the_ups
     assert row.complete is False
 
 
+async def test_a_cancelled_anthropic_run_keeps_the_input_tokens_the_provider_already_counted(cast, simulator):
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator, flavour="anthropic")
+    run = await amake_run(cast.dev_a, key, model="fake/slow")
+    async with running_executor() as executor, EventWatcher(run.id) as watcher:
+        assert await executor.submit_run(run.id)
+        await watcher.until(lambda e: e["type"] == "text.delta")
+        await sync_to_async(run_request_cancel)(run=run, actor=cast.dev_a.user)
+        await watcher.until(lambda e: e["type"] == "run.finished", timeout=2)
+
+    finished = await Run.objects.aget(id=run.id)
+    assert finished.status == RunStatus.CANCELLED
+    # message_start reported the input tokens before the first delta: billed by the provider, so recorded.
+    assert finished.input_tokens > 0
+    assert finished.usage_complete is False
+    [row] = await _usage_rows(run)
+    assert (row.input_tokens, row.complete) == (finished.input_tokens, False)
+
+
 async def test_cancel_flag_alone_stops_the_run_when_the_message_is_lost(cast, simulator):
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
     run = await amake_run(cast.dev_a, key, model="fake/slow")
