@@ -32,6 +32,7 @@ from keys.crypto import Secret
 from keys.egress import egress_policy
 from keys.models import KeyStatus, ProviderKey
 from keys.providers import ProbeResult, ProbeStatus, probe_models
+from orgs.models import Actor
 
 # Long enough that a model picker or an IDE polling /models does not hit providers on every request; short
 # enough that a model the provider adds (or a key that stops working) shows up within minutes.
@@ -63,7 +64,7 @@ async def _probe(key: ProviderKey, secret: Secret) -> ProbeResult:
     return await probe_models(key.provider, key.base_url or None, secret.reveal(), client)
 
 
-def _record(*, key: ProviderKey, actor: services.Actor, result: ProbeResult) -> None:
+def _record(*, key: ProviderKey, actor: Actor, result: ProbeResult) -> None:
     """Write the outcome (one short transaction in the service) and refresh the model-list cache."""
     status = _STATUS_FOR.get(result.status)
     if status is None:
@@ -78,7 +79,7 @@ def _record(*, key: ProviderKey, actor: services.Actor, result: ProbeResult) -> 
         cache.delete(cache_key)
 
 
-async def aprovider_key_check(*, key: ProviderKey, actor: services.Actor) -> ProbeResult:
+async def aprovider_key_check(*, key: ProviderKey, actor: Actor) -> ProbeResult:
     """Check ``key`` now and record the outcome (``key.status`` and ``key.last_checked_at`` are updated in place).
 
     Raises ``ProviderKeyUnavailable`` (revoked meanwhile) or ``ProviderKeyDecryptionError`` from opening the key.
@@ -89,7 +90,7 @@ async def aprovider_key_check(*, key: ProviderKey, actor: services.Actor) -> Pro
     return result
 
 
-def provider_key_check(*, key: ProviderKey, actor: services.Actor) -> ProbeResult:
+def provider_key_check(*, key: ProviderKey, actor: Actor) -> ProbeResult:
     """``aprovider_key_check`` for sync code (a sync view running in a worker thread, a management command).
 
     The provider call runs on a short-lived event loop of this thread, with that loop's own client from
@@ -109,7 +110,7 @@ async def _probe_and_close(key: ProviderKey, secret: Secret) -> ProbeResult:
         await close_http_clients()
 
 
-async def aprovider_key_models(*, key: ProviderKey, actor: services.Actor) -> tuple[str, ...]:
+async def aprovider_key_models(*, key: ProviderKey, actor: Actor) -> tuple[str, ...]:
     """The model ids ``key`` can use: from the cache, else from a fresh check (which is recorded like any check).
 
     Empty when the key cannot list models (restricted, invalid, unreachable).

@@ -31,11 +31,10 @@ from keys import signals, urlguard
 from keys.crypto import DecryptionError, Keyring, Secret, provider_key_aad, reseal, seal, stored_kid
 from keys.crypto import open_sealed as crypto_open_sealed
 from keys.models import KeyStatus, Provider, ProviderKey
-from orgs.models import ApiKey, Organization, User
+from orgs.models import Actor, Organization, User, actor_label
 
 logger = logging.getLogger(__name__)
 
-Actor = User | ApiKey | None
 
 LABEL_MAX_LENGTH = 100
 SECRET_MAX_LENGTH = 4096
@@ -72,14 +71,6 @@ def _keyring() -> Keyring:
 
 def _aad(key: ProviderKey) -> bytes:
     return provider_key_aad(org_id=key.org_id, key_id=key.id, provider=key.provider)
-
-
-def _actor_label(actor: Actor) -> str:
-    if isinstance(actor, User):
-        return actor.email
-    if isinstance(actor, ApiKey):
-        return f"API key {actor.name} ({actor.masked})"
-    return ""
 
 
 # --- Validation ---------------------------------------------------------------------------------------------
@@ -181,7 +172,7 @@ def provider_key_create(
         kid=keyring.primary_kid,
         last_four=text[-4:] if len(text) >= _LAST_FOUR_MIN_LENGTH else "",
         created_by=actor if isinstance(actor, User) else None,
-        created_by_label=_actor_label(actor)[:254],
+        created_by_label=actor_label(actor)[:254],
     )
     key.sealed_secret = seal(keyring, text, _aad(key))
     try:

@@ -24,6 +24,7 @@ from keys.forms import ProviderKeyForm
 from keys.models import KeyStatus, ProviderKey
 from keys.providers import ProbeResult, ProbeStatus
 from orgs.mixins import OrgViewMixin
+from orgs.models import Actor
 from orgs.permissions import KEYS_READ, KEYS_WRITE
 
 MODELS_SHOWN = 8
@@ -46,7 +47,7 @@ def _flash_check(request: HttpRequest, key: ProviderKey, result: ProbeResult) ->
         messages.warning(request, f"{name} could not be checked; its status is unchanged.{note}")
 
 
-def _check_and_flash(request: HttpRequest, key: ProviderKey, actor: services.Actor) -> None:
+def _check_and_flash(request: HttpRequest, key: ProviderKey, actor: Actor) -> None:
     try:
         result = checking.provider_key_check(key=key, actor=actor)
     except (services.ProviderKeyUnavailable, services.ProviderKeyDecryptionError) as exc:

@@ -165,3 +165,16 @@ class ApiKey(models.Model):
     @property
     def masked(self) -> str:
         return f"cf_live_{self.prefix}_…{self.last_four}"
+
+
+# Who acts in a service call: a person, an org API key, or None (the operator, via a management command).
+Actor = User | ApiKey | None
+
+
+def actor_label(actor: Actor) -> str:
+    """How an actor is named in audit rows and "created by" snapshots, which outlive the user or key."""
+    if isinstance(actor, User):
+        return actor.email
+    if isinstance(actor, ApiKey):
+        return f"API key {actor.name} ({actor.masked})"
+    return ""

@@ -20,11 +20,9 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from orgs import signals
-from orgs.models import ApiKey, Invitation, Membership, Organization, Role, User
+from orgs.models import Actor, ApiKey, Invitation, Membership, Organization, Role, User
 from orgs.permissions import ALL_CAPABILITIES, DEFAULT_API_KEY_SCOPES, capabilities_for_role
 from orgs.tokens import api_key_digest, generate_api_key
-
-Actor = User | ApiKey | None
 
 
 def _unique_slug(name: str) -> str:

@@ -18,7 +18,7 @@ from cesaflow.lib import request_context
 from keys import signals as key_signals
 from keys.models import ProviderKey
 from orgs import signals
-from orgs.models import ApiKey, Membership, Organization, User
+from orgs.models import ApiKey, Membership, Organization, User, actor_label
 from runs.models import AuditEvent
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -52,12 +52,7 @@ def audit_record(
     context = request_context.current()
     actor_user = actor if isinstance(actor, User) else None
     actor_api_key = actor if isinstance(actor, ApiKey) else None
-    if actor_user is not None:
-        label = actor_user.email
-    elif actor_api_key is not None:
-        label = f"API key {actor_api_key.name} ({actor_api_key.masked})"
-    else:
-        label = actor if isinstance(actor, str) else ""
+    label = actor if isinstance(actor, str) else actor_label(actor)
     return AuditEvent.objects.create(
         org=org,
         event=event,

@@ -14,14 +14,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
-from orgs.models import ApiKey, Organization, User
+from orgs.models import Actor, ApiKey, Organization, User, actor_label
 from runs import events
 from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord
 from runs.selectors import tokens_used_this_month
 
 logger = logging.getLogger(__name__)
-
-Actor = User | ApiKey | None
 
 
 @transaction.atomic
@@ -53,11 +51,11 @@ class UsageEntry:
 
 
 def _actor_fields(actor: Actor) -> dict[str, Any]:
-    if isinstance(actor, User):
-        return {"created_by_user": actor, "created_by_label": actor.email}
-    if isinstance(actor, ApiKey):
-        return {"created_by_api_key": actor, "created_by_label": f"API key {actor.name} ({actor.masked})"}
-    return {"created_by_label": ""}
+    return {
+        "created_by_user": actor if isinstance(actor, User) else None,
+        "created_by_api_key": actor if isinstance(actor, ApiKey) else None,
+        "created_by_label": actor_label(actor),
+    }
 
 
 def run_check_token_cap(*, org: Organization) -> None:
