@@ -1,0 +1,137 @@
+"""Workspace directories on disk: one per agent run, under ``settings.WORKSPACE_ROOT``, named by the run's uuid hex.
+
+The root is created ``0o711``: the sandbox uid must be able to traverse it to reach its own run directory (bwrap
+binds the run directory from inside the sandbox's uid), but not list the other runs. Each run directory is
+``0o700`` and, when the server runs as root, owned by the sandbox uid so sandboxed commands can write there.
+Names come only from validated uuids, never from raw input, so no path here is model-controlled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import stat
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+
+logger = logging.getLogger("cesaflow.workspaces")
+
+_RUN_DIR_NAME = re.compile(r"[0-9a-f]{32}")
+_rmtree_checked = False
+
+
+def sandbox_owner() -> tuple[int, int] | None:
+    """(uid, gid) that server-written files must belong to, or None when the server does not run as root.
+
+    As root, sandboxed commands run as the sandbox uid, so whatever the server creates for them must be theirs.
+    Otherwise commands run as the server's own uid and ownership is already right.
+    """
+    if os.geteuid() != 0:
+        return None
+    return int(settings.SANDBOX_UID), int(settings.SANDBOX_GID)
+
+
+def _run_uuid(run_id: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(run_id, uuid.UUID):
+        return run_id
+    try:
+        return uuid.UUID(str(run_id))
+    except ValueError:
+        raise ValueError("Invalid run id for a workspace.") from None
+
+
+def workspace_root() -> Path:
+    """The configured workspace root (read at call time: tests and deployments override it)."""
+    return Path(settings.WORKSPACE_ROOT)
+
+
+def workspace_path(run_id: uuid.UUID | str) -> Path:
+    """Where the workspace of ``run_id`` lives (it may not exist). Raises ValueError for anything but a uuid."""
+    return workspace_root() / _run_uuid(run_id).hex
+
+
+def ensure_root() -> Path:
+    """Create the workspace root if needed (``0o711``: traversable by the sandbox uid, not listable)."""
+    root = workspace_root()
+    if not root.is_dir():
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        # mkdir's mode is filtered by the umask; set it exactly so the sandbox uid can traverse.
+        os.chmod(root, 0o711)  # noqa: S103 - traverse-only for others, by design (see the module docstring)
+    return root
+
+
+def workspace_create(run_id: uuid.UUID | str) -> Path:
+    """Create the run's workspace directory (``0o700``, owned by the sandbox uid when we are root); its realpath.
+
+    Creating an existing workspace is not an error (a retried start), but it must be a real directory.
+    """
+    path = workspace_path(run_id)
+    ensure_root()
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise
+    owner = sandbox_owner()
+    if owner is not None:
+        os.chown(path, *owner, follow_symlinks=False)
+    return Path(os.path.realpath(path))
+
+
+def _require_safe_rmtree() -> None:
+    # providers.md §2.2.7: only the fd-based rmtree is safe against a command that swaps a directory for a symlink
+    # while we delete. It is on Linux; refuse to delete anything on a platform where it is not.
+    global _rmtree_checked
+    if not _rmtree_checked:
+        if not shutil.rmtree.avoids_symlink_attacks:
+            raise RuntimeError("shutil.rmtree is not symlink-attack resistant on this platform.")
+        _rmtree_checked = True
+
+
+def _unlock_directories(path: Path) -> None:
+    # A command may leave directories without write or search permission (chmod 000); when the server is not root
+    # it could then not empty them. Directories only, never through a symlink (os.walk does not follow them).
+    for dirpath, dirnames, _filenames in os.walk(path, followlinks=False):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if not os.path.islink(child):
+                os.chmod(child, 0o700)
+
+
+def workspace_delete(run_id: uuid.UUID | str) -> bool:
+    """Delete the run's workspace and everything in it. True if something was deleted, False if it was missing."""
+    _require_safe_rmtree()
+    path = workspace_path(run_id)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return True
+    try:
+        shutil.rmtree(path)
+    except OSError:
+        os.chmod(path, 0o700)
+        _unlock_directories(path)
+        shutil.rmtree(path)
+    logger.info("workspace deleted")
+    return True
+
+
+def workspace_ids_on_disk() -> list[uuid.UUID]:
+    """Run ids that have a workspace directory under the root (for orphan cleanup), sorted."""
+    root = workspace_root()
+    try:
+        with os.scandir(root) as entries:
+            return sorted(
+                uuid.UUID(hex=entry.name)
+                for entry in entries
+                if _RUN_DIR_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+            )
+    except FileNotFoundError:
+        return []
