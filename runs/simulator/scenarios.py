@@ -243,6 +243,44 @@ def _text_then(fault: dict[str, Any], text: str = _TEXT) -> dict[str, Any]:
     return {"turns": [{"text": text}], "fault": fault}
 
 
+# The newcomer's agent demo: a tiny package, its test (stdlib unittest: the sandbox has no network and no pytest),
+# the test run, a README, then finish. Small per-event delays let a person watch it stream within about 3 s.
+_DEMO_PACKAGE = (
+    '"""A tiny greeting package, written by the agent demo."""\n'
+    "\n"
+    "\n"
+    "def greet(name):\n"
+    '    """Return a friendly greeting for name."""\n'
+    '    return f"Hello, {name}!"\n'
+)
+_DEMO_TEST = (
+    "import unittest\n"
+    "\n"
+    "from greeting import greet\n"
+    "\n"
+    "\n"
+    "class GreetTest(unittest.TestCase):\n"
+    "    def test_greets_by_name(self):\n"
+    '        self.assertEqual(greet("Ada"), "Hello, Ada!")\n'
+    "\n"
+    "    def test_greets_anyone(self):\n"
+    '        self.assertEqual(greet("world"), "Hello, world!")\n'
+    "\n"
+    "\n"
+    'if __name__ == "__main__":\n'
+    "    unittest.main()\n"
+)
+_DEMO_COMMAND = "python3 -m unittest discover -s tests -v"
+_DEMO_README = (
+    "# greeting\n"
+    "\n"
+    "A tiny Python package: `greet(name)` returns `Hello, <name>!`.\n"
+    "\n"
+    f"Run the tests with `{_DEMO_COMMAND}`.\n"
+)
+# A workspace file holding a marker string, to prove file content never reaches a watcher.
+AGENT_CANARY_CONTENT = "SECRET-CANARY-7f3a9c: this text must never leave the workspace\n"
+
 _BUILTIN_DOCUMENTS: dict[str, dict[str, Any]] = {
     "echo": {"echo": True},
     "normal": {"echo": True},
@@ -329,6 +367,82 @@ _BUILTIN_DOCUMENTS: dict[str, dict[str, Any]] = {
                 "truncate_reason": "length",
             }
         ]
+    },
+    # --- Agent loop scenarios (runs/agent) ---
+    "agent_demo": {
+        "turns": [
+            {
+                "text": "I'll create a small Python package with a test.",
+                "tool_calls": [_call("write_file", path="greeting/__init__.py", content=_DEMO_PACKAGE)],
+            },
+            {
+                "text": "Now a unit test for it.",
+                "tool_calls": [_call("write_file", path="tests/test_greeting.py", content=_DEMO_TEST)],
+            },
+            {"text": "Let me run the tests.", "tool_calls": [_call("run_command", command=_DEMO_COMMAND)]},
+            {
+                "text": "The tests pass. A short README to finish.",
+                "tool_calls": [_call("write_file", path="README.md", content=_DEMO_README)],
+            },
+            {
+                "text": "All done.",
+                "tool_calls": [
+                    _call(
+                        "finish",
+                        summary="Created the greeting package with greet(name), a unittest suite that passes, "
+                        "and a README.",
+                    )
+                ],
+            },
+        ],
+        "timing": {"first_token_ms": 100, "per_event_ms": 20},
+        "stream_shape": {"text_chunk_chars": 6, "args_chunk_chars": 32},
+        "after_last": "finish",
+    },
+    # A command plants a symlink to a host file; reading and overwriting it through the file tools are refused.
+    "agent_symlink_escape": {
+        "turns": [
+            {"tool_calls": [_call("run_command", command="ln -s /etc/passwd leak")]},
+            {"tool_calls": [_call("read_file", path="leak")]},
+            {"tool_calls": [_call("write_file", path="leak", content="owned\n")]},
+            _FINISH,
+        ]
+    },
+    # edit_file's old_str occurs twice: refused with the count, then a unique one succeeds.
+    "agent_edit_non_unique": {
+        "turns": [
+            {"tool_calls": [_call("write_file", path="config.py", content="DEBUG = False\nVERBOSE = False\n")]},
+            {"tool_calls": [_call("edit_file", path="config.py", old_str="False", new_str="True")]},
+            {"tool_calls": [_call("edit_file", path="config.py", old_str="DEBUG = False", new_str="DEBUG = True")]},
+            _FINISH,
+        ]
+    },
+    # Three steps in a row whose every call fails (different each time, so this is not "stuck").
+    "agent_tool_errors": {
+        "turns": [
+            {"tool_calls": [_call("read_file", path="missing-1.txt")]},
+            {"tool_calls": [_call("read_file", path="missing-2.txt"), _call("delete_file", path="missing-3.txt")]},
+            {"tool_calls": [_call("edit_file", path="missing-4.txt", old_str="a", new_str="b")]},
+            _FINISH,
+        ]
+    },
+    # A,B,A,B,A,B: two calls alternating with the same results.
+    "agent_ping_pong": {
+        "turns": [
+            {"tool_calls": [_call("list_files", path=".")]},
+            {"tool_calls": [_call("read_file", path="notes.txt")]},
+        ]
+        * 4
+    },
+    # Text only, never a tool call: nudged once, then stopped for no progress.
+    "agent_chatty": {"turns": [{"text": "I think the task is quite interesting."}], "after_last": "repeat"},
+    # A command that outlives any test: for cancellation and the wall clock.
+    "agent_sleep": {
+        "turns": [{"text": "Waiting a while.", "tool_calls": [_call("run_command", command="sleep 30")]}, _FINISH]
+    },
+    # File content with a marker string: watchers must only ever see its size.
+    "agent_canary_write": {
+        "turns": [{"tool_calls": [_call("write_file", path="secret.txt", content=AGENT_CANARY_CONTENT)]}, _FINISH]
     },
 }
 
