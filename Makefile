@@ -30,6 +30,7 @@ SIMULATOR_PORT ?= 8765
 
 # The provider simulator runs beside the server (loopback only) so the demo org's keys work offline.
 run: $(VENV)/.runtime
+	@command -v bwrap >/dev/null 2>&1 || echo "NOTE: bubblewrap is not installed, so agent runs cannot run commands (they are refused, never unsandboxed). Debian: apt-get install bubblewrap; or CESAFLOW_SANDBOX=none (unsafe, development only)."
 	$(BIN)/python manage.py migrate --noinput
 	@$(BIN)/python manage.py provider_simulator --port $(SIMULATOR_PORT) > var/provider-simulator.log 2>&1 & \
 	  sim=$$!; trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \

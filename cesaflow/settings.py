@@ -299,6 +299,39 @@ RUN_STREAM_COALESCE_SECONDS = 0.04
 RUN_CALL_LIMITS: dict[str, Any] = {}
 # SSE run streams send a comment this often so proxies and clients keep idle connections open.
 SSE_KEEPALIVE_SECONDS = 15.0
+# A watched run (chat runs by default) calls the provider only once its stream is attached (the run page's
+# websocket, an SSE request, or a streaming create). Nobody within this window: cancelled `not_watched`, no tokens.
+RUN_ATTACH_WINDOW_SECONDS = float(_env_int("CESAFLOW_RUN_ATTACH_WINDOW_SECONDS", 30, minimum=1))
+
+# --- Agent runs: workspaces and the command sandbox ------------------------------------------------------
+
+# One directory per agent run under this root (created 0700, owned by the sandbox user when we run as root).
+WORKSPACE_ROOT = Path(os.environ.get("CESAFLOW_WORKSPACE_ROOT", VAR_DIR / "workspaces"))
+# A finished run's workspace can be downloaded for this long; the first complete download deletes it earlier.
+WORKSPACE_TTL_SECONDS = _env_int("CESAFLOW_WORKSPACE_TTL", 3600, minimum=60)
+WORKSPACE_MAX_BYTES = _env_int("CESAFLOW_WORKSPACE_MAX_BYTES", 100 * 1024 * 1024, minimum=1024 * 1024)
+WORKSPACE_MAX_FILES = _env_int("CESAFLOW_WORKSPACE_MAX_FILES", 5000, minimum=10)
+# bwrap (default; bubblewrap: mount, network and PID namespaces), unshare (util-linux; namespaces but the host
+# filesystem stays visible), none (development only: commands run in the workspace directory, unsandboxed).
+# The configured mode is self-tested at startup; when it fails, run_command is refused, never downgraded.
+SANDBOX_MODE = os.environ.get("CESAFLOW_SANDBOX", "").strip().lower() or "bwrap"
+if SANDBOX_MODE not in {"bwrap", "unshare", "none"}:
+    raise ImproperlyConfigured("CESAFLOW_SANDBOX must be 'bwrap', 'unshare' or 'none'.")
+# Deployment defaults of every agent run's budgets (runs.agent.AgentLimits; a request may ask for others within
+# the hard caps there). Unset: 40 steps, 500,000 tokens, 20 minutes, 60 s per command.
+AGENT_LIMITS: dict[str, Any] = {
+    name: value
+    for name, value in (
+        ("max_steps", _env_int("CESAFLOW_AGENT_MAX_STEPS", 0)),
+        ("max_tokens", _env_int("CESAFLOW_AGENT_MAX_TOKENS", 0)),
+        ("wall_clock_s", float(_env_int("CESAFLOW_AGENT_WALL_CLOCK_SECONDS", 0))),
+        ("command_timeout_s", float(_env_int("CESAFLOW_AGENT_COMMAND_TIMEOUT_SECONDS", 0))),
+    )
+    if value
+}
+# Commands never run as the server's own uid when it is root: they drop to this one (nobody by default).
+SANDBOX_UID = _env_int("CESAFLOW_SANDBOX_UID", 65534, minimum=1)
+SANDBOX_GID = _env_int("CESAFLOW_SANDBOX_GID", 65534, minimum=1)
 
 # --- Auth -------------------------------------------------------------------------------------------
 

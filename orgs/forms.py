@@ -143,6 +143,13 @@ class OrgSettingsForm(OrganizationForm):
         "new runs and proxy calls are refused with a clear error until the month ends. Leave empty for no cap.",
     )
 
+    agents_may_run_commands = forms.BooleanField(
+        label="Agents may run commands",
+        required=False,
+        help_text="Agent runs may execute commands (tests, builds) in their sandboxed workspace. Off: agents only "
+        "read and write files.",
+    )
+
     def __init__(self, *args: Any, with_cap: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not with_cap:

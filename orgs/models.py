@@ -74,6 +74,8 @@ class Organization(models.Model):
     # Optional ceiling on input + output tokens per calendar month (UTC); new runs and proxy calls are refused
     # once it is reached. None means no cap.
     monthly_token_cap = models.PositiveBigIntegerField(null=True, blank=True)
+    # Agent runs may execute commands (sandboxed) in their workspace; off: agents only read and write files.
+    agents_may_run_commands = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

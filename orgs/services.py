@@ -84,6 +84,7 @@ def org_update(
     actor: Actor,
     name: str | None = None,
     monthly_token_cap: int | _Keep | None = KEEP,
+    agents_may_run_commands: bool | None = None,
 ) -> Organization:
     """Change the org's settings; only what is passed changes. ``monthly_token_cap=None`` removes the cap."""
     # Validate everything before touching ``org``, so a refused change leaves the caller's object as it was.
@@ -102,6 +103,9 @@ def org_update(
     if monthly_token_cap is not KEEP and monthly_token_cap != org.monthly_token_cap:
         changes["monthly_token_cap"] = [org.monthly_token_cap, monthly_token_cap]
         org.monthly_token_cap = monthly_token_cap
+    if agents_may_run_commands is not None and agents_may_run_commands != org.agents_may_run_commands:
+        changes["agents_may_run_commands"] = [org.agents_may_run_commands, agents_may_run_commands]
+        org.agents_may_run_commands = agents_may_run_commands
     if changes:
         org.save(update_fields=list(changes))
         signals.org_settings_changed.send(sender=Organization, org=org, actor=actor, changes=changes)

@@ -228,7 +228,11 @@ class SettingsView(OrgViewMixin, View):
 
     def _form(self, data: Any = None) -> OrgSettingsForm:
         # The token cap is a billing decision: only those who manage billing see (and can send) it.
-        initial = {"name": self.org.name, "monthly_token_cap": self.org.monthly_token_cap}
+        initial = {
+            "name": self.org.name,
+            "monthly_token_cap": self.org.monthly_token_cap,
+            "agents_may_run_commands": self.org.agents_may_run_commands,
+        }
         return OrgSettingsForm(data, initial=initial, with_cap=self.org_context.can(permissions.BILLING_MANAGE))
 
     def get(self, request: HttpRequest) -> HttpResponse:
@@ -237,7 +241,10 @@ class SettingsView(OrgViewMixin, View):
     def post(self, request: HttpRequest) -> HttpResponse:
         form = self._form(request.POST)
         if form.is_valid():
-            changes: dict[str, Any] = {"name": form.cleaned_data["name"]}
+            changes: dict[str, Any] = {
+                "name": form.cleaned_data["name"],
+                "agents_may_run_commands": form.cleaned_data["agents_may_run_commands"],
+            }
             if "monthly_token_cap" in form.fields:
                 changes["monthly_token_cap"] = form.cleaned_data["monthly_token_cap"]
             try:

@@ -12,7 +12,8 @@ Protocol (JSON text frames; the schema is ``runs.events``):
 
 * server → client: on connect to a run, its current ``run.status`` (``seq`` 0: metadata and token counts, never
   past content) and, for a finished run, a ``run.finished`` (``seq`` 0); then the live events as the executor
-  publishes them. The org socket sends ``run.status`` events of every run of the org.
+  publishes them. A watched run waiting for its watcher starts once this socket is subscribed (start on attach),
+  so its first words cannot be missed. The org socket sends ``run.status`` events of every run of the org.
 * client → server: ``{"type": "cancel"}`` cancels the run if the caller has ``runs:write`` (otherwise ignored);
   anything else is ignored. Binary frames close with 1003, frames over 4 KiB with 1009.
 
@@ -36,7 +37,7 @@ from orgs.tenancy import OrgContext, context_for_scope
 from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
-from runs.services import run_request_cancel
+from runs.services import run_attach, run_request_cancel
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -120,6 +121,9 @@ class RunConsumer(_RunEventsConsumer):
         await self.send_event(events.status_event(snapshot))
         if snapshot.is_terminal:
             await self.send_event(events.finished_event(snapshot, seq=0))
+        elif snapshot.waiting_for_watcher:
+            # Start on attach: now that this socket receives the run's events, the run may call the provider.
+            await database_sync_to_async(run_attach)(run=snapshot)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:

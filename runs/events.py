@@ -19,7 +19,18 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 
 from runs.models import Run
 
-EventType = Literal["run.status", "text.delta", "tool.call", "tool.result", "usage", "error", "run.finished"]
+EventType = Literal[
+    "run.status",
+    "text.delta",
+    "usage",
+    "error",
+    "run.finished",
+    "agent.step",
+    "tool.call",
+    "tool.result",
+    "command.output",
+    "file.changed",
+]
 
 
 class RunStatusEvent(TypedDict):
@@ -39,6 +50,13 @@ class RunStatusEvent(TypedDict):
     usage_complete: bool
     error_kind: str
     error_message: str
+    # Queued only until a watcher attaches (start on attach): "waiting for you to open the run".
+    waiting_for_watcher: bool
+    # Agent runs: the workspace's state (live, available, downloaded, expired; "" for other kinds), until when it
+    # can be downloaded, and how commands are sandboxed ("none" is unsafe and labelled so).
+    workspace_state: str
+    workspace_expires_at: str | None
+    sandbox_mode: str
     # Set while the executor waits before retrying a failed provider call ("rate limited, retrying in 2 s").
     retrying_in_s: NotRequired[float]
     retry_reason: NotRequired[str]
@@ -79,9 +97,75 @@ class RunFinishedEvent(TypedDict):
     usage_complete: bool
     error_kind: str
     error_message: str
+    workspace_state: str
+    workspace_expires_at: str | None
 
 
-RunEvent = RunStatusEvent | TextDeltaEvent | UsageEvent | ErrorEvent | RunFinishedEvent
+class AgentStepEvent(TypedDict):
+    """An agent run starts model turn ``step`` of at most ``max_steps``; token totals so far against the budget."""
+
+    type: Literal["agent.step"]
+    run_id: str
+    seq: int
+    step: int
+    max_steps: int
+    input_tokens: int
+    output_tokens: int
+    max_tokens: int
+
+
+class ToolCallEvent(TypedDict):
+    """The agent calls a tool. ``arguments`` is a summary: file content only as its size, long strings cut."""
+
+    type: Literal["tool.call"]
+    run_id: str
+    seq: int
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolResultEvent(TypedDict):
+    type: Literal["tool.result"]
+    run_id: str
+    seq: int
+    call_id: str
+    name: str
+    ok: bool
+    summary: str  # one line: "wrote 120 bytes", "exit 0", the refusal's reason
+
+
+class CommandOutputEvent(TypedDict):
+    """Output of the running command (stdout and stderr interleaved), coalesced like text deltas."""
+
+    type: Literal["command.output"]
+    run_id: str
+    seq: int
+    stream: str
+    text: str
+
+
+class FileChangedEvent(TypedDict):
+    type: Literal["file.changed"]
+    run_id: str
+    seq: int
+    path: str  # relative to the workspace root
+    op: str  # created, modified, deleted
+    bytes: int
+
+
+RunEvent = (
+    RunStatusEvent
+    | TextDeltaEvent
+    | UsageEvent
+    | ErrorEvent
+    | RunFinishedEvent
+    | AgentStepEvent
+    | ToolCallEvent
+    | ToolResultEvent
+    | CommandOutputEvent
+    | FileChangedEvent
+)
 
 
 def run_group(run_id: uuid.UUID | str) -> str:
@@ -128,6 +212,10 @@ def status_event(run: Run, *, seq: int = 0) -> RunStatusEvent:
         "usage_complete": run.usage_complete,
         "error_kind": run.error_kind,
         "error_message": run.error_message,
+        "waiting_for_watcher": run.waiting_for_watcher,
+        "workspace_state": run.workspace_state,
+        "workspace_expires_at": _iso(run.workspace_expires_at),
+        "sandbox_mode": run.sandbox_mode,
     }
 
 
@@ -142,6 +230,8 @@ def finished_event(run: Run, *, seq: int) -> RunFinishedEvent:
         "usage_complete": run.usage_complete,
         "error_kind": run.error_kind,
         "error_message": run.error_message,
+        "workspace_state": run.workspace_state,
+        "workspace_expires_at": _iso(run.workspace_expires_at),
     }
 
 

@@ -21,244 +21,53 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import Callable
-from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from contextlib import aclosing
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from cesaflow.lib.http import get_http_client
-from keys.egress import egress_policy
-from keys.models import KeyStatus, ProviderKey
 from keys.services import (
     ProviderKeyDecryptionError,
     ProviderKeyUnavailable,
-    aprovider_key_open,
-    provider_key_record_check,
 )
 from runs import events
-from runs.models import Run, RunStatus
-from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter, adapter_for
+from runs.execution_agent import call_agent
+from runs.execution_common import (
+    FAILURE_MESSAGES,
+    KEY_REVOKED,
+    KEY_UNREADABLE,
+    STOP_CANCELLED,
+    STOP_LOST,
+    STOP_SHUTDOWN,
+    Outcome,
+    RunControl,
+    RunPublisher,
+    Tally,
+    call_limits,
+    failure_message,
+    mark_key_invalid,
+    opened_adapter,
+    retry_status,
+    stopped_outcome,
+    usable_key,
+    usage_event,
+)
+from runs.models import Run, RunKind, RunStatus
+from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter
 from runs.providers.events import ErrorKind, ProviderError, Retry, TextDelta, TurnEnd, Usage
 from runs.selectors import unscoped_run_for_execution
-from runs.services import EXECUTABLE_KINDS, UsageEntry, run_finish
+from runs.services import EXECUTABLE_KINDS, run_finish
 
 logger = logging.getLogger("cesaflow.runs")
+
+__all__ = ["STOP_CANCELLED", "STOP_LOST", "STOP_SHUTDOWN", "RunControl", "execute_run"]
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant working for a CesaFlow user. Answer the request directly and clearly; "
     "use Markdown only where it helps."
 )
 MAX_OUTPUT_TOKENS = 4096
-
-# Why an executor stops a run from outside.
-STOP_CANCELLED = "cancelled"  # someone asked (API, dashboard, websocket)
-STOP_SHUTDOWN = "shutdown"  # the executor is shutting down
-STOP_LOST = "lost"  # the run already ended elsewhere (reaped after a stalled heartbeat)
-
-# Our own explanation per failure kind. Provider messages are never shown or stored: they can quote the request.
-FAILURE_MESSAGES: dict[str, str] = {
-    ErrorKind.AUTH: "The provider rejected the key; it is now marked invalid.",
-    ErrorKind.PERMISSION: "The key is not allowed to use this model or endpoint.",
-    ErrorKind.BILLING_QUOTA: "The provider account is out of credit or over its spending limit.",
-    ErrorKind.RATE_LIMIT: "The provider kept rate-limiting the key, even after retrying.",
-    ErrorKind.OVERLOADED: "The provider was overloaded, even after retrying.",
-    ErrorKind.SERVER: "The provider had an internal error, even after retrying.",
-    ErrorKind.BAD_REQUEST: "The provider refused the request as invalid.",
-    ErrorKind.MODEL_TOOL_ERROR: "The model produced a malformed tool call.",
-    ErrorKind.NOT_FOUND: "The provider does not know this model.",
-    ErrorKind.TOO_LARGE: "The request is too large for this model.",
-    ErrorKind.INCOMPLETE: "The provider ended the answer before it was complete.",
-    ErrorKind.TIMEOUT: "The provider stopped sending data.",
-    ErrorKind.DEADLINE: "The provider call took longer than allowed.",
-    ErrorKind.NETWORK: "The connection to the provider broke.",
-    ErrorKind.PROTOCOL: "The provider sent something that is not an answer stream.",
-    ErrorKind.BLOCKED: "The egress policy does not allow the key's base URL.",
-}
-RETRY_REASONS: dict[str, str] = {
-    ErrorKind.RATE_LIMIT: "rate limited",
-    ErrorKind.OVERLOADED: "the provider is overloaded",
-    ErrorKind.SERVER: "the provider had an error",
-    ErrorKind.TIMEOUT: "the provider stopped responding",
-    ErrorKind.NETWORK: "the connection to the provider failed",
-    ErrorKind.INCOMPLETE: "the provider's answer broke off",
-}
-
-
-def call_limits() -> CallLimits:
-    """The provider-call limits of runs: the defaults, with ``settings.RUN_CALL_LIMITS`` applied (tests)."""
-    return dataclasses.replace(CallLimits(), **settings.RUN_CALL_LIMITS)
-
-
-def failure_message(error: ProviderError) -> str:
-    text = FAILURE_MESSAGES.get(error.kind, "The provider call failed.")
-    return f"{text} (HTTP {error.status})" if error.status else text
-
-
-def retry_reason(retry: Retry) -> str:
-    """ "rate limited, retrying in 2 s": for the run page while the adapter waits."""
-    reason = RETRY_REASONS.get(retry.error.kind, "the provider call failed")
-    if retry.delay_s >= 1:
-        return f"{reason}, retrying in {round(retry.delay_s)} s"
-    if retry.delay_s >= 0.1:
-        return f"{reason}, retrying in {retry.delay_s:.1f} s"
-    return f"{reason}, retrying now"
-
-
-@dataclass
-class RunControl:
-    """The executor's handle on a running run: set ``stop`` (with a reason) and the provider call ends within
-    moments, its upstream connection closed."""
-
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str = ""
-
-    def request_stop(self, reason: str) -> None:
-        if not self.stop.is_set():
-            self.reason = reason
-            self.stop.set()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str
-    error_kind: str = ""
-    error_message: str = ""
-    retryable: bool = False
-    provider_error: ProviderError | None = None
-
-
-@dataclass
-class Tally:
-    """What the provider call produced, in counts (never content)."""
-
-    usages: list[Usage] = field(default_factory=list)
-    provider_deltas: int = 0
-    content_seen: bool = False
-    turn_ended: bool = False
-
-    @property
-    def input_tokens(self) -> int:
-        return sum(u.input_tokens or 0 for u in self.usages)
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(u.output_tokens or 0 for u in self.usages)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.usages) and all(u.complete for u in self.usages)
-
-    def ledger_entries(self, run: Run, *, succeeded: bool) -> list[UsageEntry]:
-        """One entry per provider response (what the provider bills). A response that never reported usage (a
-        cancelled or broken stream) still gets an entry, flagged incomplete: the call happened."""
-        entries = [
-            UsageEntry(
-                provider=run.provider,
-                model=run.model,
-                input_tokens=u.input_tokens or 0,
-                output_tokens=u.output_tokens or 0,
-                complete=u.complete and succeeded,
-            )
-            for u in self.usages
-        ]
-        if not entries and (self.content_seen or self.turn_ended):
-            entries.append(
-                UsageEntry(provider=run.provider, model=run.model, input_tokens=0, output_tokens=0, complete=False)
-            )
-        return entries
-
-
-class RunPublisher:
-    """Numbers one run's events and sends them in order; batches text deltas after the first.
-
-    One lock serializes numbering and sending, so sequence numbers reach the channel layer in order. A channel
-    layer failure never fails the run: the event is dropped (nobody would have seen it anyway) and counted.
-    """
-
-    def __init__(self, run: Run, *, layer: Any = None, coalesce_s: float = 0.04) -> None:
-        self.run = run
-        self._layer = layer
-        self._coalesce_s = coalesce_s
-        self._seq = 0
-        self._lock = asyncio.Lock()
-        self._buffer: list[str] = []
-        self._wake = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._last_text_at: float | None = None
-        self.text_events = 0
-        self.dropped = 0
-
-    async def send(self, build: Callable[[int], events.RunEvent], *, run: Run | None = None) -> None:
-        async with self._lock:
-            self._seq += 1
-            event = build(self._seq)
-            try:
-                await events.apublish(run or self.run, event, layer=self._layer)
-            except Exception as exc:  # the layer being down must not fail the run
-                self.dropped += 1
-                if self.dropped == 1:
-                    logger.warning(
-                        "run %s: %s event not published (%s)", self.run.id, event["type"], type(exc).__name__
-                    )
-
-    async def text(self, text: str) -> None:
-        if not text:
-            return
-        loop = asyncio.get_running_loop()
-        if self._last_text_at is None:
-            self._last_text_at = loop.time()
-            await self._send_text(text)
-            return
-        self._buffer.append(text)
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_later())
-        self._wake.set()
-
-    async def flush(self) -> None:
-        """Send buffered text now (before any other event, so the order is what the provider sent)."""
-        if not self._buffer:
-            return
-        text = "".join(self._buffer)
-        self._buffer.clear()
-        self._last_text_at = asyncio.get_running_loop().time()
-        await self._send_text(text)
-
-    async def close(self) -> None:
-        """Send what is buffered and stop the flusher (without cancelling a send in flight: that text would be
-        lost)."""
-        self._closing.set()
-        self._wake.set()
-        if self._flusher is not None:
-            await self._flusher
-            self._flusher = None
-        await self.flush()
-
-    def discard(self) -> None:
-        """Stop at once (the run is being torn down): buffered text is dropped."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
-
-    async def _flush_later(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closing.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            delay = (self._last_text_at or 0.0) + self._coalesce_s - loop.time()
-            if delay > 0 and not self._closing.is_set():
-                with suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._closing.wait()
-            await self.flush()
-
-    async def _send_text(self, text: str) -> None:
-        self.text_events += 1
-        run_id = str(self.run.id)
-        await self.send(lambda seq: {"type": "text.delta", "run_id": run_id, "seq": seq, "text": text})
 
 
 async def execute_run(
@@ -331,23 +140,17 @@ async def _call_provider(
     run: Run, *, control: RunControl, publisher: RunPublisher, tally: Tally, limits: CallLimits | None
 ) -> Outcome:
     if control.stop.is_set():
-        return _stopped(control.reason)
+        return stopped_outcome(control.reason)
     if run.kind not in EXECUTABLE_KINDS:
         return Outcome(RunStatus.FAILED, "unsupported", "This kind of run cannot be executed yet.")
-    key = run.provider_key
-    if key is None or key.status == KeyStatus.REVOKED:
-        return Outcome(RunStatus.FAILED, "key_unavailable", "The provider key was revoked or deleted.")
-    actor = run.created_by_user or run.created_by_api_key
+    if run.kind == RunKind.AGENT:
+        return await call_agent(run, control=control, publisher=publisher, tally=tally, limits=limits)
+    key = usable_key(run)
+    if key is None:
+        return KEY_REVOKED
     try:
         # The key is open for this one call only; the adapter holding it is dropped with the block.
-        async with aprovider_key_open(key=key, actor=actor, purpose="run", reference=str(run.id)) as secret:
-            adapter = adapter_for(
-                run.provider,
-                base_url=key.base_url or None,
-                api_key=secret.reveal(),
-                client=get_http_client(egress_policy()),
-                limits=limits or call_limits(),
-            )
+        async with opened_adapter(run, key, limits=limits or call_limits()) as adapter:
             request = ChatRequest(
                 model=run.model,
                 system=SYSTEM_PROMPT,
@@ -355,13 +158,12 @@ async def _call_provider(
                 max_tokens=MAX_OUTPUT_TOKENS,
             )
             outcome = await _stream(adapter, request, control=control, publisher=publisher, tally=tally)
-            del adapter
     except ProviderKeyUnavailable:
-        return Outcome(RunStatus.FAILED, "key_unavailable", "The provider key was revoked or deleted.")
+        return KEY_REVOKED
     except ProviderKeyDecryptionError:
-        return Outcome(RunStatus.FAILED, "key_unavailable", "The provider key could not be decrypted.")
+        return KEY_UNREADABLE
     if outcome.provider_error is not None and outcome.provider_error.kind is ErrorKind.AUTH:
-        await _mark_key_invalid(key, run)
+        await mark_key_invalid(key, run)
     return outcome
 
 
@@ -385,9 +187,9 @@ async def _stream(
                 elif isinstance(event, Usage):
                     tally.usages.append(event)
                     await publisher.flush()
-                    await publisher.send(_usage_event(run_id, tally))
+                    await publisher.send(usage_event(run_id, tally))
                 elif isinstance(event, Retry):
-                    await publisher.send(_retry_status(publisher.run, event))
+                    await publisher.send(retry_status(publisher.run, event))
                 elif isinstance(event, ProviderError):
                     return Outcome(
                         RunStatus.FAILED,
@@ -419,53 +221,7 @@ async def _stream(
     if adapter.abandoned_usage is not None:
         # What the provider had already counted when we hung up (e.g. Anthropic's input tokens): billed, so kept.
         tally.usages.append(dataclasses.replace(adapter.abandoned_usage, complete=False))
-    return _stopped(control.reason)
-
-
-def _usage_event(run_id: str, tally: Tally) -> Callable[[int], events.RunEvent]:
-    input_tokens, output_tokens, complete = tally.input_tokens, tally.output_tokens, tally.complete
-
-    def build(seq: int) -> events.RunEvent:
-        return {
-            "type": "usage",
-            "run_id": run_id,
-            "seq": seq,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "complete": complete,
-        }
-
-    return build
-
-
-def _retry_status(run: Run, retry: Retry) -> Callable[[int], events.RunEvent]:
-    def build(seq: int) -> events.RunEvent:
-        event = events.status_event(run, seq=seq)
-        event["retrying_in_s"] = round(retry.delay_s, 3)
-        event["retry_reason"] = retry_reason(retry)
-        return event
-
-    return build
-
-
-def _stopped(reason: str) -> Outcome:
-    if reason == STOP_CANCELLED:
-        return Outcome(RunStatus.CANCELLED, "cancelled", "Cancelled while running.")
-    if reason == STOP_SHUTDOWN:
-        return Outcome(RunStatus.FAILED, "worker_lost", "The server shut down while this run was in progress.")
-    # Lost: the run already has its outcome; run_finish keeps it and only adds the usage of this call.
-    return Outcome(RunStatus.FAILED, "worker_lost", "The process executing this run stopped.")
-
-
-async def _mark_key_invalid(key: ProviderKey, run: Run) -> None:
-    try:
-        await database_sync_to_async(provider_key_record_check)(
-            key=key, actor=None, status=KeyStatus.INVALID, detail=f"the provider answered 401 to run {run.id}"
-        )
-    except ProviderKeyUnavailable:
-        pass  # revoked meanwhile: nothing left to mark
-    except Exception as exc:
-        logger.warning("run %s: could not mark the key invalid (%s)", run.id, type(exc).__name__)
+    return stopped_outcome(control.reason)
 
 
 def _log_crash(run_id: uuid.UUID, exc: BaseException) -> None:

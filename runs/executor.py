@@ -15,6 +15,8 @@ Whatever the mode, an :class:`Executor`:
 
 * claims runs with ``FOR UPDATE SKIP LOCKED`` (``run_claim``, ``runs_claim_queued``): a run executes exactly once;
 * heartbeats its running runs, and reaps runs whose executor stopped heart-beating (``worker_lost``);
+* starts a watched run only once its stream is attached (``run_attach`` submits it, or nudges the workers), and
+  cancels those nobody attached to within ``RUN_ATTACH_WINDOW_SECONDS`` (``not_watched``, no provider call);
 * stops a run within a second of a cancel request: the ``run.cancel`` message on the run's control group, and a
   poll of ``cancel_requested_at`` (one query for all its runs) in case the message is lost;
 * on shutdown stops its runs and records them failed. After a crash, the restarted executor (or any other) reaps
@@ -47,7 +49,14 @@ from runs import events
 from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl, execute_run
 from runs.providers import CallLimits
 from runs.selectors import unscoped_runs_to_stop
-from runs.services import run_claim, run_heartbeat, runs_claim_queued, runs_reap_lost
+from runs.services import (
+    run_claim,
+    run_heartbeat,
+    runs_claim_queued,
+    runs_expire_unwatched,
+    runs_reap_lost,
+    workspaces_purge,
+)
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -317,7 +326,14 @@ class Executor:
                 await layer.group_add(events.WORKERS_GROUP, channel)
 
     async def _reap(self) -> None:
+        window = timedelta(seconds=settings.RUN_ATTACH_WINDOW_SECONDS)
+        expired = await database_sync_to_async(runs_expire_unwatched)(window=window)
+        if expired:
+            logger.info("executor %s: %d run(s) cancelled, not watched in time", self.worker_id, len(expired))
         lost = await database_sync_to_async(runs_reap_lost)(stale_after=timedelta(seconds=self.config.stale_after_s))
+        # Workspaces past their retention (a download window that ended, a run that died): the first tick after a
+        # start is also the cleanup after a crash or restart.
+        await database_sync_to_async(workspaces_purge)()
         if lost:
             logger.warning(
                 "executor %s reaped %d lost run(s): %s",

@@ -10,7 +10,7 @@ from django import forms
 
 from keys.models import KeyStatus, ProviderKey
 from orgs.forms import DashboardForm
-from runs.models import RunStatus
+from runs.models import RunKind, RunStatus
 from runs.services import MODEL_MAX_CHARS, OBJECTIVE_MAX_CHARS
 from runs.usage import PeriodError, UsagePeriod, usage_period
 
@@ -23,6 +23,15 @@ class RunCreateForm(DashboardForm):
     """Objective, one of the org's usable provider keys, and a model: picked from the key's model list (when it
     is known) or typed. Whether the key is really the org's, and usable, is the service's call."""
 
+    kind = forms.ChoiceField(
+        label="Kind",
+        choices=[
+            (RunKind.CHAT, "Chat: one streamed answer"),
+            (RunKind.AGENT, "Agent: writes and runs code in a sandboxed workspace, downloadable as a zip"),
+        ],
+        initial=RunKind.CHAT,
+        required=False,
+    )
     objective = forms.CharField(
         max_length=OBJECTIVE_MAX_CHARS,
         widget=forms.Textarea(attrs={"rows": 6, "placeholder": "What should the model do?"}),

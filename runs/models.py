@@ -93,6 +93,16 @@ class AuditEvent(models.Model):
         return "system" if not self.actor_label else "anonymous"
 
 
+class WorkspaceState(models.TextChoices):
+    """Where an agent run's workspace is in its life (metadata only; the files live on disk until deleted)."""
+
+    NONE = "", "No workspace"
+    LIVE = "live", "In use"
+    AVAILABLE = "available", "Ready to download"
+    DOWNLOADED = "downloaded", "Downloaded and deleted"
+    EXPIRED = "expired", "Expired and deleted"
+
+
 class RunKind(models.TextChoices):
     CHAT = "chat", "Chat"
     COMPLETION = "completion", "Completion (proxy)"
@@ -149,6 +159,17 @@ class Run(models.Model):
     worker_id = models.CharField(max_length=64, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # Start on attach: a watched run stays queued until its stream is attached (``attached_at``), so an answer that
+    # is never stored is never streamed to nobody. An unwatched run (``watch`` false) starts at once.
+    watch = models.BooleanField(default=True)
+    attached_at = models.DateTimeField(null=True, blank=True)
+    # Agent runs: the budgets this run had (numbers only), how its commands were sandboxed, and its workspace's
+    # life. The workspace is deleted by the first complete download or at ``workspace_expires_at``.
+    limits = models.JSONField(default=dict, blank=True)
+    sandbox_mode = models.CharField(max_length=16, blank=True)
+    workspace_state = models.CharField(max_length=16, choices=WorkspaceState.choices, blank=True, default="")
+    workspace_expires_at = models.DateTimeField(null=True, blank=True)
+    workspace_deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
@@ -170,6 +191,11 @@ class Run(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @property
+    def waiting_for_watcher(self) -> bool:
+        """Queued only because nobody has attached to its stream yet."""
+        return self.status == RunStatus.QUEUED and self.watch and self.attached_at is None
 
 
 class UsageRecord(models.Model):

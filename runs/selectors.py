@@ -97,7 +97,11 @@ def tokens_used_this_month(*, org: Organization) -> int:
 
 def unscoped_run_for_execution(*, run_id: uuid.UUID) -> Run | None:
     """The run with its key and creator, for the executor that claimed it."""
-    return Run.objects.select_related("provider_key", "created_by_user", "created_by_api_key").filter(id=run_id).first()
+    return (
+        Run.objects.select_related("org", "provider_key", "created_by_user", "created_by_api_key")
+        .filter(id=run_id)
+        .first()
+    )
 
 
 def unscoped_runs_to_stop(*, run_ids: list[uuid.UUID], worker_id: str) -> dict[uuid.UUID, str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -16,8 +19,10 @@ from django.utils import timezone
 from keys.selectors import provider_key_get_usable_for_org
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
 from runs import events
-from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord
+from runs.agent import AgentLimits
+from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord, WorkspaceState
 from runs.selectors import tokens_used_this_month
+from runs.workspaces import workspace_delete, workspace_ids_on_disk
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,12 @@ def audit_purge(*, older_than_days: int) -> int:
 OBJECTIVE_MAX_CHARS = 8000
 NOT_CANCELLABLE = "not_cancellable"
 MODEL_MAX_CHARS = 200
+
+# Kinds whose runs wait for their watcher unless created with ``watch=False``: a chat run's answer *is* its stream.
+WATCHED_BY_DEFAULT = frozenset({RunKind.CHAT})
+
+# Queued runs an executor may start: unwatched ones, and watched ones whose stream is attached.
+READY = Q(watch=False) | Q(attached_at__isnull=False)
 
 
 @dataclass(frozen=True)
@@ -80,10 +91,20 @@ def run_create(
     model: str,
     objective: str = "",
     kind: str = RunKind.CHAT,
+    watch: bool | None = None,
+    limits: Mapping[str, Any] | None = None,
     publish_status: bool = True,
 ) -> Run:
     """A new run. ``chat`` runs are queued and handed to the executor after commit; ``completion`` runs (the
     proxy) start immediately in the caller's request.
+
+    ``watch`` (default: per kind, ``WATCHED_BY_DEFAULT``): the run calls the provider only once its stream is
+    attached (``run_attach``); nobody within ``RUN_ATTACH_WINDOW_SECONDS`` → cancelled ``not_watched``, no tokens
+    spent. ``watch=False`` starts at once, for callers who want the result (a workspace, the token count) rather
+    than the stream.
+
+    ``limits`` (agent runs): overrides of the deployment's ``AgentLimits``, validated against its caps; the run
+    records the budgets it gets.
 
     ``publish_status=False``: the caller publishes the run's first status event itself after commit (the proxy
     does it from its event loop without waiting, so Redis is not on the path to the first token)."""
@@ -101,9 +122,21 @@ def run_create(
         raise ValidationError({"objective": f"Keep the objective under {OBJECTIVE_MAX_CHARS:,} characters."})
     if kind not in RunKind.values:
         raise ValidationError({"kind": "Unknown run kind."})
+    if kind == RunKind.AGENT and not objective:
+        raise ValidationError({"objective": "Say what the agent should build or do."})
+    if limits and kind != RunKind.AGENT:
+        raise ValidationError({"limits": "Only agent runs take limits."})
+    run_limits: dict[str, Any] = {}
+    if kind == RunKind.AGENT:
+        try:
+            run_limits = dataclasses.asdict(agent_default_limits().merged(limits or {}))
+        except ValueError as exc:
+            raise ValidationError({"limits": str(exc)}) from None
     run_check_token_cap(org=org)
     now = timezone.now()
     starts_now = kind == RunKind.COMPLETION
+    if watch is None:
+        watch = kind in WATCHED_BY_DEFAULT
     run = Run.objects.create(
         org=org,
         kind=kind,
@@ -113,28 +146,52 @@ def run_create(
         model=model,
         status=RunStatus.RUNNING if starts_now else RunStatus.QUEUED,
         started_at=now if starts_now else None,
+        watch=watch and not starts_now,
+        limits=run_limits,
         **_actor_fields(actor),
     )
     transaction.on_commit(lambda: _after_create(run, publish_status=publish_status))
     return run
 
 
-def _after_create(run: Run, *, publish_status: bool = True) -> None:
+@transaction.atomic
+def run_attach(*, run: Run) -> bool:
+    """A watcher's stream is attached to ``run`` (already authorized for the caller's org): a watched run waiting
+    for it is handed to the executor. True if this call started it; idempotent (later watchers join the stream)."""
+    now = timezone.now()
+    started = (
+        Run.objects.filter(id=run.id, status=RunStatus.QUEUED, watch=True, attached_at__isnull=True).update(
+            attached_at=now
+        )
+        == 1
+    )
+    if started:
+        run.attached_at = now
+        transaction.on_commit(lambda: _submit(run.id))
+    return started
+
+
+def _submit(run_id: uuid.UUID) -> None:
     from runs import executor  # the executor imports services; import at call time
 
+    executor.submit(run_id)
+
+
+def _after_create(run: Run, *, publish_status: bool = True) -> None:
     if publish_status:
         try:
             events.publish(run, events.status_event(run))
         except Exception as exc:  # live lists miss one update; the run itself must still be handed over
             logger.warning("run %s: status event not published (%s)", run.id, type(exc).__name__)
-    if run.kind != RunKind.COMPLETION:
-        executor.submit(run.id)
+    if run.kind != RunKind.COMPLETION and not run.waiting_for_watcher:
+        _submit(run.id)
 
 
 @transaction.atomic
 def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
-    """Claim a queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise."""
-    run = Run.objects.select_for_update(skip_locked=True).filter(id=run_id, status=RunStatus.QUEUED).first()
+    """Claim a queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise (also
+    for a watched run nobody has attached to yet)."""
+    run = Run.objects.select_for_update(skip_locked=True).filter(READY, id=run_id, status=RunStatus.QUEUED).first()
     if run is None:
         return None
     now = timezone.now()
@@ -150,8 +207,8 @@ def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
 # any provider call's deadline.
 UNATTENDED_RUN_LIMIT = timedelta(minutes=15)
 
-# Kinds an executor knows how to run (``completion`` runs execute in the proxy's request; ``agent`` comes later).
-EXECUTABLE_KINDS = (RunKind.CHAT,)
+# Kinds an executor knows how to run (``completion`` runs execute in the proxy's request).
+EXECUTABLE_KINDS = (RunKind.CHAT, RunKind.AGENT)
 
 
 @transaction.atomic
@@ -162,7 +219,7 @@ def runs_claim_queued(*, worker_id: str, limit: int) -> list[Run]:
         return []
     runs = list(
         Run.objects.select_for_update(skip_locked=True)
-        .filter(status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+        .filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
         .order_by("created_at", "id")[:limit]
     )
     now = timezone.now()
@@ -271,6 +328,33 @@ def _signal_cancel(run: Run) -> None:
         logger.warning("run %s: cancel signal not sent (%s)", run.id, type(exc).__name__)
 
 
+NOT_WATCHED = "not_watched"
+
+
+@transaction.atomic
+def runs_expire_unwatched(*, window: timedelta) -> list[Run]:
+    """Cancel watched runs nobody attached to within ``window`` of their creation (``not_watched``): the provider
+    was never called, so no tokens were spent, and an answer nobody could see is not bought."""
+    now = timezone.now()
+    expired = list(
+        Run.objects.select_for_update(skip_locked=True).filter(
+            status=RunStatus.QUEUED, watch=True, attached_at__isnull=True, created_at__lt=now - window
+        )
+    )
+    for run in expired:
+        run.status = RunStatus.CANCELLED
+        run.finished_at = now
+        run.error_kind = NOT_WATCHED
+        run.error_message = "Nobody opened the run in time, so it never started and used no tokens."
+        run.save(update_fields=["status", "finished_at", "error_kind", "error_message"])
+    for run in expired:
+        transaction.on_commit(
+            lambda run=run: events.publish(run, events.finished_event(run, seq=0)),  # type: ignore[misc]
+            robust=True,
+        )
+    return expired
+
+
 @transaction.atomic
 def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNATTENDED_RUN_LIMIT) -> list[Run]:
     """Mark running runs whose executor stopped heart-beating as failed (``worker_lost``).
@@ -299,3 +383,75 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
             robust=True,
         )
     return lost
+
+
+def agent_default_limits() -> AgentLimits:
+    """The deployment's agent budgets: ``AgentLimits`` with ``settings.AGENT_LIMITS`` applied."""
+    return AgentLimits().merged(settings.AGENT_LIMITS)
+
+
+# --- Agent workspaces -----------------------------------------------------------------------------------------
+
+
+def run_workspace_opened(*, run_id: uuid.UUID, sandbox_mode: str) -> None:
+    """The executor is about to create the run's workspace: from now on it is ``live`` (recorded first, so a
+    directory on disk always has a row saying whose it is)."""
+    Run.objects.filter(id=run_id).update(workspace_state=WorkspaceState.LIVE, sandbox_mode=sandbox_mode[:16])
+
+
+def run_workspace_closed(*, run_id: uuid.UUID) -> Run:
+    """The run ended: its workspace can be downloaded until ``WORKSPACE_TTL_SECONDS`` from now."""
+    expires = timezone.now() + timedelta(seconds=settings.WORKSPACE_TTL_SECONDS)
+    Run.objects.filter(id=run_id, workspace_state=WorkspaceState.LIVE).update(
+        workspace_state=WorkspaceState.AVAILABLE, workspace_expires_at=expires
+    )
+    return Run.objects.get(id=run_id)
+
+
+@transaction.atomic
+def run_workspace_downloaded(*, run: Run) -> bool:
+    """A complete download of the workspace went out: delete it now. True if this call deleted it."""
+    locked = Run.objects.select_for_update().get(id=run.id)
+    if locked.workspace_state != WorkspaceState.AVAILABLE:
+        return False
+    workspace_delete(locked.id)
+    locked.workspace_state = WorkspaceState.DOWNLOADED
+    locked.workspace_deleted_at = timezone.now()
+    locked.save(update_fields=["workspace_state", "workspace_deleted_at"])
+    logger.info("run %s: workspace downloaded and deleted", run.id)
+    return True
+
+
+def workspaces_purge() -> int:
+    """Delete every workspace whose retention rule says so; returns how many directories went. Idempotent, safe
+    to run from any process at any time (``manage.py purge_workspaces``, every executor's supervision loop):
+
+    * downloadable ones past ``workspace_expires_at`` → ``expired``;
+    * ``live`` ones whose run is no longer running (its process died, or it ended without closing it) → ``expired``;
+    * directories no run claims (left by a crash between two steps, or by a run since deleted).
+    """
+    now = timezone.now()
+    deleted = 0
+    with transaction.atomic():
+        stale = Run.objects.select_for_update(skip_locked=True).filter(
+            Q(workspace_state=WorkspaceState.AVAILABLE, workspace_expires_at__lt=now)
+            | Q(workspace_state=WorkspaceState.LIVE, status__in=TERMINAL_STATUSES)
+        )
+        for run in stale:
+            deleted += workspace_delete(run.id)
+            run.workspace_state = WorkspaceState.EXPIRED
+            run.workspace_deleted_at = now
+            run.save(update_fields=["workspace_state", "workspace_deleted_at"])
+    on_disk = workspace_ids_on_disk()
+    if on_disk:
+        kept = set(
+            Run.objects.filter(
+                id__in=on_disk, workspace_state__in=[WorkspaceState.LIVE, WorkspaceState.AVAILABLE]
+            ).values_list("id", flat=True)
+        )
+        for run_id in on_disk:
+            if run_id not in kept:
+                deleted += workspace_delete(run_id)
+    if deleted:
+        logger.info("purged %d workspace(s)", deleted)
+    return deleted

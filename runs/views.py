@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
@@ -29,7 +30,7 @@ from orgs.forms import apply_service_errors
 from orgs.mixins import OrgViewMixin
 from orgs.models import Organization
 from runs.forms import RunCreateForm, RunFilterForm, UsageFilterForm
-from runs.models import AuditEvent, Run, RunStatus
+from runs.models import AuditEvent, Run, RunKind, RunStatus
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org, tokens_used_this_month
 from runs.services import run_create, run_request_cancel
 from runs.usage import UsagePeriod, daily_chart_svg, usage_by, usage_daily, usage_details, usage_totals
@@ -165,6 +166,8 @@ ERROR_EXPLANATIONS: dict[str, str] = {
     "key_unavailable": "The provider key is no longer usable (revoked, or it could not be decrypted).",
     "worker_lost": "The process executing this run stopped, so the run could not finish.",
     "cancelled": "The run was cancelled.",
+    "not_watched": "Nobody opened this run within its attach window, so it never called the provider and used no "
+    "tokens. Start it again and keep its page open.",
     "internal": "CesaFlow failed while executing this run. The server log has the details.",
 }
 
@@ -287,6 +290,9 @@ class RunCreateView(OrgViewMixin, View):
                     provider_key_id=data["provider_key"],
                     model=data["model"],
                     objective=data["objective"],
+                    kind=data["kind"] or RunKind.CHAT,
+                    # The run page this form leads to attaches its stream, and the run starts then.
+                    watch=True,
                 )
             except ValidationError as exc:
                 apply_service_errors(
@@ -336,6 +342,7 @@ class RunDetailView(OrgViewMixin, View):
             "ws_path": f"/ws/runs/{run.id}/",
             "server_now": timezone.now(),
             "error_explanations": ERROR_EXPLANATIONS,
+            "attach_window": int(settings.RUN_ATTACH_WINDOW_SECONDS),
         }
         return render(request, self.template_name, data)
 

@@ -71,12 +71,48 @@ class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):
 
 
 class RunCreateSerializer(StrictInputSerializer):
-    """A chat run: the objective goes to the model with the org's provider key. The key is resolved inside the
-    caller's org: another org's key is "not found", like a missing one."""
+    """A chat or agent run: the objective goes to the model with the org's provider key. The key is resolved inside
+    the caller's org: another org's key is "not found", like a missing one."""
 
+    kind = serializers.ChoiceField(
+        choices=[RunKind.CHAT, RunKind.AGENT],
+        default=RunKind.CHAT,
+        help_text="`chat`: one streamed answer. `agent`: the model writes and runs code in a sandboxed workspace, "
+        "downloadable as a zip when the run ends (`GET /runs/{id}/workspace`).",
+    )
+    limits = serializers.DictField(
+        required=False,
+        help_text='Agent runs: budgets within the deployment\'s caps, e.g. `{"max_steps": 20, "max_tokens": '
+        '200000, "wall_clock_s": 600, "command_timeout_s": 60}`.',
+    )
     objective = serializers.CharField(max_length=OBJECTIVE_MAX_CHARS, help_text="What the model should do.")
     provider_key = serializers.UUIDField(help_text="The id of one of the organization's provider keys.")
     model = serializers.CharField(max_length=MODEL_MAX_CHARS, help_text="The provider's model id, e.g. `gpt-4o`.")
+    watch = serializers.BooleanField(
+        required=False,
+        help_text="Default true for chat runs, false for agent runs: the run calls the provider only once a stream "
+        "is attached "
+        "(`GET /runs/{id}/events`, the run page, or `stream: true` here); nobody within the attach window "
+        "(30 s by default) → cancelled `not_watched`, no tokens spent. `false`: start at once, unwatched.",
+    )
+    stream = serializers.BooleanField(
+        default=False,
+        help_text="Answer with the run's event stream (`text/event-stream`, as `GET /runs/{id}/events`) instead of "
+        "JSON; the first event is the new run's `run.status`, carrying its id. Also chosen by "
+        "`Accept: text/event-stream`.",
+    )
+    cancel_on_disconnect = serializers.BooleanField(
+        default=False,
+        help_text="With `stream`: cancel the run if this connection closes before the run ends (by default "
+        "hanging up never stops a run).",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("cancel_on_disconnect") and not attrs.get("stream"):
+            raise serializers.ValidationError(
+                {"cancel_on_disconnect": ["Only with `stream: true` (there is no connection to watch otherwise)."]}
+            )
+        return attrs
 
 
 class RunFilterSerializer(serializers.Serializer[Any]):
@@ -109,6 +145,10 @@ class RunSerializer(serializers.ModelSerializer[Run]):
     created_by = RunCreatorSerializer(source="*", read_only=True)
     total_tokens = serializers.IntegerField(read_only=True)
     cancel_requested = serializers.SerializerMethodField(help_text="A cancel was asked for and is being carried out.")
+    waiting_for_watcher = serializers.BooleanField(
+        read_only=True, help_text="Queued until a stream is attached (`GET /runs/{id}/events` or the run page)."
+    )
+    limits = serializers.DictField(read_only=True, help_text="Agent runs: the budgets this run had.")
 
     class Meta:
         model = Run
@@ -131,6 +171,13 @@ class RunSerializer(serializers.ModelSerializer[Run]):
             "total_tokens",
             "usage_complete",
             "cancel_requested",
+            "watch",
+            "waiting_for_watcher",
+            "limits",
+            "sandbox_mode",
+            "workspace_state",
+            "workspace_expires_at",
+            "workspace_deleted_at",
         ]
         read_only_fields = fields
 

@@ -17,15 +17,20 @@ the server's event loop, subscribed to the run's channel-layer group::
 The same event JSON as the websocket (``runs.events``): first the run's current status (``seq`` 0, metadata and
 token counts only: past text is never replayed), then live events; a ``: keep-alive`` comment every
 ``SSE_KEEPALIVE_SECONDS``; the stream ends after ``run.finished``. An already finished run gets its status and a
-``run.finished`` (both ``seq`` 0) and the stream ends. Hanging up does not stop the run.
+``run.finished`` (both ``seq`` 0) and the stream ends. A watched run waiting for its watcher starts once the stream
+is subscribed (start on attach). Hanging up does not stop the run.
+
+``POST /api/v1/runs`` with ``"stream": true`` (or ``Accept: text/event-stream``) answers with this same stream for
+the run it creates (``runs.api.views``), so a client cannot miss its first words.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -41,11 +46,14 @@ from rest_framework.request import Request
 
 from cesaflow.lib.api import error_responses
 from orgs.api.base import OrgAPIView
-from orgs.models import Organization
+from orgs.models import Actor, Organization
 from orgs.permissions import RUNS_READ
 from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
+from runs.services import run_attach, run_request_cancel
+
+logger = logging.getLogger("cesaflow.runs")
 
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -55,22 +63,35 @@ def sse_frame(event: dict[str, Any] | events.RunEvent) -> bytes:
     return f"event: {event['type']}\nid: {event['seq']}\ndata: {data}\n\n".encode()
 
 
-async def run_event_stream(*, org: Organization, run_id: uuid.UUID, keepalive_s: float) -> AsyncIterator[bytes]:
-    """The SSE body for one run (already authorized for ``org``)."""
+async def run_event_stream(
+    *,
+    org: Organization,
+    run_id: uuid.UUID,
+    keepalive_s: float,
+    cancel_on_disconnect: Actor | None = None,
+) -> AsyncIterator[bytes]:
+    """The SSE body for one run (already authorized for ``org``). A watched run waiting for its watcher starts once
+    this stream is subscribed (start on attach). ``cancel_on_disconnect``: the actor in whose name the run is
+    cancelled if the client hangs up before it ends (otherwise hanging up never stops a run)."""
     layer = get_channel_layer()
     channel = await layer.new_channel()
     group = events.run_group(run_id)
     # Subscribe before the snapshot: an event published in between is queued for us, not missed.
     await layer.group_add(group, channel)
     receiver: asyncio.Future[Any] | None = None
+    ended = False
     try:
         run: Run | None = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
         if run is None:  # deleted in the instant since the gate looked
+            ended = True
             return
         yield sse_frame(events.status_event(run))
         if run.is_terminal:
+            ended = True
             yield sse_frame(events.finished_event(run, seq=0))
             return
+        if run.waiting_for_watcher:
+            await database_sync_to_async(run_attach)(run=run)
         while True:
             if receiver is None:
                 receiver = asyncio.ensure_future(layer.receive(channel))
@@ -81,6 +102,7 @@ async def run_event_stream(*, org: Organization, run_id: uuid.UUID, keepalive_s:
                 # restart), end the stream anyway instead of keeping it open forever.
                 run = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
                 if run is None or run.is_terminal:
+                    ended = True
                     if run is not None:
                         yield sse_frame(events.finished_event(run, seq=0))
                     return
@@ -91,14 +113,34 @@ async def run_event_stream(*, org: Organization, run_id: uuid.UUID, keepalive_s:
             event = message.get("event")
             if not isinstance(event, dict) or "type" not in event or "seq" not in event:
                 continue
-            yield sse_frame(event)
             if event["type"] == "run.finished":
+                ended = True
+            yield sse_frame(event)
+            if ended:
                 return
     finally:
         if receiver is not None:
             receiver.cancel()
         with suppress(Exception):
             await layer.group_discard(group, channel)
+        if not ended and cancel_on_disconnect is not None:
+            await database_sync_to_async(_cancel_abandoned)(org=org, run_id=run_id, actor=cancel_on_disconnect)
+
+
+def _cancel_abandoned(*, org: Organization, run_id: uuid.UUID, actor: Actor) -> None:
+    run = run_get_for_org(org=org, run_id=run_id)
+    if run is not None and not run.is_terminal:
+        logger.info("run %s cancelled: its streaming client disconnected", run.id)
+        run_request_cancel(run=run, actor=actor)
+
+
+def event_stream_response(stream: AsyncIterator[bytes], *, status: int = 200) -> StreamingHttpResponse:
+    """An SSE response around ``stream``: never cached, never buffered by a proxy."""
+    response = StreamingHttpResponse(stream, content_type="text/event-stream; charset=utf-8", status=status)
+    response["Cache-Control"] = "no-store"
+    # nginx and similar proxies buffer responses by default; an event stream must flow as it is written.
+    response["X-Accel-Buffering"] = "no"
+    return response
 
 
 class EventStreamRenderer(BaseRenderer):
@@ -112,14 +154,23 @@ class EventStreamRenderer(BaseRenderer):
         return json.dumps(data).encode()
 
 
-class RunEventsView(OrgAPIView):
-    capabilities = {"GET": RUNS_READ}
-    renderer_classes = [JSONRenderer, EventStreamRenderer]
+class EventStreamNegotiationMixin:
+    """For views that may answer with an event stream: clients sending ``Accept: text/event-stream`` pass
+    negotiation, and errors before the stream starts are JSON in the API's shape whatever the client accepts (the
+    stream itself is a StreamingHttpResponse and bypasses renderers)."""
+
+    renderer_classes: Sequence[type[BaseRenderer]] = [JSONRenderer, EventStreamRenderer]
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> tuple[BaseRenderer, str]:
-        # Errors before the stream starts are JSON in the API's shape, whatever the client accepts; the stream
-        # itself is a StreamingHttpResponse and bypasses renderers.
         return JSONRenderer(), JSONRenderer.media_type
+
+
+def wants_event_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+class RunEventsView(EventStreamNegotiationMixin, OrgAPIView):
+    capabilities = {"GET": RUNS_READ}
 
     @extend_schema(
         operation_id="runs_events",
@@ -137,11 +188,6 @@ class RunEventsView(OrgAPIView):
         run = run_get_for_org(org=self.org, run_id=run_id)
         if run is None:
             raise exceptions.NotFound("No such run.")
-        response = StreamingHttpResponse(
-            run_event_stream(org=self.org, run_id=run.id, keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS)),
-            content_type="text/event-stream; charset=utf-8",
+        return event_stream_response(
+            run_event_stream(org=self.org, run_id=run.id, keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS))
         )
-        response["Cache-Control"] = "no-store"
-        # nginx and similar proxies buffer responses by default; an event stream must flow as it is written.
-        response["X-Accel-Buffering"] = "no"
-        return response

@@ -9,6 +9,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("runs/<uuid:run_id>", views.RunDetailView.as_view(), name="run-detail"),
     path("runs/<uuid:run_id>/cancel", views.RunCancelView.as_view(), name="run-cancel"),
     path("runs/<uuid:run_id>/events", sse.RunEventsView.as_view(), name="run-events"),
+    path("runs/<uuid:run_id>/workspace", views.RunWorkspaceView.as_view(), name="run-workspace"),
     path("usage", usage_views.UsageView.as_view(), name="usage"),
     # The OpenAI-compatible proxy (async views with their own error shape; see runs/api/proxy_views.py).
     path("chat/completions", proxy_views.chat_completions, name="chat-completions"),

@@ -9,10 +9,16 @@ org's run is a 404 like a missing one; a provider key of another org is a 400 ``
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
+from channels.db import database_sync_to_async
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from drf_spectacular.utils import extend_schema
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -27,9 +33,11 @@ from runs.api.serializers import (
     RunFilterSerializer,
     RunSerializer,
 )
-from runs.models import Run, RunKind
+from runs.api.sse import EventStreamNegotiationMixin, event_stream_response, run_event_stream, wants_event_stream
+from runs.models import Run, WorkspaceState
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org
-from runs.services import NOT_CANCELLABLE, run_create, run_request_cancel
+from runs.services import NOT_CANCELLABLE, run_create, run_request_cancel, run_workspace_downloaded
+from runs.workspaces import usage, workspace_path, zip_chunks
 
 
 class AuditEventListView(OrgAPIView):
@@ -60,7 +68,7 @@ class _RunObjectMixin(OrgAPIView):
         return run
 
 
-class RunListView(OrgAPIView):
+class RunListView(EventStreamNegotiationMixin, OrgAPIView):
     capabilities = {"GET": RUNS_READ, "POST": RUNS_WRITE}
     serializer_class = RunSerializer
 
@@ -87,17 +95,28 @@ class RunListView(OrgAPIView):
     @extend_schema(
         operation_id="runs_create",
         summary="Start a chat run with one of the organization's provider keys",
-        description="The run is queued and executes at once; follow it with `GET /runs/{id}/events` (SSE) or the "
-        "websocket `/ws/runs/{id}/`. A provider key of another organization is refused like a missing one "
-        "(400 `validation_error` on `provider_key`). Once the organization's monthly token cap is reached: "
-        "429 `token_cap_reached`.",
+        description="A run never loses its answer: a chat run is queued and calls the provider only once its "
+        "stream is attached — `GET /runs/{id}/events` (SSE), the websocket `/ws/runs/{id}/`, or this request "
+        "itself with `stream: true` (or `Accept: text/event-stream`), which answers 200 with the run's event "
+        "stream, the first event carrying the new run's id. Nobody attached within the attach window: the run "
+        "ends `cancelled` (`not_watched`) without calling the provider. `watch: false` starts it at once, "
+        "unwatched. A provider key of another organization is refused like a missing one (400 "
+        "`validation_error` on `provider_key`). Once the organization's monthly token cap is reached: 429 "
+        "`token_cap_reached`.",
         request=RunCreateSerializer,
-        responses={201: RunSerializer, **error_responses(400, 401, 403, 404, 429)},
+        responses={
+            201: RunSerializer,
+            (200, "text/event-stream"): OpenApiResponse(
+                response=OpenApiTypes.STR, description="With `stream: true`: the new run's event stream."
+            ),
+            **error_responses(400, 401, 403, 404, 429),
+        },
     )
-    def post(self, request: Request) -> Response:
+    def post(self, request: Request) -> Response | StreamingHttpResponse:
         serializer = RunCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        stream = data["stream"] or wants_event_stream(request)
         try:
             run = run_create(
                 org=self.org,
@@ -105,14 +124,28 @@ class RunListView(OrgAPIView):
                 provider_key_id=data["provider_key"],
                 model=data["model"],
                 objective=data["objective"],
-                kind=RunKind.CHAT,
+                kind=data["kind"],
+                watch=data.get("watch"),
+                limits=data.get("limits"),
             )
         except DjangoValidationError as exc:
             if getattr(exc, "code", None) == "token_cap_reached":
                 raise ApiError(status.HTTP_429_TOO_MANY_REQUESTS, "token_cap_reached", exc.messages[0]) from None
             raise
+        location = f"/api/v1/runs/{run.id}"
+        if stream:
+            streamed = event_stream_response(
+                run_event_stream(
+                    org=self.org,
+                    run_id=run.id,
+                    keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS),
+                    cancel_on_disconnect=self.org_context.actor if data["cancel_on_disconnect"] else None,
+                )
+            )
+            streamed["Location"] = location
+            return streamed
         response = Response(RunSerializer(run).data, status=status.HTTP_201_CREATED)
-        response["Location"] = f"/api/v1/runs/{run.id}"
+        response["Location"] = location
         return response
 
 
@@ -147,3 +180,59 @@ class RunCancelView(_RunObjectMixin):
         except DjangoValidationError as exc:
             raise ApiError(409, NOT_CANCELLABLE, exc.messages[0]) from None
         return Response(RunSerializer(run).data)
+
+
+class RunWorkspaceView(_RunObjectMixin):
+    """``GET /runs/{id}/workspace``: an agent run's workspace as a zip built on the fly. The first complete download
+    deletes the workspace; a later one is 410 ``workspace_deleted``."""
+
+    capabilities = {"GET": RUNS_READ}
+
+    @extend_schema(
+        operation_id="runs_workspace",
+        summary="Download an agent run's workspace (zip); the first complete download deletes it",
+        description="Streams a zip of the files the agent left (regular files only: symlinks and special files are "
+        "never followed or included). Available from the end of the run until `workspace_expires_at`; the first "
+        "complete download deletes the workspace. 409 `workspace_in_use` while the run executes, 410 "
+        "`workspace_deleted` once downloaded or expired, 404 for runs without a workspace.",
+        responses={
+            (200, "application/zip"): OpenApiResponse(response=OpenApiTypes.BINARY, description="The workspace."),
+            **error_responses(401, 403, 404, 409, 410, 413),
+        },
+    )
+    def get(self, request: Request, run_id: Any) -> StreamingHttpResponse:
+        run = self.get_run(run_id)
+        state = run.workspace_state
+        if state == WorkspaceState.LIVE:
+            raise ApiError(409, "workspace_in_use", "The run is still working in this workspace; try when it ends.")
+        if state in (WorkspaceState.DOWNLOADED, WorkspaceState.EXPIRED):
+            when = "downloaded" if state == WorkspaceState.DOWNLOADED else "expired"
+            raise ApiError(410, "workspace_deleted", f"This workspace was {when} and deleted; it is gone for good.")
+        if state != WorkspaceState.AVAILABLE:
+            raise exceptions.NotFound("This run has no workspace.")
+        size, _ = usage(workspace_path(run.id))
+        if size > settings.WORKSPACE_MAX_BYTES:
+            raise ApiError(413, "workspace_too_large", "This workspace is larger than the download limit.")
+        response = StreamingHttpResponse(workspace_zip_stream(run), content_type="application/zip")
+        response["Content-Disposition"] = f'attachment; filename="cesaflow-run-{run.id.hex[:12]}.zip"'
+        response["Cache-Control"] = "no-store"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+
+async def workspace_zip_stream(run: Run) -> AsyncIterator[bytes]:
+    """The zip, chunk by chunk, built in a worker thread (never on the event loop, never in a file). Reaching the
+    end means the client received it all: the workspace is then deleted."""
+    chunks = zip_chunks(workspace_path(run.id), max_bytes=settings.WORKSPACE_MAX_BYTES)
+    done = object()
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, done)
+            if chunk is done:
+                break
+            yield chunk  # type: ignore[misc]
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # a generator: releases the open file and the zip writer at once
+    await database_sync_to_async(run_workspace_downloaded)(run=run)

@@ -43,6 +43,16 @@ function utcStamp(ms) {
   return `${new Date(ms).toISOString().slice(0, 19).replace("T", " ")} UTC`;
 }
 
+// A tool call's arguments in a few words: the server already reduced file content to its size.
+function describeArguments(args) {
+  const parts = [];
+  for (const [name, value] of Object.entries(args)) {
+    const text = typeof value === "string" ? value : JSON.stringify(value);
+    parts.push(name === "path" || name === "command" ? text : `${name}=${text}`);
+  }
+  return parts.join(" ").slice(0, 300);
+}
+
 class RunStream {
   constructor(root) {
     this.root = root;
@@ -59,6 +69,7 @@ class RunStream {
     this.attempts = 0;
     this.lostText = false;
     this.sawText = false;
+    this.sawLive = false;
     this.retryUntil = null;
     this.retryReason = "";
     this.stick = true;
@@ -79,6 +90,13 @@ class RunStream {
     this.jump = find("[data-run-jump]");
     this.connection = find("[data-run-connection]");
     this.cancelForm = find("[data-run-cancel]");
+    this.agentStepLabel = find("[data-agent-step]");
+    this.timeline = find("[data-agent-timeline]");
+    this.terminal = find("[data-agent-terminal]");
+    this.filesList = find("[data-agent-files]");
+    this.workspace = find("[data-workspace]");
+    this.workspaceExpires = find("[data-workspace-expires]");
+    this.files = new Map();
     this.textNode = null;
   }
 
@@ -141,6 +159,8 @@ class RunStream {
       return;
     }
     if (!event || (event.run_id && event.run_id !== this.runId)) return;
+    // seq 0 is a snapshot sent on connect; anything numbered came live from the executor.
+    if (event.seq > 0) this.sawLive = true;
     switch (event.type) {
       case "run.status":
         this.applyStatus(event);
@@ -159,6 +179,21 @@ class RunStream {
       case "run.finished":
         this.finish(event);
         break;
+      case "agent.step":
+        this.agentStep(event);
+        break;
+      case "tool.call":
+        this.timelineAdd(`${event.name} ${describeArguments(event.arguments || {})}`, "");
+        break;
+      case "tool.result":
+        this.timelineAdd(`${event.ok ? "✓" : "✗"} ${event.summary}`, event.ok ? "ok" : "fail");
+        break;
+      case "command.output":
+        this.terminalAppend(event.text || "");
+        break;
+      case "file.changed":
+        this.fileChanged(event);
+        break;
       default:
         break;
     }
@@ -170,6 +205,8 @@ class RunStream {
     if (event.started_at) this.setStarted(parseTime(event.started_at));
     if (event.finished_at) this.finishedAt = parseTime(event.finished_at);
     this.setTokens(event.input_tokens, event.output_tokens);
+    // Start on attach: the server starts a waiting run once this page's socket is subscribed.
+    if (event.waiting_for_watcher && this.elapsed) this.elapsed.textContent = "Starting…";
     if (typeof event.retrying_in_s === "number") {
       // retry_reason reads "rate limited, retrying in 2 s": keep the reason, count the seconds down here.
       const reason = String(event.retry_reason || "the provider call failed").split(", retrying")[0];
@@ -220,6 +257,8 @@ class RunStream {
       this.showError(event.error_kind, event.error_message, event.status);
     }
     if (this.cancelForm) this.cancelForm.hidden = true;
+    this.showWorkspace(event);
+    if (!this.sawText) this.explainNoText(event.status);
     this.tick();
     if (!wasFinished) {
       this.setConnection(
@@ -229,6 +268,68 @@ class RunStream {
       );
     }
     if (this.socket) this.socket.close(1000);
+  }
+
+  // --- Agent runs -------------------------------------------------------------------------------------------------
+
+  agentStep(event) {
+    if (!this.agentStepLabel) return;
+    const tokens = numberFormat.format(event.input_tokens + event.output_tokens);
+    const budget = event.max_tokens ? ` of ${numberFormat.format(event.max_tokens)}` : "";
+    this.agentStepLabel.textContent = `Step ${event.step} of ${event.max_steps} · ${tokens}${budget} tokens`;
+  }
+
+  timelineAdd(text, className) {
+    if (!this.timeline) return;
+    const item = document.createElement("li");
+    item.textContent = text;
+    if (className) item.className = className;
+    this.timeline.append(item);
+    this.timeline.scrollTop = this.timeline.scrollHeight;
+  }
+
+  terminalAppend(text) {
+    if (!this.terminal || !text) return;
+    this.terminal.append(document.createTextNode(text));
+    this.terminal.scrollTop = this.terminal.scrollHeight;
+  }
+
+  fileChanged(event) {
+    if (!this.filesList) return;
+    if (event.op === "deleted") this.files.delete(event.path);
+    else this.files.set(event.path, event.bytes);
+    const items = [...this.files.keys()].sort().map((path) => {
+      const item = document.createElement("li");
+      item.textContent = `${path} (${numberFormat.format(this.files.get(path))} B)`;
+      return item;
+    });
+    this.filesList.replaceChildren(...items);
+  }
+
+  showWorkspace(event) {
+    if (!this.workspace || event.workspace_state !== "available") return;
+    this.workspace.hidden = false;
+    const expires = parseTime(event.workspace_expires_at);
+    if (this.workspaceExpires && expires !== null) {
+      this.workspaceExpires.textContent = `Available until ${utcStamp(expires)}; the first download deletes it.`;
+    }
+  }
+
+  explainNoText(status) {
+    // Never leave "Waiting for the first words…" under a finished run: say why there is no answer here.
+    if (!this.output || this.output.textContent) return;
+    let note = "";
+    if (status === "succeeded") {
+      note = this.sawLive
+        ? "The model finished without any text."
+        : "This run finished before this page was watching it (it was started unwatched), so its answer was shown to nobody. Responses are not stored.";
+    } else {
+      note = "No answer: the run did not succeed.";
+    }
+    const span = document.createElement("span");
+    span.className = "run-output-note";
+    span.textContent = note;
+    this.output.append(span);
   }
 
   // --- Cancel -------------------------------------------------------------------------------------------------

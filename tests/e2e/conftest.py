@@ -7,9 +7,11 @@ layer, with the same payload key) and reaches the provider simulator of this tes
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,16 +68,22 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> No
 
 
 @pytest.fixture
-def asgi_server(transactional_db, tmp_path) -> Iterator[str]:
-    """``http://127.0.0.1:<port>``: daphne serving CesaFlow (inline executor) on the test database."""
+def asgi_server(request, transactional_db, tmp_path) -> Iterator[str]:
+    """``http://127.0.0.1:<port>``: daphne serving CesaFlow on the test database. The executor is ``inline`` unless
+    a test asks for ``worker`` (indirect parametrization): then a ``run_worker`` process executes the runs."""
+    executor = getattr(request, "param", "inline")
     port = _free_port()
+    # Agent workspaces where the sandbox uid can reach them (pytest's tmp_path is 0700).
+    workspaces = Path(tempfile.mkdtemp(prefix="cesaflow-e2e-ws-", dir="/tmp"))
+    workspaces.chmod(0o711)
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
         "DATABASE_URL": _database_url(),
         "REDIS_URL": settings.REDIS_URL,
         "CESAFLOW_CHANNEL_LAYER_KEY": settings.CHANNEL_LAYER_KEY,
-        "CESAFLOW_EXECUTOR": "inline",
+        "CESAFLOW_EXECUTOR": executor,
+        "CESAFLOW_WORKSPACE_ROOT": str(workspaces / "workspaces"),
         "PYTHONUNBUFFERED": "1",
     }
     log = tmp_path / "daphne.log"
@@ -87,16 +95,26 @@ def asgi_server(transactional_db, tmp_path) -> Iterator[str]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    worker: subprocess.Popen[bytes] | None = None
+    if executor == "worker":
+        with (tmp_path / "worker.log").open("wb") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "manage.py", "run_worker"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
     try:
         _wait_for_port(port, process, log)
         yield f"http://127.0.0.1:{port}"
     finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=20)
         process.terminate()
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+        shutil.rmtree(workspaces, ignore_errors=True)
         # Kept in the failure report: what the server said (it never logs content or secrets).
         print(log.read_text(errors="replace")[-4000:])
 

@@ -12,6 +12,7 @@ import itertools
 import re
 import secrets
 import time
+import zipfile
 from typing import Any
 
 import pytest
@@ -66,12 +67,8 @@ def _answer_states(page: Any, *, timeout: float = 15.0) -> list[str]:
     raise AssertionError(f"The run did not end within {timeout} s; the pane showed {states!r}")
 
 
-def test_sign_up_add_a_key_stream_a_run_cancel_a_slow_one_and_reload(browser_page, simulator):
+def _sign_up_with_a_simulator_key(page: Any, simulator: Any) -> None:
     from playwright.sync_api import expect
-
-    page = browser_page
-    problems: list[str] = []
-    _watch(page, problems)
 
     # Sign up: a new account with its own organization.
     page.goto("/signup/")
@@ -91,6 +88,32 @@ def test_sign_up_add_a_key_stream_a_run_cancel_a_slow_one_and_reload(browser_pag
     page.fill("#id_base_url", simulator.base_urls["openai"])
     page.click("form.stacked button[type=submit]")
     expect(page.locator(".flash-success").first).to_contain_text("was added")
+
+
+@pytest.mark.parametrize("asgi_server", ["inline", "worker"], indirect=True)
+def test_a_fast_run_started_from_the_dashboard_shows_its_whole_answer(browser_page, simulator):
+    """The answer of an instant run (the simulator's echo, no delay at all) used to be gone before the run page's
+    websocket connected. Now the run starts when the page is attached, whichever executor runs it."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    problems: list[str] = []
+    _watch(page, problems)
+    _sign_up_with_a_simulator_key(page, simulator)
+    for objective in ("Quick one", "And another"):
+        _start_run(page, objective)
+        expect(page.locator("[data-run-status]")).to_have_text("Succeeded")
+        expect(page.locator("[data-run-answer]")).to_have_text(f"You asked: {objective}")
+    assert problems == []
+
+
+def test_sign_up_add_a_key_stream_a_run_cancel_a_slow_one_and_reload(browser_page, simulator):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    problems: list[str] = []
+    _watch(page, problems)
+    _sign_up_with_a_simulator_key(page, simulator)
 
     # A run whose answer arrives in small pieces about 120 ms apart, after the page has connected.
     simulator.enqueue(
@@ -160,4 +183,43 @@ def test_sign_up_add_a_key_stream_a_run_cancel_a_slow_one_and_reload(browser_pag
     expect(page.locator("[data-token-cap]")).to_contain_text("No cap is set")
 
     runs_list.close()
+    assert problems == []
+
+
+def test_an_agent_run_builds_a_package_live_and_its_workspace_downloads_once(browser_page, simulator, tmp_path):
+    """The newcomer's agent demo: files appear, the test command's output scrolls by, the run succeeds, the zip
+    downloads, and afterwards the workspace is gone."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    problems: list[str] = []
+    _watch(page, problems)
+    _sign_up_with_a_simulator_key(page, simulator)
+
+    page.goto("/runs/new/")
+    page.select_option("#id_kind", "agent")
+    page.fill("#id_objective", "Write a greeting package with a test, and run it")
+    page.fill("#id_custom_model", "fake/agent_demo")
+    page.click("form[data-run-form] button[type=submit]")
+    page.wait_for_url(RUN_URL)
+
+    expect(page.locator("[data-agent-files]")).to_contain_text("greeting/__init__.py")
+    expect(page.locator("[data-agent-timeline]")).to_contain_text("run_command python3 -m unittest")
+    expect(page.locator("[data-agent-terminal]")).to_contain_text("OK")
+    expect(page.locator("[data-run-status]")).to_have_text("Succeeded")
+    expect(page.locator("[data-agent-timeline]")).to_contain_text("✓ exit 0")
+    expect(page.locator("[data-agent-step]")).to_contain_text("Step 5 of 40")
+    expect(page.locator("[data-workspace-download]")).to_be_visible()
+
+    with page.expect_download() as download_info:
+        page.click("[data-workspace-download]")
+    saved = tmp_path / "workspace.zip"
+    download_info.value.save_as(saved)
+    with zipfile.ZipFile(saved) as archive:
+        assert "tests/test_greeting.py" in archive.namelist()
+        assert "Hello, " in archive.read("greeting/__init__.py").decode()
+
+    page.reload()
+    expect(page.locator("[data-agent]")).to_contain_text("The workspace was downloaded and deleted.")
+    expect(page.locator("[data-workspace-download]")).to_be_hidden()
     assert problems == []

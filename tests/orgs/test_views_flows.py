@@ -125,12 +125,33 @@ def test_nav_shows_switcher_and_links_by_capability(cast):
 
 def test_settings_rename_org_is_saved_and_audited(cast):
     client = cast.admin_a.client()
-    response = client.post(reverse("orgs:settings"), {"name": "Org A Renamed"})
+    # What a browser sends: the page renders the agents checkbox checked, so it comes along.
+    response = client.post(reverse("orgs:settings"), {"name": "Org A Renamed", "agents_may_run_commands": "on"})
     assert response.status_code == 302
     cast.org_a.refresh_from_db()
     assert cast.org_a.name == "Org A Renamed"
     event = AuditEvent.objects.get(event=AuditEvent.ORG_SETTINGS_CHANGED, org=cast.org_a)
     assert event.metadata["changes"] == {"name": ["Org A", "Org A Renamed"]}
+
+
+def test_settings_turning_agent_commands_off_is_saved_and_audited(cast):
+    client = cast.admin_a.client()
+    page = client.get(reverse("orgs:settings")).content.decode()
+    assert 'name="agents_may_run_commands"' in page
+    assert "checked" in page.split('name="agents_may_run_commands"')[1].split(">")[0]
+    response = client.post(reverse("orgs:settings"), {"name": "Org A"})  # the box unchecked
+    assert response.status_code == 302
+    cast.org_a.refresh_from_db()
+    assert cast.org_a.agents_may_run_commands is False
+    event = AuditEvent.objects.get(event=AuditEvent.ORG_SETTINGS_CHANGED, org=cast.org_a)
+    assert event.metadata["changes"] == {"agents_may_run_commands": [True, False]}
+    # Developers cannot change it: the settings page is for Admins.
+    assert (
+        cast.dev_a.client()
+        .post(reverse("orgs:settings"), {"name": "Org A", "agents_may_run_commands": "on"})
+        .status_code
+        == 403
+    )
 
 
 def test_settings_rejects_empty_and_too_long_names(cast):

@@ -37,7 +37,9 @@ def _key(org: Any, actor: Any, label: str = "main", provider: str = Provider.OPE
 
 
 def _run(member: Any, key: ProviderKey, objective: str = "Summarize the design", model: str = "gpt-4o-mini") -> Run:
-    return run_create(org=member.org, actor=member.user, provider_key_id=key.id, model=model, objective=objective)
+    return run_create(
+        org=member.org, actor=member.user, provider_key_id=key.id, model=model, objective=objective, watch=False
+    )
 
 
 def _finished(run: Run, status: str = RunStatus.SUCCEEDED, **kwargs: Any) -> Run:

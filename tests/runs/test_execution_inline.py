@@ -37,7 +37,9 @@ def _inline(settings):
 
 
 async def _post_run(secret: str, key_id) -> dict[str, Any]:
-    body = json.dumps({"objective": "Inline, please.", "provider_key": str(key_id), "model": "fake/echo"}).encode()
+    body = json.dumps(
+        {"objective": "Inline, please.", "provider_key": str(key_id), "model": "fake/echo", "watch": False}
+    ).encode()
     communicator = HttpCommunicator(
         application,
         "POST",

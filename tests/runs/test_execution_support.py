@@ -72,8 +72,14 @@ def sim_key(
     )
 
 
-def make_run(member: Any, key: ProviderKey, *, model: str = "fake/echo", objective: str = "Say hello.") -> Run:
-    return run_create(org=key.org, actor=member.user, provider_key_id=key.id, model=model, objective=objective)
+def make_run(
+    member: Any, key: ProviderKey, *, model: str = "fake/echo", objective: str = "Say hello.", watch: bool = False
+) -> Run:
+    """A chat run through the real write path. Unwatched by default: most execution tests hand the run to their
+    own executor and watch its channel-layer group directly; start-on-attach tests pass ``watch=True``."""
+    return run_create(
+        org=key.org, actor=member.user, provider_key_id=key.id, model=model, objective=objective, watch=watch
+    )
 
 
 def make_executor(*, limits: CallLimits = FAST_LIMITS, **overrides: Any) -> Executor:

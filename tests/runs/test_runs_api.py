@@ -15,7 +15,7 @@ from keys.models import Provider
 from keys.services import provider_key_create
 from orgs.services import api_key_create
 from runs.models import Run, RunKind, RunStatus, UsageRecord
-from runs.services import run_claim, run_create
+from runs.services import run_attach, run_claim, run_create
 
 pytestmark = pytest.mark.django_db
 
@@ -193,7 +193,7 @@ def test_detail_returns_the_runs_metadata(cast, run_a):
 
 def test_list_filters_by_status_kind_and_creator(cast, key_a, run_a):
     by_dev = run_create(
-        org=cast.org_a, actor=cast.dev_a.api_key, provider_key_id=key_a.id, model="gpt-4o", objective="dev"
+        org=cast.org_a, actor=cast.dev_a.api_key, provider_key_id=key_a.id, model="gpt-4o", objective="dev", watch=False
     )
     run_claim(run_id=by_dev.id, worker_id="w")
     client = cast.dev_a.api()
@@ -264,7 +264,8 @@ def test_developer_cancels_a_queued_run_at_once(cast, run_a):
 
 
 def test_cancelling_a_running_run_flags_it_for_its_executor(cast, run_a):
-    run_claim(run_id=run_a.id, worker_id="w")
+    run_attach(run=run_a)
+    assert run_claim(run_id=run_a.id, worker_id="w") is not None
     response = cast.dev_a.session_api().post(cancel(run_a.id))
     assert response.status_code == 200
     assert response.json()["status"] == "running"

@@ -474,7 +474,9 @@ def test_admins_and_developers_may_read_usage(cast):
 def test_admin_sets_and_removes_the_monthly_token_cap_and_it_is_audited(cast):
     client = cast.admin_a.client()
     assert 'name="monthly_token_cap"' in client.get(reverse("orgs:settings")).content.decode()
-    response = client.post(reverse("orgs:settings"), {"name": "Org A", "monthly_token_cap": "250000"})
+    response = client.post(
+        reverse("orgs:settings"), {"name": "Org A", "monthly_token_cap": "250000", "agents_may_run_commands": "on"}
+    )
     assert response.status_code == 302
     cast.org_a.refresh_from_db()
     assert cast.org_a.monthly_token_cap == 250_000
@@ -482,7 +484,7 @@ def test_admin_sets_and_removes_the_monthly_token_cap_and_it_is_audited(cast):
     assert event.metadata == {"changes": {"monthly_token_cap": [None, 250_000]}}
     assert event.actor_user_id == cast.admin_a.user.id
 
-    client.post(reverse("orgs:settings"), {"name": "Org A", "monthly_token_cap": ""})
+    client.post(reverse("orgs:settings"), {"name": "Org A", "monthly_token_cap": "", "agents_may_run_commands": "on"})
     cast.org_a.refresh_from_db()
     assert cast.org_a.monthly_token_cap is None
     latest = AuditEvent.objects.filter(event=AuditEvent.ORG_SETTINGS_CHANGED).order_by("-created_at").first()

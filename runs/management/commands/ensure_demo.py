@@ -72,6 +72,7 @@ class Command(BaseCommand):
             f"  (kept in {settings.VAR_DIR / 'demo-admin-password'})\n"
             f"  Provider keys {', '.join(DEMO_KEYS)} point at the simulator on {simulator};\n"
             "  pick a model such as fake/echo or fake/slow.\n"
+            "  Agent demo: New run, kind Agent, key demo-openai, type the model fake/agent_demo.\n"
         )
 
     @staticmethod
