@@ -329,9 +329,13 @@ AGENT_LIMITS: dict[str, Any] = {
     )
     if value
 }
-# Commands never run as the server's own uid when it is root: they drop to this one (nobody by default).
-SANDBOX_UID = _env_int("CESAFLOW_SANDBOX_UID", 65534, minimum=1)
-SANDBOX_GID = _env_int("CESAFLOW_SANDBOX_GID", 65534, minimum=1)
+# Commands never run as the server's own uid when it is root. Each run gets its own uid/gid from the range
+# [SANDBOX_UID, SANDBOX_UID + SANDBOX_UIDS) (derived from the run id), so one run's commands cannot use up another's
+# process limit (RLIMIT_NPROC counts per uid), signal its processes or read its files. The uids need no passwd
+# entry; keep the range clear of real users and of /etc/subuid ranges. SANDBOX_UIDS=1: every run shares one uid.
+SANDBOX_UID = _env_int("CESAFLOW_SANDBOX_UID", 200_000, minimum=1)
+SANDBOX_GID = _env_int("CESAFLOW_SANDBOX_GID", 200_000, minimum=1)
+SANDBOX_UIDS = _env_int("CESAFLOW_SANDBOX_UIDS", 65_536, minimum=1)
 
 # --- Auth -------------------------------------------------------------------------------------------
 

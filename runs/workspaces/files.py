@@ -21,7 +21,7 @@ from typing import IO, Literal
 from django.conf import settings
 
 from runs.workspaces.paths import WorkspaceError, confine, confine_parent, real_root, relative, show
-from runs.workspaces.storage import sandbox_owner
+from runs.workspaces.storage import workspace_owner
 
 SKIPPED_DIRS = frozenset({".git", "node_modules", "__pycache__"})
 LIST_MAX_ENTRIES = 500
@@ -322,7 +322,7 @@ def _write(root: Path, target: Path, user_path: str, data: bytes) -> FileChange:
         raise WorkspaceError(f"{show(user_path)} is the workspace root, not a file.")
     old_size = _existing_size(target, user_path)
     _check_caps(root, old_size, len(data))
-    owner = sandbox_owner()
+    owner = workspace_owner(base)
     parent_fd = _open_parent(base, target, user_path, owner)
     try:
         try:

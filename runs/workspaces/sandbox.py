@@ -14,8 +14,9 @@ Three modes, chosen by ``settings.SANDBOX_MODE`` and never swapped for one anoth
   use the network, and a child that calls ``setsid`` escapes the kill of the process group.
 
 In every mode: the environment holds only ``_ENV`` (nothing from ``os.environ``: no keys, no database URL); limits
-are set with ``prlimit``; a server running as root spawns the command as ``SANDBOX_UID``/``SANDBOX_GID`` with no
-supplementary groups (RLIMIT_NPROC counts per uid, hence a dedicated uid); each command gets its own process group,
+are set with ``prlimit``; a server running as root spawns the command as the workspace's owner, the run's own uid
+and gid from the ``SANDBOX_UID`` range, with no supplementary groups (RLIMIT_NPROC counts per uid, hence one uid
+per run: a fork bomb in one run cannot starve another's commands); each command gets its own process group,
 and when it ends, times out or is stopped the whole group is SIGKILLed. In the namespaced modes the kill of the
 bwrap/unshare process also ends its PID namespace, so background and ``nohup`` children die with it.
 
@@ -43,7 +44,7 @@ from typing import Any
 from django.conf import settings
 
 from runs.workspaces.paths import WorkspaceError, real_root
-from runs.workspaces.storage import ensure_root, sandbox_owner
+from runs.workspaces.storage import ensure_root, sandbox_owner, workspace_owner
 
 logger = logging.getLogger("cesaflow.workspaces")
 
@@ -145,8 +146,9 @@ def _env(home: str) -> dict[str, str]:
     }
 
 
-def _identity() -> _Identity:
-    owner = sandbox_owner()
+def _identity(workspace: Path) -> _Identity:
+    """Who a command in ``workspace`` runs as: the workspace's owner (its run's own uid) when we are root."""
+    owner = workspace_owner(workspace)
     if owner is None:
         return _Identity(None, None, None)
     uid, gid = owner
@@ -209,7 +211,7 @@ def _plan(mode: str, workspace: Path, command: str, limits: CommandLimits) -> It
     cwd = os.fspath(workspace)
     if mode == "bwrap":
         env = _env(SANDBOX_HOME)
-        ident = _identity()
+        ident = _identity(workspace)
         uid = ident.user if ident.user is not None else os.geteuid()
         gid = ident.group if ident.group is not None else os.getegid()
         # Tools such as whoami, git and getpass want a passwd entry for the current uid; give them one that names
@@ -260,7 +262,7 @@ def _self_test(mode: str) -> SandboxStatus:
         owner = sandbox_owner()
         if owner is not None:
             os.chown(probe, *owner)
-        ident = _identity()
+        ident = _identity(probe)
         with _plan(mode, probe, _SELF_TEST_COMMAND, DEFAULT_LIMITS) as plan:
             proc = subprocess.Popen(  # noqa: S603 - a fixed argv built by _plan, no shell on our side
                 plan.argv,
@@ -394,7 +396,7 @@ async def _pump(reader: asyncio.StreamReader, capture: _Capture) -> None:
 
 
 async def _spawn(plan: _Plan, write_fd: int) -> asyncio.subprocess.Process:
-    ident = _identity()
+    ident = _identity(Path(plan.cwd))
     return await asyncio.create_subprocess_exec(
         *plan.argv,
         stdin=subprocess.DEVNULL,

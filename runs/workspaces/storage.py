@@ -24,15 +24,29 @@ _RUN_DIR_NAME = re.compile(r"[0-9a-f]{32}")
 _rmtree_checked = False
 
 
-def sandbox_owner() -> tuple[int, int] | None:
-    """(uid, gid) that server-written files must belong to, or None when the server does not run as root.
+def sandbox_owner(run_id: uuid.UUID | str | None = None) -> tuple[int, int] | None:
+    """(uid, gid) a run's sandboxed commands run as, or None when the server does not run as root (commands then
+    run as the server's own uid, and ownership is already right).
 
-    As root, sandboxed commands run as the sandbox uid, so whatever the server creates for them must be theirs.
-    Otherwise commands run as the server's own uid and ownership is already right.
+    Each run has its own pair from ``[SANDBOX_UID, SANDBOX_UID + SANDBOX_UIDS)``, derived from its id, so runs
+    cannot exhaust each other's process limit or touch each other's processes. ``run_id=None``: the base pair
+    (the self-test's probe).
     """
     if os.geteuid() != 0:
         return None
-    return int(settings.SANDBOX_UID), int(settings.SANDBOX_GID)
+    offset = 0 if run_id is None else _run_uuid(run_id).int % int(settings.SANDBOX_UIDS)
+    return int(settings.SANDBOX_UID) + offset, int(settings.SANDBOX_GID) + offset
+
+
+def workspace_owner(workspace: Path) -> tuple[int, int] | None:
+    """Who a workspace's files belong to and its commands run as: the owner of its directory (set by
+    ``workspace_create``), or None when the server does not run as root. Never root."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(workspace)
+    if st.st_uid == 0 or st.st_gid == 0:
+        raise RuntimeError("A workspace owned by root: refusing to act for it.")
+    return st.st_uid, st.st_gid
 
 
 def _run_uuid(run_id: uuid.UUID | str) -> uuid.UUID:
@@ -76,7 +90,7 @@ def workspace_create(run_id: uuid.UUID | str) -> Path:
     except FileExistsError:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             raise
-    owner = sandbox_owner()
+    owner = sandbox_owner(run_id)
     if owner is not None:
         os.chown(path, *owner, follow_symlinks=False)
     return Path(os.path.realpath(path))

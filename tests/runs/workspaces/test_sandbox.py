@@ -109,8 +109,9 @@ async def test_environment_is_scrubbed(mode: str, workspace: Path, monkeypatch) 
 @pytest.mark.skipif(not AS_ROOT, reason="the uid drop only happens when the server runs as root")
 async def test_commands_never_run_as_root(mode: str, workspace: Path, settings) -> None:
     result = await run_command(workspace, "id -u; id -g; id -G", timeout_s=5, mode=mode)
-    expected = f"{settings.SANDBOX_UID}\n{settings.SANDBOX_GID}\n{settings.SANDBOX_GID}\n"
-    assert result.output == expected
+    owner = workspace.stat()  # the run's own uid/gid, never 0
+    assert owner.st_uid >= settings.SANDBOX_UID
+    assert result.output == f"{owner.st_uid}\n{owner.st_gid}\n{owner.st_gid}\n"
 
 
 async def test_bwrap_sees_only_the_workspace_and_python_works(bwrap: str, workspace: Path, settings) -> None:
@@ -123,7 +124,7 @@ async def test_bwrap_sees_only_the_workspace_and_python_works(bwrap: str, worksp
     assert set(lines[3:]) == {"dev", "etc", "proc", "tmp", "usr", "workspace"} | system
     assert (workspace / "made.txt").read_text() == "hello\n"
     if AS_ROOT:
-        assert (workspace / "made.txt").stat().st_uid == settings.SANDBOX_UID
+        assert (workspace / "made.txt").stat().st_uid == workspace.stat().st_uid
 
 
 async def test_bwrap_has_no_network(bwrap: str, workspace: Path) -> None:
@@ -198,6 +199,7 @@ async def test_unshare_hides_the_server_process_but_not_the_filesystem(workspace
 @pytest.mark.skipif(not AS_ROOT, reason="a dedicated uid (and counting its processes) needs root")
 async def test_fork_bomb_is_contained_and_leaves_nothing(mode: str, workspace_root: Path, settings) -> None:
     settings.SANDBOX_UID = settings.SANDBOX_GID = ISOLATED_UID
+    settings.SANDBOX_UIDS = 1
     workspace = workspace_create(uuid.uuid4())
     started = time.monotonic()
     result = await run_command(
@@ -401,3 +403,20 @@ async def test_unknown_mode_fails_its_self_test(workspace_root: Path, workspace:
     assert (status.ok, status.mode) == (False, "docker")
     with pytest.raises(SandboxUnavailable, match="sandbox mode is not recognised"):
         await run_command(workspace, "true", timeout_s=5, mode="docker")
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="per-run uids are handed out only when the server runs as root")
+async def test_a_fork_bomb_in_one_run_does_not_starve_another_runs_commands(
+    bwrap: str, workspace_root: Path, settings
+) -> None:
+    # RLIMIT_NPROC counts every process of a uid: with one uid for all runs, one run's bomb would leave the others
+    # unable to start anything ("Creating new namespace failed: Resource temporarily unavailable").
+    settings.SANDBOX_UID = settings.SANDBOX_GID = 310_000
+    first, second = workspace_create(uuid.UUID(int=1)), workspace_create(uuid.UUID(int=2))
+    assert first.stat().st_uid != second.stat().st_uid
+    limits = CommandLimits(processes=32)
+    bomb = asyncio.create_task(run_command(first, ":(){ :|:& };:; sleep 30", timeout_s=3, mode=bwrap, limits=limits))
+    await asyncio.sleep(1.0)  # the bomb has filled its uid's budget by now
+    result = await run_command(second, "echo fine", timeout_s=5, mode=bwrap, limits=limits)
+    assert (result.exit_code, result.output) == (0, "fine\n")
+    assert (await bomb).timed_out

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from runs.workspaces import workspace_create, workspace_delete, workspace_ids_on_disk, workspace_path, write_file
+from runs.workspaces.storage import sandbox_owner
 from tests.runs.workspaces.conftest import plant
 
 
@@ -32,7 +33,9 @@ def test_create_makes_a_private_run_dir_under_a_traversable_root(workspace_root:
     assert stat.S_IMODE(os.stat(workspace_root).st_mode) == 0o711
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
     if os.geteuid() == 0:
-        assert (path.stat().st_uid, path.stat().st_gid) == (settings.SANDBOX_UID, settings.SANDBOX_GID)
+        # The run's own uid/gid, from the sandbox range.
+        assert (path.stat().st_uid, path.stat().st_gid) == sandbox_owner(run_id)
+        assert settings.SANDBOX_UID <= path.stat().st_uid < settings.SANDBOX_UID + settings.SANDBOX_UIDS
     else:
         assert path.stat().st_uid == os.geteuid()
     # A retried start finds the same directory.
