@@ -76,6 +76,9 @@ class Organization(models.Model):
     monthly_token_cap = models.PositiveBigIntegerField(null=True, blank=True)
     # Agent runs may execute commands (sandboxed) in their workspace; off: agents only read and write files.
     agents_may_run_commands = models.BooleanField(default=True)
+    # The org's own defaults for agent runs' budgets (numbers by name, e.g. {"max_steps": 20}); validated against
+    # the deployment's caps by the runs app, which owns agent limits. Empty: the deployment's defaults.
+    agent_limits = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

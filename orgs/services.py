@@ -85,6 +85,7 @@ def org_update(
     name: str | None = None,
     monthly_token_cap: int | _Keep | None = KEEP,
     agents_may_run_commands: bool | None = None,
+    agent_limits: dict[str, int | float] | None = None,
 ) -> Organization:
     """Change the org's settings; only what is passed changes. ``monthly_token_cap=None`` removes the cap."""
     # Validate everything before touching ``org``, so a refused change leaves the caller's object as it was.
@@ -106,6 +107,12 @@ def org_update(
     if agents_may_run_commands is not None and agents_may_run_commands != org.agents_may_run_commands:
         changes["agents_may_run_commands"] = [org.agents_may_run_commands, agents_may_run_commands]
         org.agents_may_run_commands = agents_may_run_commands
+    if agent_limits is not None and agent_limits != org.agent_limits:
+        # Shape only here: the runs app validated the values against its caps (runs.services.org_agent_limits_set).
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in agent_limits.values()):
+            raise ValidationError({"agent_limits": "Agent limits are numbers."})
+        changes["agent_limits"] = [org.agent_limits, agent_limits]
+        org.agent_limits = agent_limits
     if changes:
         org.save(update_fields=list(changes))
         signals.org_settings_changed.send(sender=Organization, org=org, actor=actor, changes=changes)

@@ -57,6 +57,7 @@ from runs.services import (
     runs_reap_lost,
     workspaces_purge,
 )
+from runs.workspaces import sandbox_status
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -149,6 +150,7 @@ class Executor:
         self._idle.set()
         self._channel_lock = asyncio.Lock()
         self._spawn_internal(self._supervise(), "supervisor")
+        self._spawn_internal(_report_sandbox(), "sandbox-self-test")
         if self._layer() is not None:
             self._spawn_internal(self._listen(), "listener")
         logger.info(
@@ -404,6 +406,14 @@ class Executor:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("executor %s: %s died (%s)", self.worker_id, task.get_name(), type(task.exception()).__name__)
+
+
+async def _report_sandbox() -> None:
+    """The command sandbox's self-test at startup, so a broken sandbox shows in the log before the first agent run
+    needs it (agent commands are then refused with a clear error, never run unsandboxed)."""
+    status = await asyncio.to_thread(sandbox_status)
+    if not status.ok:
+        logger.warning("sandbox self-test FAILED: agent runs cannot run commands (%s)", status.detail)
 
 
 def _parse_uuid(value: Any) -> uuid.UUID | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import date
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from django import forms
 
@@ -110,3 +110,43 @@ class UsageFilterForm(forms.Form):
     def period(self) -> UsagePeriod:
         period: UsagePeriod = self.cleaned_data["period"]
         return period
+
+
+class AgentLimitsForm(DashboardForm):
+    """The org's own budgets for agent runs; empty fields follow the deployment's defaults (shown as
+    placeholders). Whether a value is within the deployment's caps is the service's call."""
+
+    max_steps = forms.IntegerField(label="Model turns per run", required=False, min_value=1)
+    max_tokens = forms.IntegerField(label="Tokens per run (input + output)", required=False, min_value=1)
+    wall_clock_minutes = forms.IntegerField(label="Minutes per run", required=False, min_value=1)
+    command_timeout_s = forms.IntegerField(label="Seconds per command (default)", required=False, min_value=1)
+
+    # Form field -> AgentLimits field, and the factor from the form's unit to the limit's.
+    FIELDS: ClassVar[dict[str, tuple[str, int]]] = {
+        "max_steps": ("max_steps", 1),
+        "max_tokens": ("max_tokens", 1),
+        "wall_clock_minutes": ("wall_clock_s", 60),
+        "command_timeout_s": ("command_timeout_s", 1),
+    }
+
+    def __init__(self, *args: Any, defaults: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, (limit, factor) in self.FIELDS.items():
+            placeholder = f"{int(defaults[limit] // factor):,} (default)"
+            self.fields[name].widget.attrs["placeholder"] = placeholder
+
+    @classmethod
+    def initial_from(cls, overrides: Mapping[str, Any]) -> dict[str, int]:
+        return {
+            name: int(overrides[limit] // factor)
+            for name, (limit, factor) in cls.FIELDS.items()
+            if isinstance(overrides.get(limit), int | float)
+        }
+
+    def overrides(self) -> dict[str, int | float]:
+        values: dict[str, int | float] = {}
+        for name, (limit, factor) in self.FIELDS.items():
+            value = self.cleaned_data.get(name)
+            if value is not None:
+                values[limit] = float(value * factor) if limit.endswith("_s") else int(value * factor)
+        return values

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
+from orgs.services import org_update
 from runs import events
 from runs.agent import AgentLimits
 from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord, WorkspaceState
@@ -129,7 +130,7 @@ def run_create(
     run_limits: dict[str, Any] = {}
     if kind == RunKind.AGENT:
         try:
-            run_limits = dataclasses.asdict(agent_default_limits().merged(limits or {}))
+            run_limits = dataclasses.asdict(org_agent_limits(org=org).merged(limits or {}))
         except ValueError as exc:
             raise ValidationError({"limits": str(exc)}) from None
     run_check_token_cap(org=org)
@@ -388,6 +389,27 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
 def agent_default_limits() -> AgentLimits:
     """The deployment's agent budgets: ``AgentLimits`` with ``settings.AGENT_LIMITS`` applied."""
     return AgentLimits().merged(settings.AGENT_LIMITS)
+
+
+def org_agent_limits(*, org: Organization) -> AgentLimits:
+    """The budgets an org's agent runs get unless a run asks for others: the deployment's defaults with the org's
+    overrides. An override the deployment's caps no longer allow (lowered since) is ignored, not fatal."""
+    limits = agent_default_limits()
+    try:
+        return limits.merged(org.agent_limits or {})
+    except ValueError:
+        logger.warning("org %s: stored agent limits are outside the deployment caps; using the defaults", org.id)
+        return limits
+
+
+def org_agent_limits_set(*, org: Organization, actor: Actor, overrides: Mapping[str, Any]) -> Organization:
+    """Set the org's own agent budgets (only the given names; the rest follow the deployment). Validated against
+    the deployment's caps here, stored and audited by ``org_update``."""
+    try:
+        agent_default_limits().merged(overrides)
+    except ValueError as exc:
+        raise ValidationError({"agent_limits": str(exc)}) from None
+    return org_update(org=org, actor=actor, agent_limits=dict(overrides))
 
 
 # --- Agent workspaces -----------------------------------------------------------------------------------------

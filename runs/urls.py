@@ -14,6 +14,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("runs/new/models/", views.RunModelsView.as_view(), name="run_models"),
     path("runs/<uuid:run_id>/", views.RunDetailView.as_view(), name="run_detail"),
     path("runs/<uuid:run_id>/cancel/", views.RunCancelView.as_view(), name="run_cancel"),
+    path("settings/agents/", views.AgentSettingsView.as_view(), name="agent_settings"),
     path("usage/", views.UsageView.as_view(), name="usage"),
     path("usage.csv", views.UsageCsvView.as_view(), name="usage_csv"),
 ]

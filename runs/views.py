@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
@@ -29,10 +30,11 @@ from orgs import permissions
 from orgs.forms import apply_service_errors
 from orgs.mixins import OrgViewMixin
 from orgs.models import Organization
-from runs.forms import RunCreateForm, RunFilterForm, UsageFilterForm
+from runs.agent import AgentLimits
+from runs.forms import AgentLimitsForm, RunCreateForm, RunFilterForm, UsageFilterForm
 from runs.models import AuditEvent, Run, RunKind, RunStatus
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org, tokens_used_this_month
-from runs.services import run_create, run_request_cancel
+from runs.services import agent_default_limits, org_agent_limits_set, run_create, run_request_cancel
 from runs.usage import UsagePeriod, daily_chart_svg, usage_by, usage_daily, usage_details, usage_totals
 
 AUDIT_PAGE_SIZE = 50
@@ -459,3 +461,40 @@ class UsageCsvView(OrgViewMixin, View):
             # Model names are typed by users and labels come from them too: never let a spreadsheet run them.
             writer.writerow([neutralize_csv_cell(str(cell)) for cell in cells])
         return response
+
+
+class AgentSettingsView(OrgViewMixin, View):
+    """Admins set the org's own budgets for agent runs, within the deployment's caps."""
+
+    template_name = "runs/agent_settings.html"
+    capability = permissions.ORG_MANAGE
+
+    def _form(self, data: Any = None) -> AgentLimitsForm:
+        defaults = dataclasses.asdict(agent_default_limits())
+        initial = AgentLimitsForm.initial_from(self.org.agent_limits or {})
+        return AgentLimitsForm(data, initial=initial, defaults=defaults)
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return self._render(request, self._form())
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        form = self._form(request.POST)
+        if form.is_valid():
+            try:
+                org_agent_limits_set(org=self.org, actor=self.org_context.actor, overrides=form.overrides())
+            except ValidationError as exc:
+                form.add_error(None, exc.messages[0])
+            else:
+                messages.success(request, "Agent limits saved.")
+                return redirect("runs:agent_settings")
+        return self._render(request, form)
+
+    def _render(self, request: HttpRequest, form: AgentLimitsForm) -> HttpResponse:
+        caps = {
+            "max_steps": AgentLimits.MAX_STEPS,
+            "max_tokens": AgentLimits.MAX_TOKENS,
+            "minutes": int(AgentLimits.MAX_WALL_CLOCK_S // 60),
+            "command_s": int(AgentLimits.MAX_COMMAND_TIMEOUT_S),
+        }
+        data = {"form": form, "org": self.org, "caps": caps, "commands": self.org.agents_may_run_commands}
+        return render(request, self.template_name, data)

@@ -273,6 +273,8 @@ class RunStream {
   // --- Agent runs -------------------------------------------------------------------------------------------------
 
   agentStep(event) {
+    // Each model turn's text starts a new paragraph of the answer pane.
+    if (this.sawText && this.textNode) this.textNode.appendData("\n\n");
     if (!this.agentStepLabel) return;
     const tokens = numberFormat.format(event.input_tokens + event.output_tokens);
     const budget = event.max_tokens ? ` of ${numberFormat.format(event.max_tokens)}` : "";

@@ -310,3 +310,14 @@ async def test_an_executor_starting_up_deletes_orphaned_workspaces_at_once(cast,
         while orphan.exists() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
     assert not orphan.exists()
+
+
+async def test_the_monthly_token_cap_stops_an_agent_run_between_steps(cast, simulator):
+    await sync_to_async(org_update)(org=cast.org_a, actor=cast.admin_a.user, monthly_token_cap=500)
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    created = await create_agent_run(cast.dev_a, key)
+    run, watcher = await run_to_end(created["id"])
+    # The first step alone used about 450 tokens; the second brought the run past the cap, so no third call.
+    assert (run.status, run.error_kind) == (RunStatus.FAILED, "token_cap_reached")
+    assert [s["step"] for s in watcher.of_type("agent.step")] == [1, 2]
+    assert await run.usage_records.acount() == 2
