@@ -121,8 +121,9 @@ class RunConsumer(_RunEventsConsumer):
         await self.send_event(events.status_event(snapshot))
         if snapshot.is_terminal:
             await self.send_event(events.finished_event(snapshot, seq=0))
-        elif snapshot.waiting_for_watcher:
-            # Start on attach: now that this socket receives the run's events, the run may call the provider.
+        elif snapshot.attached_at is None:
+            # Start on attach: now that this socket receives the run's events, a waiting run may call the provider
+            # (and an unwatched one is recorded as watched).
             await database_sync_to_async(run_attach)(run=snapshot)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:

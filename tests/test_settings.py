@@ -141,3 +141,10 @@ def test_a_pool_minimum_above_its_maximum_is_refused():
     result = _manage(_production_env(CESAFLOW_DB_POOL_MIN="5", CESAFLOW_DB_POOL_MAX="2"), "check")
     assert result.returncode != 0
     assert "CESAFLOW_DB_POOL_MIN must not exceed CESAFLOW_DB_POOL_MAX" in result.stderr
+
+
+def test_production_refuses_the_unsandboxed_command_mode():
+    result = _manage(_production_env(CESAFLOW_SANDBOX="none"), "check")
+    assert result.returncode != 0
+    assert "CESAFLOW_SANDBOX=none is for development only" in result.stderr
+    assert _manage(_production_env(CESAFLOW_SANDBOX="bwrap"), "check").returncode == 0

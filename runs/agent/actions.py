@@ -99,6 +99,9 @@ async def execute_tool(
         # Anything else the filesystem says (a full disk, a permission a command changed): the generic errno text
         # only, which never names a host path.
         return failure(f"The file operation failed: {os.strerror(exc.errno or errno.EIO)}.")
+    except (ValueError, UnicodeError):
+        # Whatever slipped past argument checking is still the model's input, never a crash of the run.
+        return failure("The file operation failed: invalid arguments.")
 
 
 def _file_tool(name: str, arguments: dict[str, Any], root: Path) -> ToolResult:

@@ -65,6 +65,8 @@ def _check(name: str, value: Any) -> None:
     # bool is an int subclass: True is not a step count.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number.")
+    if isinstance(value, int) and abs(value) > 10**15:  # a 400-digit integer would overflow math.isfinite
+        raise ValueError(f"{name} must be at most {cap:g}.")
     if kind is int:
         if not isinstance(value, int):
             raise ValueError(f"{name} must be a whole number.")

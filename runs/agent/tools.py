@@ -146,11 +146,18 @@ def _check_value(tool: str, name: str, schema: Mapping[str, Any], value: Any) ->
     if expected == "string":
         if not isinstance(value, str):
             raise ArgumentError(f"{tool}: '{name}' must be a string, not {_json_type(value)}.")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but no path or command
+            raise ArgumentError(f"{tool}: '{name}' is not valid UTF-8 text.") from None
         return value
     if expected in ("integer", "number"):
         # bool is an int in Python, never in JSON Schema; 3.0 is an acceptable integer (JSON has one number type).
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             raise ArgumentError(f"{tool}: '{name}' must be a {expected}, not {_json_type(value)}.")
+        # JSON integers are unbounded: 1e400 written out in digits would overflow every float computation.
+        if isinstance(value, int) and abs(value) > 10**12:
+            raise ArgumentError(f"{tool}: '{name}' is out of range.")
         if expected == "integer":
             if isinstance(value, float) and not value.is_integer():
                 raise ArgumentError(f"{tool}: '{name}' must be a whole number.")

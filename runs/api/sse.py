@@ -90,7 +90,7 @@ async def run_event_stream(
             ended = True
             yield sse_frame(events.finished_event(run, seq=0))
             return
-        if run.waiting_for_watcher:
+        if run.attached_at is None:
             await database_sync_to_async(run_attach)(run=run)
         while True:
             if receiver is None:

@@ -55,18 +55,26 @@ class _Sink:
         return data
 
 
-def _members(base: Path) -> list[tuple[str, str]]:
-    """(arcname, absolute path) of every regular file under ``base``, sorted by arcname; links never followed."""
-    found: list[tuple[str, str]] = []
-    for dirpath, _dirnames, filenames in os.walk(base, followlinks=False):
-        for name in filenames:
-            full = os.path.join(dirpath, name)
+def _members(base: Path) -> Iterator[tuple[str, int]]:
+    """(arcname, open read-only fd) of every regular file under ``base``, sorted per directory; the caller closes
+    each fd. Walked with directory fds (``os.fwalk``) and opened relative to them with ``O_NOFOLLOW``: a directory
+    swapped for a symlink during the walk is never followed, at any depth, not only at the last component. Names
+    that are not UTF-8 (a command can create them) cannot be stored in a zip portably and are left out."""
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(base, follow_symlinks=False):
+        dirnames.sort()
+        relative = Path(dirpath).relative_to(base)
+        for name in sorted(filenames):
+            arcname = (relative / name).as_posix()
             try:
-                if stat.S_ISREG(os.lstat(full).st_mode):
-                    found.append((Path(full).relative_to(base).as_posix(), full))
-            except OSError:
+                arcname.encode("utf-8")
+            except UnicodeEncodeError:
+                logger.info("workspace export: a file name that is not UTF-8 was left out")
                 continue
-    return sorted(found)
+            try:
+                fd = os.open(name, _READ_FLAGS, dir_fd=dirfd)
+            except OSError:
+                continue  # vanished, or swapped for a link or a fifo since the listing
+            yield arcname, fd
 
 
 def _too_large(max_bytes: int) -> ExportTooLarge:
@@ -83,11 +91,7 @@ def zip_chunks(root: Path, *, max_bytes: int) -> Iterator[bytes]:
     archive = zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED)
     read_total = 0
     files = 0
-    for arcname, full in _members(base):
-        try:
-            fd = os.open(full, _READ_FLAGS)
-        except OSError:
-            continue  # vanished, or swapped for a link or a fifo since the walk
+    for arcname, fd in _members(base):
         with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -36,6 +36,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,11 @@ def _system_mounts() -> list[str]:
     for extra in ("/etc/alternatives", "/etc/ld.so.cache"):
         if os.path.exists(extra):
             args += ["--ro-bind", extra, extra]
+    # An app installed under a bound directory (/usr/src/app in many images) would be visible through /usr: hide
+    # its code, its var/ (keys, database) and the workspace root behind empty tmpfs mounts.
+    for private in {os.path.realpath(p) for p in (settings.BASE_DIR, settings.VAR_DIR, settings.WORKSPACE_ROOT)}:
+        if private.startswith("/usr/") and os.path.isdir(private):
+            args += ["--tmpfs", private]
     return args
 
 
@@ -219,7 +225,17 @@ def _plan(mode: str, workspace: Path, command: str, limits: CommandLimits) -> It
         passwd = f"sandbox:x:{uid}:{gid}:sandbox:{SANDBOX_HOME}:/bin/bash\n".encode()
         group = f"sandbox:x:{gid}:\n".encode()
         with _data_fds([passwd, group]) as (passwd_fd, group_fd):
-            argv = [*_prlimit(limits), BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+            # --disable-userns: no user namespace inside the sandbox, so no nested unshare to gain capabilities.
+            argv = [
+                *_prlimit(limits),
+                BWRAP,
+                "--unshare-all",
+                "--unshare-user",
+                "--disable-userns",
+                "--die-with-parent",
+                "--new-session",
+                "--clearenv",
+            ]
             for key, value in env.items():
                 argv += ["--setenv", key, value]
             argv += _system_mounts()
@@ -246,7 +262,8 @@ def _kill_group(pgid: int) -> None:
 
 # --- Self-test -----------------------------------------------------------------------------------------------
 
-_status_cache: dict[tuple[object, ...], SandboxStatus] = {}
+_status_cache: dict[tuple[object, ...], tuple[SandboxStatus, float]] = {}  # status, when it was tested
+_FAILED_STATUS_TTL_S = 60.0
 _status_lock = threading.Lock()
 
 
@@ -304,10 +321,14 @@ def sandbox_status(mode: str | None = None, *, refresh: bool = False) -> Sandbox
     chosen = mode or str(settings.SANDBOX_MODE)
     key = (chosen, BWRAP, UNSHARE, PRLIMIT, BASH, str(settings.WORKSPACE_ROOT), sandbox_owner())
     with _status_lock:
-        status = None if refresh else _status_cache.get(key)
+        cached = None if refresh else _status_cache.get(key)
+        status = cached[0] if cached is not None else None
+        # A failure is tested again after a minute (a transient one must not turn commands off until a restart).
+        if cached is not None and not cached[0].ok and time.monotonic() - cached[1] > _FAILED_STATUS_TTL_S:
+            status = None
         if status is None:
             status = _self_test(chosen)
-            _status_cache[key] = status
+            _status_cache[key] = (status, time.monotonic())
             if status.ok:
                 logger.info("sandbox self-test passed: mode=%s", chosen)
             else:

@@ -207,3 +207,23 @@ async def test_a_command_that_overfills_the_workspace_is_told_to_clean_up(worksp
     )
     assert (result.ok, result.summary) == (False, "exit 0; workspace over its limit")
     assert "the workspace now holds 5000 bytes, over its limit of 1000 bytes" in result.content
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments"),
+    [
+        ("run_command", '{"command": "true", "timeout_s": ' + "1" + "0" * 400 + "}"),
+        ("read_file", '{"path": "a\\ud800"}'),
+        ("run_command", '{"command": "echo \\ud800"}'),
+    ],
+)
+def test_arguments_python_cannot_use_are_argument_errors_not_crashes(name: str, arguments: str) -> None:
+    with pytest.raises(ArgumentError):
+        parse_arguments(TOOLS_BY_NAME[name], arguments)
+
+
+def test_a_limit_with_hundreds_of_digits_is_a_value_error() -> None:
+    from runs.agent import AgentLimits
+
+    with pytest.raises(ValueError, match="wall_clock_s"):
+        AgentLimits().merged({"wall_clock_s": 10**400})

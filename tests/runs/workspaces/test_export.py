@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -57,3 +58,28 @@ def test_zip_raises_before_reading_past_the_cap(workspace: Path) -> None:
         list(zip_chunks(workspace, max_bytes=1000))
     assert isinstance(info.value, WorkspaceError)
     assert len(list(zip_chunks(workspace, max_bytes=1200))) >= 1
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_and_the_rest_still_exports(workspace: Path) -> None:
+    write_file(workspace, "ok.txt", "fine\n")
+    # What `touch $'\xff'` in a command leaves behind: zip member names must be text.
+    plant(workspace, "touch $'\\xff'")
+    assert os.path.exists(os.path.join(os.fsencode(workspace), b"\xff"))
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(zip_chunks(workspace, max_bytes=10_000))))
+    assert archive.namelist() == ["ok.txt"]
+
+
+def test_a_directory_swapped_for_a_link_is_not_followed(workspace: Path, outside: Path) -> None:
+    # The walk holds directory fds: even a link appearing where a directory was is opened with O_NOFOLLOW relative
+    # to its parent's fd, never resolved through the path.
+    write_file(workspace, "d/secret.txt", "inside\n")  # the same name as the file outside
+    # A big, barely compressible file in the root: the export yields its first chunk while still in the root,
+    # after listing it (d is a directory then) and before descending into d.
+    write_file(workspace, "a.txt", secrets.token_hex(100_000))
+    chunks = zip_chunks(workspace, max_bytes=1_000_000)
+    first = next(chunks)
+    plant(workspace, f"rm -rf d && ln -s {outside} d")
+    data = first + b"".join(chunks)
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    assert "d/secret.txt" not in names
+    assert b"top secret" not in data

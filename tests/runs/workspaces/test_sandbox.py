@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -198,7 +200,10 @@ async def test_unshare_hides_the_server_process_but_not_the_filesystem(workspace
 
 @pytest.mark.skipif(not AS_ROOT, reason="a dedicated uid (and counting its processes) needs root")
 async def test_fork_bomb_is_contained_and_leaves_nothing(mode: str, workspace_root: Path, settings) -> None:
-    settings.SANDBOX_UID = settings.SANDBOX_GID = ISOLATED_UID
+    # A uid of its own per mode and per session: the bomb's zombies (reaped slowly by some container inits) count
+    # against RLIMIT_NPROC, and must not be inherited by the next mode's bwrap or by a parallel test run.
+    uid = ISOLATED_UID + ["bwrap", "unshare", "none"].index(mode) * 1000 + os.getpid() % 1000
+    settings.SANDBOX_UID = settings.SANDBOX_GID = uid
     settings.SANDBOX_UIDS = 1
     workspace = workspace_create(uuid.uuid4())
     started = time.monotonic()
@@ -210,9 +215,9 @@ async def test_fork_bomb_is_contained_and_leaves_nothing(mode: str, workspace_ro
     assert result.exit_code is None
     assert "Resource temporarily unavailable" in result.output  # RLIMIT_NPROC refused forks
     deadline = time.monotonic() + 3
-    while _live_pids(ISOLATED_UID) and time.monotonic() < deadline:
+    while _live_pids(uid) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert _live_pids(ISOLATED_UID) == []
+    assert _live_pids(uid) == []
 
 
 async def test_fsize_limit_stops_yes_into_a_file(mode: str, workspace: Path) -> None:
@@ -420,3 +425,29 @@ async def test_a_fork_bomb_in_one_run_does_not_starve_another_runs_commands(
     result = await run_command(second, "echo fine", timeout_s=5, mode=bwrap, limits=limits)
     assert (result.exit_code, result.output) == (0, "fine\n")
     assert (await bomb).timed_out
+
+
+async def test_bwrap_refuses_nested_user_namespaces(bwrap: str, workspace: Path) -> None:
+    # security.md: a command must not gain (namespaced) root by unsharing again inside the sandbox.
+    result = await run_command(workspace, "unshare -U -r id -u; echo rc=$?", timeout_s=5, mode=bwrap)
+    assert result.output.strip().endswith("rc=1")
+    assert "\n0\n" not in f"\n{result.output}"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="creating a directory under /usr needs root")
+async def test_app_directories_under_usr_are_hidden_from_bwrap(bwrap: str, workspace: Path, settings) -> None:
+    # Images often install the app under /usr (e.g. /usr/src/app), which bwrap binds read-only for the toolchain.
+    app = Path(tempfile.mkdtemp(prefix="cesaflow-app-", dir="/usr/local/share"))
+    try:
+        (app / "keyring").write_text("app secret\n")
+        app.chmod(0o755)
+        (app / "keyring").chmod(0o644)
+        settings.VAR_DIR = app
+        result = await run_command(workspace, f"cat {app}/keyring; ls -A {app} | wc -l", timeout_s=5, mode=bwrap)
+        assert "app secret" not in result.output
+        assert result.output.strip().endswith("0")
+        settings.VAR_DIR = app.parent / "elsewhere"  # the control: not hidden when it is not the app's
+        control = await run_command(workspace, f"cat {app}/keyring", timeout_s=5, mode=bwrap)
+        assert "app secret" in control.output
+    finally:
+        shutil.rmtree(app, ignore_errors=True)
