@@ -317,6 +317,9 @@ WORKSPACE_MAX_FILES = _env_int("CESAFLOW_WORKSPACE_MAX_FILES", 5000, minimum=10)
 SANDBOX_MODE = os.environ.get("CESAFLOW_SANDBOX", "").strip().lower() or "bwrap"
 if SANDBOX_MODE not in {"bwrap", "unshare", "none"}:
     raise ImproperlyConfigured("CESAFLOW_SANDBOX must be 'bwrap', 'unshare' or 'none'.")
+if PRODUCTION and SANDBOX_MODE == "none":
+    # Model-written code with the server's view of the machine: never where real keys and data live.
+    raise ImproperlyConfigured("CESAFLOW_SANDBOX=none is for development only; use bwrap (or unshare) in production.")
 # Deployment defaults of every agent run's budgets (runs.agent.AgentLimits; a request may ask for others within
 # the hard caps there). Unset: 40 steps, 500,000 tokens, 20 minutes, 60 s per command.
 AGENT_LIMITS: dict[str, Any] = {
@@ -329,6 +332,11 @@ AGENT_LIMITS: dict[str, Any] = {
     )
     if value
 }
+# GitHub webhooks: the largest delivery body read (413 beyond, before any parsing; set the reverse proxy's body
+# limit for /hooks/ to match) and how long delivery ids are remembered against replays (beyond GitHub's 3-day
+# redelivery window).
+WEBHOOK_MAX_BODY_BYTES = _env_int("CESAFLOW_WEBHOOK_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+WEBHOOK_DELIVERY_RETENTION_DAYS = _env_int("CESAFLOW_WEBHOOK_DELIVERY_RETENTION_DAYS", 30, minimum=3)
 # Commands never run as the server's own uid when it is root. Each run gets its own uid/gid from the range
 # [SANDBOX_UID, SANDBOX_UID + SANDBOX_UIDS) (derived from the run id), so one run's commands cannot use up another's
 # process limit (RLIMIT_NPROC counts per uid), signal its processes or read its files. The uids need no passwd

@@ -26,6 +26,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("api/v1/", include(api_v1)),
+    path("hooks/github/", include("runs.webhooks.urls")),  # signed by GitHub: no session, no CSRF
     path("", include("keys.urls")),
     path("", include("runs.urls")),
     path("", include("orgs.urls")),

@@ -17,6 +17,7 @@ RUNS_READ = "runs:read"
 USAGE_READ = "usage:read"
 BILLING_MANAGE = "billing:manage"
 AUDIT_READ = "audit:read"
+PROJECTS_MANAGE = "projects:manage"  # delete projects, connect GitHub, rotate webhook secrets
 
 DEVELOPER_CAPABILITIES: frozenset[str] = frozenset(
     {ORG_READ, MEMBERS_READ, KEYS_READ, RUNS_WRITE, RUNS_READ, USAGE_READ}
@@ -28,6 +29,7 @@ ADMIN_CAPABILITIES: frozenset[str] = DEVELOPER_CAPABILITIES | {
     KEYS_WRITE,
     BILLING_MANAGE,
     AUDIT_READ,
+    PROJECTS_MANAGE,
 }
 
 CAPABILITIES: dict[str, frozenset[str]] = {

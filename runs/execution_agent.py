@@ -41,11 +41,12 @@ from runs.execution_common import (
     usage_event,
 )
 from runs.models import Run, RunStatus
+from runs.projects.services import project_record_run
 from runs.providers import CallLimits, ChatRequest
 from runs.providers.events import ErrorKind, ProviderEvent, Retry, Usage
 from runs.selectors import tokens_used_this_month
 from runs.services import run_workspace_closed, run_workspace_opened
-from runs.workspaces import FileChange, sandbox_status, tree, workspace_create
+from runs.workspaces import FileChange, project_workspace_create, sandbox_status, tree, workspace_create
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -177,8 +178,14 @@ async def call_agent(
         return KEY_REVOKED
     call = limits or call_limits()
     mode = str(settings.SANDBOX_MODE)
-    await database_sync_to_async(run_workspace_opened)(run_id=run.id, sandbox_mode=mode)
-    root = await asyncio.to_thread(workspace_create, run.id)
+    project_id = run.project_id
+    if project_id is not None:
+        # A named project's persistent workspace: left in place when the run ends, never downloaded-and-deleted.
+        await database_sync_to_async(run_workspace_opened)(run_id=run.id, sandbox_mode=mode, project=True)
+        root = await asyncio.to_thread(project_workspace_create, project_id)
+    else:
+        await database_sync_to_async(run_workspace_opened)(run_id=run.id, sandbox_mode=mode)
+        root = await asyncio.to_thread(workspace_create, run.id)
     run.sandbox_mode = mode
     sink = _LiveSink(
         run, publisher=publisher, tally=tally, root=root, coalesce_s=float(settings.RUN_STREAM_COALESCE_SECONDS)
@@ -227,7 +234,10 @@ async def call_agent(
         return KEY_UNREADABLE
     finally:
         await sink.close()
-        await database_sync_to_async(run_workspace_closed)(run_id=run.id)
+        if project_id is not None:
+            await database_sync_to_async(project_record_run)(project_id=project_id, root=root)
+        else:
+            await database_sync_to_async(run_workspace_closed)(run_id=run.id)
     tally.turn_ended = outcome.steps > 0
     if outcome.status == "succeeded":
         return Outcome(RunStatus.SUCCEEDED)

@@ -50,6 +50,7 @@ from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl,
 from runs.providers import CallLimits
 from runs.selectors import unscoped_runs_to_stop
 from runs.services import (
+    retention_purge,
     run_claim,
     run_heartbeat,
     runs_claim_queued,
@@ -66,6 +67,8 @@ INLINE_QUEUE_POLL_SECONDS = 5.0
 # After asking its runs to stop at shutdown, an executor waits this long for them to record their end.
 STOP_RECORD_TIMEOUT_SECONDS = 10.0
 CLAIM_BATCH = 20
+# Audit events and webhook delivery ids are purged this often by every reaping executor (cheap, idempotent).
+RETENTION_INTERVAL_SECONDS = 3600.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -135,6 +138,7 @@ class Executor:
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._started = False
+        self._next_retention = 0.0
         self._stopping = False
         self._closed = False
 
@@ -333,9 +337,13 @@ class Executor:
         if expired:
             logger.info("executor %s: %d run(s) cancelled, not watched in time", self.worker_id, len(expired))
         lost = await database_sync_to_async(runs_reap_lost)(stale_after=timedelta(seconds=self.config.stale_after_s))
-        # Workspaces past their retention (a download window that ended, a run that died): the first tick after a
-        # start is also the cleanup after a crash or restart.
+        # Retention (README "Retention"): workspaces past their window or left by a dead run every tick (the first
+        # tick after a start is the cleanup after a crash); old audit events and webhook delivery ids hourly.
         await database_sync_to_async(workspaces_purge)()
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_retention:
+            self._next_retention = now + RETENTION_INTERVAL_SECONDS
+            await database_sync_to_async(retention_purge)()
         if lost:
             logger.warning(
                 "executor %s reaped %d lost run(s): %s",

@@ -6,6 +6,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 
@@ -35,6 +36,14 @@ class AuditEvent(models.Model):
     KEY_REWRAPPED = "key.rewrapped"
     KEY_DECRYPT_FAILED = "key.decrypt_failed"
     KEYS_DISABLED_ALL = "key.disabled_all"
+    PROJECT_CREATED = "project.created"
+    PROJECT_UPDATED = "project.updated"
+    PROJECT_DELETED = "project.deleted"
+    GITHUB_CONNECTED = "project.github_connected"
+    GITHUB_SECRET_ROTATED = "project.github_secret_rotated"  # noqa: S105 - an event name, not a secret
+    GITHUB_DISCONNECTED = "project.github_disconnected"
+    WEBHOOK_SIGNATURE_FAILED = "webhook.signature_failed"
+    WEBHOOK_RUN_STARTED = "webhook.run_started"
 
     EVENTS = (
         USER_SIGNED_UP,
@@ -58,6 +67,14 @@ class AuditEvent(models.Model):
         KEY_REWRAPPED,
         KEY_DECRYPT_FAILED,
         KEYS_DISABLED_ALL,
+        PROJECT_CREATED,
+        PROJECT_UPDATED,
+        PROJECT_DELETED,
+        GITHUB_CONNECTED,
+        GITHUB_SECRET_ROTATED,
+        GITHUB_DISCONNECTED,
+        WEBHOOK_SIGNATURE_FAILED,
+        WEBHOOK_RUN_STARTED,
     )
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -99,6 +116,7 @@ class WorkspaceState(models.TextChoices):
     NONE = "", "No workspace"
     LIVE = "live", "In use"
     AVAILABLE = "available", "Ready to download"
+    DOWNLOADING = "downloading", "Being downloaded"
     DOWNLOADED = "downloaded", "Downloaded and deleted"
     EXPIRED = "expired", "Expired and deleted"
 
@@ -118,6 +136,75 @@ class RunStatus(models.TextChoices):
 
 
 TERMINAL_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class Project(models.Model):
+    """A named, ongoing piece of work with one persistent workspace: agent runs on it build on what earlier runs
+    left. Its runs are serialized (one at a time); deleting it deletes its workspace at once and keeps the runs'
+    metadata. A GitHub repository can be connected so webhook deliveries start runs on it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    org = models.ForeignKey("orgs.Organization", on_delete=models.CASCADE, related_name="projects")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True, max_length=2000)
+    default_provider_key = models.ForeignKey(
+        "keys.ProviderKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    default_model = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=254, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    # Measured after each run (metadata: a size, never content).
+    workspace_bytes = models.PositiveBigIntegerField(default=0)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    # GitHub: the connected repository ("owner/name"), the webhook secret sealed like a provider key (the current
+    # one and, during a rotation, the previous one), the label that starts a run, and when the secret was rotated.
+    github_repository = models.CharField(max_length=200, blank=True)
+    github_secret_sealed = models.TextField(blank=True, editable=False)
+    github_previous_secret_sealed = models.TextField(blank=True, editable=False)
+    github_secret_rotated_at = models.DateTimeField(null=True, blank=True)
+    github_label = models.CharField(max_length=50, blank=True, default="cesaflow")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint("org", Lower("name"), name="runs_project_name_unique_per_org"),
+        ]
+
+    def __str__(self) -> str:
+        return f"project {self.id}"
+
+    @property
+    def github_connected(self) -> bool:
+        return bool(self.github_repository and self.github_secret_sealed)
+
+
+class WebhookDelivery(models.Model):
+    """One GitHub delivery to a project's hook, remembered (id, event, outcome; never the payload) so a replay or a
+    redelivery starts nothing twice. ``body_sha256`` tells a redelivery (same body) from a forgery (same id, other
+    body). Kept ``WEBHOOK_DELIVERY_RETENTION_DAYS``, beyond GitHub's redelivery window."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="deliveries")
+    delivery_id = models.CharField(max_length=100)
+    event = models.CharField(max_length=50)
+    action = models.CharField(max_length=50, blank=True)
+    body_sha256 = models.CharField(max_length=64)
+    outcome = models.CharField(max_length=32)  # run_started, ignored, pong
+    reason = models.CharField(max_length=200, blank=True)
+    run = models.ForeignKey("Run", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "delivery_id"], name="runs_webhookdelivery_unique_id"),
+        ]
+        indexes = [models.Index(fields=["project", "-received_at"], name="runs_delivery_project_recv")]
+
+    def __str__(self) -> str:
+        return f"delivery {self.delivery_id} ({self.outcome})"
 
 
 class Run(models.Model):
@@ -159,6 +246,8 @@ class Run(models.Model):
     worker_id = models.CharField(max_length=64, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # An agent run on a named project works in the project's persistent workspace (never downloaded-and-deleted).
+    project = models.ForeignKey(Project, on_delete=models.SET_NULL, null=True, blank=True, related_name="runs")
     # Start on attach: a watched run stays queued until its stream is attached (``attached_at``), so an answer that
     # is never stored is never streamed to nobody. An unwatched run (``watch`` false) starts at once.
     watch = models.BooleanField(default=True)
@@ -170,6 +259,9 @@ class Run(models.Model):
     workspace_state = models.CharField(max_length=16, choices=WorkspaceState.choices, blank=True, default="")
     workspace_expires_at = models.DateTimeField(null=True, blank=True)
     workspace_deleted_at = models.DateTimeField(null=True, blank=True)
+    # While ``downloading``: until when the download holds the workspace (renewed as it streams; a download whose
+    # client vanished without a trace lets go when this passes).
+    workspace_lease_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [

@@ -21,7 +21,16 @@ from orgs.models import Actor, ApiKey, Organization, User, actor_label
 from orgs.services import org_update
 from runs import events
 from runs.agent import AgentLimits
-from runs.models import TERMINAL_STATUSES, AuditEvent, Run, RunKind, RunStatus, UsageRecord, WorkspaceState
+from runs.models import (
+    TERMINAL_STATUSES,
+    AuditEvent,
+    Project,
+    Run,
+    RunKind,
+    RunStatus,
+    UsageRecord,
+    WorkspaceState,
+)
 from runs.selectors import tokens_used_this_month
 from runs.workspaces import workspace_delete, workspace_ids_on_disk
 
@@ -94,6 +103,8 @@ def run_create(
     kind: str = RunKind.CHAT,
     watch: bool | None = None,
     limits: Mapping[str, Any] | None = None,
+    project: Project | None = None,
+    created_by_label: str | None = None,
     publish_status: bool = True,
 ) -> Run:
     """A new run. ``chat`` runs are queued and handed to the executor after commit; ``completion`` runs (the
@@ -105,7 +116,8 @@ def run_create(
     than the stream.
 
     ``limits`` (agent runs): overrides of the deployment's ``AgentLimits``, validated against its caps; the run
-    records the budgets it gets.
+    records the budgets it gets. ``project`` (agent runs, resolved in ``org`` by the caller): work in the project's
+    persistent workspace. ``created_by_label``: who started it when neither a user nor a key did (a webhook).
 
     ``publish_status=False``: the caller publishes the run's first status event itself after commit (the proxy
     does it from its event loop without waiting, so Redis is not on the path to the first token)."""
@@ -127,6 +139,8 @@ def run_create(
         raise ValidationError({"objective": "Say what the agent should build or do."})
     if limits and kind != RunKind.AGENT:
         raise ValidationError({"limits": "Only agent runs take limits."})
+    if project is not None and (kind != RunKind.AGENT or project.org_id != org.id):
+        raise ValidationError({"project": "Only agent runs of the project's organization work on a project."})
     run_limits: dict[str, Any] = {}
     if kind == RunKind.AGENT:
         try:
@@ -149,8 +163,12 @@ def run_create(
         started_at=now if starts_now else None,
         watch=watch and not starts_now,
         limits=run_limits,
+        project=project,
         **_actor_fields(actor),
     )
+    if created_by_label is not None and actor is None:
+        run.created_by_label = created_by_label[:254]
+        run.save(update_fields=["created_by_label"])
     transaction.on_commit(lambda: _after_create(run, publish_status=publish_status))
     return run
 
@@ -166,6 +184,9 @@ def run_attach(*, run: Run) -> bool:
         )
         == 1
     )
+    if not started and run.attached_at is None:
+        # An unwatched run someone follows anyway: remembered, so its page does not claim nobody saw it.
+        Run.objects.filter(id=run.id, attached_at__isnull=True).update(attached_at=now)
     if started:
         run.attached_at = now
         transaction.on_commit(lambda: _submit(run.id))
@@ -193,7 +214,7 @@ def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
     """Claim a queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise (also
     for a watched run nobody has attached to yet)."""
     run = Run.objects.select_for_update(skip_locked=True).filter(READY, id=run_id, status=RunStatus.QUEUED).first()
-    if run is None:
+    if run is None or not _serialized([run]):
         return None
     now = timezone.now()
     run.status = RunStatus.RUNNING
@@ -212,17 +233,39 @@ UNATTENDED_RUN_LIMIT = timedelta(minutes=15)
 EXECUTABLE_KINDS = (RunKind.CHAT, RunKind.AGENT)
 
 
+def _serialized(candidates: list[Run]) -> list[Run]:
+    """The candidates that may start now: at most one per project, and none on a project that has a run
+    executing. Inside the claim's transaction: the project rows are locked (skip locked) until the claimed run is
+    committed ``running``, so two executors never start two runs on one project."""
+    project_ids = {run.project_id for run in candidates if run.project_id is not None}
+    if not project_ids:
+        return candidates
+    free = set(
+        Project.objects.select_for_update(skip_locked=True).filter(id__in=project_ids).values_list("id", flat=True)
+    )
+    busy = set(Run.objects.filter(project_id__in=free, status=RunStatus.RUNNING).values_list("project_id", flat=True))
+    chosen: list[Run] = []
+    for run in candidates:
+        if run.project_id is not None:
+            if run.project_id not in free or run.project_id in busy:
+                continue
+            busy.add(run.project_id)  # one per project per claim
+        chosen.append(run)
+    return chosen
+
+
 @transaction.atomic
 def runs_claim_queued(*, worker_id: str, limit: int) -> list[Run]:
     """Claim up to ``limit`` of the oldest queued runs for ``worker_id`` (one statement with ``FOR UPDATE SKIP
     LOCKED``: concurrent workers never claim the same run and never wait for each other)."""
     if limit < 1:
         return []
-    runs = list(
+    candidates = list(
         Run.objects.select_for_update(skip_locked=True)
         .filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
-        .order_by("created_at", "id")[:limit]
+        .order_by("created_at", "id")[: limit * 4]
     )
+    runs = _serialized(candidates)[:limit]
     now = timezone.now()
     for run in runs:
         run.status = RunStatus.RUNNING
@@ -415,9 +458,13 @@ def org_agent_limits_set(*, org: Organization, actor: Actor, overrides: Mapping[
 # --- Agent workspaces -----------------------------------------------------------------------------------------
 
 
-def run_workspace_opened(*, run_id: uuid.UUID, sandbox_mode: str) -> None:
+def run_workspace_opened(*, run_id: uuid.UUID, sandbox_mode: str, project: bool = False) -> None:
     """The executor is about to create the run's workspace: from now on it is ``live`` (recorded first, so a
-    directory on disk always has a row saying whose it is)."""
+    directory on disk always has a row saying whose it is). A project run works in the project's workspace, whose
+    life is the project's: the run records only how its commands were sandboxed."""
+    if project:
+        Run.objects.filter(id=run_id).update(sandbox_mode=sandbox_mode[:16])
+        return
     Run.objects.filter(id=run_id).update(workspace_state=WorkspaceState.LIVE, sandbox_mode=sandbox_mode[:16])
 
 
@@ -430,11 +477,47 @@ def run_workspace_closed(*, run_id: uuid.UUID) -> Run:
     return Run.objects.get(id=run_id)
 
 
+WORKSPACE_BUSY = "workspace_busy"
+# How long a download holds its workspace without renewing (it renews every DOWNLOAD_LEASE / 4 while streaming).
+DOWNLOAD_LEASE = timedelta(seconds=120)
+
+
+@transaction.atomic
+def run_workspace_download_begin(*, run: Run) -> None:
+    """Lease the workspace to one download (``downloading``): a second download, or the retention sweep, waits
+    until it ends instead of reading or deleting files under it. ValidationError ``workspace_busy`` when another
+    download holds it; ``workspace_deleted`` when it is gone."""
+    locked = Run.objects.select_for_update().get(id=run.id)
+    now = timezone.now()
+    leased = locked.workspace_lease_until is not None and locked.workspace_lease_until > now
+    if locked.workspace_state == WorkspaceState.DOWNLOADING and leased:
+        raise ValidationError("Another download of this workspace is in progress.", code=WORKSPACE_BUSY)
+    if locked.workspace_state not in (WorkspaceState.AVAILABLE, WorkspaceState.DOWNLOADING):
+        raise ValidationError("This workspace is gone.", code="workspace_deleted")
+    locked.workspace_state = WorkspaceState.DOWNLOADING
+    locked.workspace_lease_until = now + DOWNLOAD_LEASE
+    locked.save(update_fields=["workspace_state", "workspace_lease_until"])
+
+
+def run_workspace_download_renew(*, run: Run) -> None:
+    """A download still streaming keeps its lease."""
+    Run.objects.filter(id=run.id, workspace_state=WorkspaceState.DOWNLOADING).update(
+        workspace_lease_until=timezone.now() + DOWNLOAD_LEASE
+    )
+
+
+def run_workspace_download_abandoned(*, run: Run) -> None:
+    """The download did not complete (the client went away): the workspace is downloadable again."""
+    Run.objects.filter(id=run.id, workspace_state=WorkspaceState.DOWNLOADING).update(
+        workspace_state=WorkspaceState.AVAILABLE
+    )
+
+
 @transaction.atomic
 def run_workspace_downloaded(*, run: Run) -> bool:
     """A complete download of the workspace went out: delete it now. True if this call deleted it."""
     locked = Run.objects.select_for_update().get(id=run.id)
-    if locked.workspace_state != WorkspaceState.AVAILABLE:
+    if locked.workspace_state != WorkspaceState.DOWNLOADING:
         return False
     workspace_delete(locked.id)
     locked.workspace_state = WorkspaceState.DOWNLOADED
@@ -458,6 +541,8 @@ def workspaces_purge() -> int:
         stale = Run.objects.select_for_update(skip_locked=True).filter(
             Q(workspace_state=WorkspaceState.AVAILABLE, workspace_expires_at__lt=now)
             | Q(workspace_state=WorkspaceState.LIVE, status__in=TERMINAL_STATUSES)
+            # Past its window, and no download holds it any more (its client or process vanished).
+            | Q(workspace_state=WorkspaceState.DOWNLOADING, workspace_expires_at__lt=now, workspace_lease_until__lt=now)
         )
         for run in stale:
             deleted += workspace_delete(run.id)
@@ -468,7 +553,8 @@ def workspaces_purge() -> int:
     if on_disk:
         kept = set(
             Run.objects.filter(
-                id__in=on_disk, workspace_state__in=[WorkspaceState.LIVE, WorkspaceState.AVAILABLE]
+                id__in=on_disk,
+                workspace_state__in=[WorkspaceState.LIVE, WorkspaceState.AVAILABLE, WorkspaceState.DOWNLOADING],
             ).values_list("id", flat=True)
         )
         for run_id in on_disk:
@@ -477,3 +563,14 @@ def workspaces_purge() -> int:
     if deleted:
         logger.info("purged %d workspace(s)", deleted)
     return deleted
+
+
+def retention_purge() -> dict[str, int]:
+    """The periodic retention jobs besides workspaces: audit events past ``AUDIT_RETENTION_DAYS`` and webhook
+    delivery ids past ``WEBHOOK_DELIVERY_RETENTION_DAYS``. What each deleted (counts only)."""
+    from runs.webhooks.services import webhook_deliveries_purge  # webhooks build on these services
+
+    return {
+        "audit_events": audit_purge(older_than_days=settings.AUDIT_RETENTION_DAYS),
+        "webhook_deliveries": webhook_deliveries_purge(older_than_days=settings.WEBHOOK_DELIVERY_RETENTION_DAYS),
+    }

@@ -345,6 +345,8 @@ class RunDetailView(OrgViewMixin, View):
             "server_now": timezone.now(),
             "error_explanations": ERROR_EXPLANATIONS,
             "attach_window": int(settings.RUN_ATTACH_WINDOW_SECONDS),
+            # What this run's commands ran in, or will run in (the configured mode, until the run starts).
+            "sandbox_mode": run.sandbox_mode or settings.SANDBOX_MODE,
         }
         return render(request, self.template_name, data)
 

@@ -86,8 +86,20 @@ class RunCreateSerializer(StrictInputSerializer):
         '200000, "wall_clock_s": 600, "command_timeout_s": 60}`.',
     )
     objective = serializers.CharField(max_length=OBJECTIVE_MAX_CHARS, help_text="What the model should do.")
-    provider_key = serializers.UUIDField(help_text="The id of one of the organization's provider keys.")
-    model = serializers.CharField(max_length=MODEL_MAX_CHARS, help_text="The provider's model id, e.g. `gpt-4o`.")
+    provider_key = serializers.UUIDField(
+        required=False,
+        help_text="The id of one of the organization's provider keys (optional with a `project` that has a "
+        "default key).",
+    )
+    model = serializers.CharField(
+        max_length=MODEL_MAX_CHARS,
+        required=False,
+        help_text="The provider's model id, e.g. `gpt-4o` (optional with a `project` that has a default model).",
+    )
+    project = serializers.UUIDField(
+        required=False,
+        help_text="Agent runs: work in this project's persistent workspace (one run at a time per project).",
+    )
     watch = serializers.BooleanField(
         required=False,
         help_text="Default true for chat runs, false for agent runs: the run calls the provider only once a stream "
@@ -108,6 +120,12 @@ class RunCreateSerializer(StrictInputSerializer):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "project" in attrs and attrs.get("kind") != RunKind.AGENT:
+            raise serializers.ValidationError({"project": ["Only agent runs work on a project."]})
+        if "project" not in attrs:
+            missing = {name: ["This field is required."] for name in ("provider_key", "model") if name not in attrs}
+            if missing:
+                raise serializers.ValidationError(missing)
         if attrs.get("cancel_on_disconnect") and not attrs.get("stream"):
             raise serializers.ValidationError(
                 {"cancel_on_disconnect": ["Only with `stream: true` (there is no connection to watch otherwise)."]}

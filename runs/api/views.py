@@ -10,13 +10,16 @@ org's run is a 404 like a missing one; a provider key of another org is a 400 ``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, TypeVar
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
@@ -35,8 +38,20 @@ from runs.api.serializers import (
 )
 from runs.api.sse import EventStreamNegotiationMixin, event_stream_response, run_event_stream, wants_event_stream
 from runs.models import Run, WorkspaceState
+from runs.projects.selectors import project_get_for_org
+from runs.projects.services import project_run_create
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org
-from runs.services import NOT_CANCELLABLE, run_create, run_request_cancel, run_workspace_downloaded
+from runs.services import (
+    DOWNLOAD_LEASE,
+    NOT_CANCELLABLE,
+    WORKSPACE_BUSY,
+    run_create,
+    run_request_cancel,
+    run_workspace_download_abandoned,
+    run_workspace_download_begin,
+    run_workspace_download_renew,
+    run_workspace_downloaded,
+)
 from runs.workspaces import usage, workspace_path, zip_chunks
 
 
@@ -117,17 +132,33 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         stream = data["stream"] or wants_event_stream(request)
+        # A streamed create watches from its first event, whatever the kind's default.
+        watch = data.get("watch", True if stream else None)
         try:
-            run = run_create(
-                org=self.org,
-                actor=self.org_context.actor,
-                provider_key_id=data["provider_key"],
-                model=data["model"],
-                objective=data["objective"],
-                kind=data["kind"],
-                watch=data.get("watch"),
-                limits=data.get("limits"),
-            )
+            if "project" in data:
+                project = project_get_for_org(org=self.org, project_id=data["project"])
+                if project is None:  # another org's project and a missing one look the same
+                    raise DjangoValidationError({"project": "No such project."})
+                run = project_run_create(
+                    project=project,
+                    actor=self.org_context.actor,
+                    objective=data["objective"],
+                    provider_key_id=data.get("provider_key"),
+                    model=data.get("model", ""),
+                    watch=watch,
+                    limits=data.get("limits"),
+                )
+            else:
+                run = run_create(
+                    org=self.org,
+                    actor=self.org_context.actor,
+                    provider_key_id=data["provider_key"],
+                    model=data["model"],
+                    objective=data["objective"],
+                    kind=data["kind"],
+                    watch=watch,
+                    limits=data.get("limits"),
+                )
         except DjangoValidationError as exc:
             if getattr(exc, "code", None) == "token_cap_reached":
                 raise ApiError(status.HTTP_429_TOO_MANY_REQUESTS, "token_cap_reached", exc.messages[0]) from None
@@ -182,6 +213,9 @@ class RunCancelView(_RunObjectMixin):
         return Response(RunSerializer(run).data)
 
 
+_R = TypeVar("_R", bound=HttpResponseBase)
+
+
 class RunWorkspaceView(_RunObjectMixin):
     """``GET /runs/{id}/workspace``: an agent run's workspace as a zip built on the fly. The first complete download
     deletes the workspace; a later one is 410 ``workspace_deleted``."""
@@ -193,14 +227,15 @@ class RunWorkspaceView(_RunObjectMixin):
         summary="Download an agent run's workspace (zip); the first complete download deletes it",
         description="Streams a zip of the files the agent left (regular files only: symlinks and special files are "
         "never followed or included). Available from the end of the run until `workspace_expires_at`; the first "
-        "complete download deletes the workspace. 409 `workspace_in_use` while the run executes, 410 "
-        "`workspace_deleted` once downloaded or expired, 404 for runs without a workspace.",
+        "complete download deletes the workspace (a HEAD request does not). 409 `workspace_in_use` while the run "
+        "executes, 409 `workspace_busy` while another download of it is in progress, 410 `workspace_deleted` once "
+        "downloaded or expired, 404 for runs without a workspace.",
         responses={
             (200, "application/zip"): OpenApiResponse(response=OpenApiTypes.BINARY, description="The workspace."),
-            **error_responses(401, 403, 404, 409, 410, 413),
+            **error_responses(401, 403, 404, 409, 410, 413, 503),
         },
     )
-    def get(self, request: Request, run_id: Any) -> StreamingHttpResponse:
+    def get(self, request: Request, run_id: Any) -> HttpResponse | StreamingHttpResponse:
         run = self.get_run(run_id)
         state = run.workspace_state
         if state == WorkspaceState.LIVE:
@@ -208,31 +243,85 @@ class RunWorkspaceView(_RunObjectMixin):
         if state in (WorkspaceState.DOWNLOADED, WorkspaceState.EXPIRED):
             when = "downloaded" if state == WorkspaceState.DOWNLOADED else "expired"
             raise ApiError(410, "workspace_deleted", f"This workspace was {when} and deleted; it is gone for good.")
-        if state != WorkspaceState.AVAILABLE:
+        if state not in (WorkspaceState.AVAILABLE, WorkspaceState.DOWNLOADING):
             raise exceptions.NotFound("This run has no workspace.")
-        size, _ = usage(workspace_path(run.id))
+        root = workspace_path(run.id)
+        if not root.is_dir():
+            # Recorded as downloadable but not on this machine: the workspace root must be shared by every web and
+            # worker host (README). Never answer with an empty zip, and never count this as a download.
+            raise ApiError(
+                503, "workspace_unreachable", "This server cannot reach the workspace; ask your administrator."
+            )
+        size, _ = usage(root)
         if size > settings.WORKSPACE_MAX_BYTES:
             raise ApiError(413, "workspace_too_large", "This workspace is larger than the download limit.")
+        filename = f"cesaflow-run-{run.id.hex[:12]}.zip"
+        if request.method == "HEAD":
+            # A probe (curl -I, a link preview) must not count as the one download that deletes the workspace.
+            return _zip_headers(HttpResponse(content_type="application/zip"), filename)
+        try:
+            run_workspace_download_begin(run=run)
+        except DjangoValidationError as exc:
+            if exc.code == WORKSPACE_BUSY:
+                raise ApiError(409, WORKSPACE_BUSY, exc.messages[0]) from None
+            raise ApiError(410, "workspace_deleted", "This workspace is gone.") from None
         response = StreamingHttpResponse(workspace_zip_stream(run), content_type="application/zip")
-        response["Content-Disposition"] = f'attachment; filename="cesaflow-run-{run.id.hex[:12]}.zip"'
-        response["Cache-Control"] = "no-store"
-        response["X-Accel-Buffering"] = "no"
-        return response
+        return _zip_headers(response, filename)
+
+
+def _zip_headers(response: _R, filename: str) -> _R:
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Cache-Control"] = "no-store"
+    response["X-Accel-Buffering"] = "no"
+    return response
 
 
 async def workspace_zip_stream(run: Run) -> AsyncIterator[bytes]:
-    """The zip, chunk by chunk, built in a worker thread (never on the event loop, never in a file). Reaching the
-    end means the client received it all: the workspace is then deleted."""
-    chunks = zip_chunks(workspace_path(run.id), max_bytes=settings.WORKSPACE_MAX_BYTES)
+    """The zip of a leased run workspace. Reaching the end means the client received it all: the workspace is then
+    deleted; anything else (the client went away, an error) gives the lease back."""
+    complete = False
+
+    async def renew() -> None:
+        await database_sync_to_async(run_workspace_download_renew)(run=run)
+
+    try:
+        async for chunk in zip_body(workspace_path(run.id), every_s=DOWNLOAD_LEASE.total_seconds() / 4, tick=renew):
+            yield chunk
+        complete = True
+    finally:
+        if complete:
+            await database_sync_to_async(run_workspace_downloaded)(run=run)
+        else:
+            await database_sync_to_async(run_workspace_download_abandoned)(run=run)
+
+
+async def zip_body(
+    root: Path, *, every_s: float = 0.0, tick: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[bytes]:
+    """A workspace's zip, chunk by chunk, built in a worker thread (never on the event loop, never in a file).
+    ``tick`` is awaited every ``every_s`` seconds while it streams (a download lease's renewal)."""
+    chunks = zip_chunks(root, max_bytes=settings.WORKSPACE_MAX_BYTES)
     done = object()
+    pending: asyncio.Future[Any] | None = None
+    loop = asyncio.get_running_loop()
+    ticked = loop.time()
     try:
         while True:
-            chunk = await asyncio.to_thread(next, chunks, done)
+            if tick is not None and loop.time() - ticked > every_s:
+                ticked = loop.time()
+                await tick()
+            pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, done))
+            chunk = await pending
+            pending = None
             if chunk is done:
-                break
-            yield chunk  # type: ignore[misc]
+                return
+            yield chunk
     finally:
+        if pending is not None:
+            # Cancelled while the thread produces a chunk: let it finish before closing the generator it runs
+            # (closing a generator that is executing raises, and would leak its open file).
+            with suppress(BaseException):
+                await asyncio.shield(pending)
         close = getattr(chunks, "close", None)
         if close is not None:
-            close()  # a generator: releases the open file and the zip writer at once
-    await database_sync_to_async(run_workspace_downloaded)(run=run)
+            close()

@@ -4,7 +4,17 @@ Framework-light on purpose: the agent loop and the executor call these functions
 """
 
 from runs.workspaces.export import ExportTooLarge, zip_chunks
-from runs.workspaces.files import FileChange, delete_file, edit_file, list_files, read_file, tree, usage, write_file
+from runs.workspaces.files import (
+    FileChange,
+    delete_file,
+    edit_file,
+    list_files,
+    read_file,
+    read_text,
+    tree,
+    usage,
+    write_file,
+)
 from runs.workspaces.paths import WorkspaceError, confine
 from runs.workspaces.sandbox import (
     CommandLimits,
@@ -14,7 +24,15 @@ from runs.workspaces.sandbox import (
     run_command,
     sandbox_status,
 )
-from runs.workspaces.storage import workspace_create, workspace_delete, workspace_ids_on_disk, workspace_path
+from runs.workspaces.storage import (
+    project_workspace_create,
+    project_workspace_delete,
+    project_workspace_path,
+    workspace_create,
+    workspace_delete,
+    workspace_ids_on_disk,
+    workspace_path,
+)
 
 __all__ = [
     "CommandLimits",
@@ -28,7 +46,11 @@ __all__ = [
     "delete_file",
     "edit_file",
     "list_files",
+    "project_workspace_create",
+    "project_workspace_delete",
+    "project_workspace_path",
     "read_file",
+    "read_text",
     "run_command",
     "sandbox_status",
     "tree",

@@ -223,6 +223,23 @@ def _regular_files(base: Path) -> Iterator[tuple[str, int]]:
                 yield Path(full).relative_to(base).as_posix(), st.st_size
 
 
+def read_text(root: Path, path: str, *, max_bytes: int) -> str:
+    """A text file's content as it is (for people and API clients; ``read_file`` is the model's numbered view).
+    Confined like every file tool; refuses binary files, invalid UTF-8, non-regular files and files over
+    ``max_bytes`` with a WorkspaceError."""
+    target = confine(root, path)
+    with os.fdopen(_open_regular(target, path), "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise WorkspaceError(f"Refused: {show(path)} is larger than {max_bytes:,} bytes.")
+    if b"\x00" in data:
+        raise WorkspaceError(f"Refused: {show(path)} looks like a binary file (it contains NUL bytes).")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WorkspaceError(f"Refused: {show(path)} is not UTF-8 text.") from None
+
+
 def tree(root: Path) -> list[tuple[str, int]]:
     """Every regular file as (relative posix path, bytes), sorted; symlinks and special files skipped.
 

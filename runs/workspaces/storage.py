@@ -78,6 +78,36 @@ def ensure_root() -> Path:
     return root
 
 
+def project_workspace_path(project_id: uuid.UUID | str) -> Path:
+    """Where a named project's persistent workspace lives: ``<root>/projects/<uuid hex>`` (never swept as an
+    orphan: orphans are run directories directly under the root)."""
+    return workspace_root() / "projects" / _run_uuid(project_id).hex
+
+
+def project_workspace_create(project_id: uuid.UUID | str) -> Path:
+    """Create (or find) a project's workspace, owned by the project's own sandbox uid: the realpath."""
+    path = project_workspace_path(project_id)
+    ensure_root()
+    parent = path.parent
+    if not parent.is_dir():
+        parent.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(parent, 0o711)  # noqa: S103 - traverse-only for the sandbox uids, like the root
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise
+    owner = sandbox_owner(project_id)
+    if owner is not None:
+        os.chown(path, *owner, follow_symlinks=False)
+    return Path(os.path.realpath(path))
+
+
+def project_workspace_delete(project_id: uuid.UUID | str) -> bool:
+    """Delete a project's workspace (symlink-attack resistant). True if something was deleted."""
+    return _delete_tree(project_workspace_path(project_id))
+
+
 def workspace_create(run_id: uuid.UUID | str) -> Path:
     """Create the run's workspace directory (``0o700``, owned by the sandbox uid when we are root); its realpath.
 
@@ -118,8 +148,11 @@ def _unlock_directories(path: Path) -> None:
 
 def workspace_delete(run_id: uuid.UUID | str) -> bool:
     """Delete the run's workspace and everything in it. True if something was deleted, False if it was missing."""
+    return _delete_tree(workspace_path(run_id))
+
+
+def _delete_tree(path: Path) -> bool:
     _require_safe_rmtree()
-    path = workspace_path(run_id)
     try:
         st = os.lstat(path)
     except FileNotFoundError:

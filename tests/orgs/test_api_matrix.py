@@ -59,6 +59,11 @@ COVERED_ELSEWHERE = {
     "runs_api:run-cancel": "tests/runs/test_runs_api.py",
     "runs_api:run-events": "tests/runs/test_sse.py",
     "runs_api:run-workspace": "tests/runs/test_agent_runs.py",
+    "runs_api:project-list": "tests/runs/test_projects_api.py",
+    "runs_api:project-detail": "tests/runs/test_projects_api.py",
+    "runs_api:project-files": "tests/runs/test_projects_api.py",
+    "runs_api:project-file": "tests/runs/test_projects_api.py",
+    "runs_api:project-workspace": "tests/runs/test_projects_api.py",
     "runs_api:chat-completions": "tests/runs/test_proxy.py",
     "runs_api:models": "tests/runs/test_proxy.py",
 }

@@ -321,3 +321,73 @@ async def test_the_monthly_token_cap_stops_an_agent_run_between_steps(cast, simu
     assert (run.status, run.error_kind) == (RunStatus.FAILED, "token_cap_reached")
     assert [s["step"] for s in watcher.of_type("agent.step")] == [1, 2]
     assert await run.usage_records.acount() == 2
+
+
+async def finished_tool_write_run(cast: Any, simulator: Any) -> Run:
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    created = await create_agent_run(cast.dev_a, key, model="fake/tool_write")
+    run, _ = await run_to_end(created["id"])
+    assert run.workspace_state == WorkspaceState.AVAILABLE
+    return run
+
+
+async def test_a_head_request_does_not_count_as_the_download(cast, simulator):
+    run = await finished_tool_write_run(cast, simulator)
+    response = await AsyncClient().head(
+        f"/api/v1/runs/{run.id}/workspace", headers={"x-api-key": cast.dev_a.api_secret}
+    )
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/zip"
+    assert workspace_path(run.id).exists()
+    assert (await Run.objects.aget(id=run.id)).workspace_state == WorkspaceState.AVAILABLE
+    assert (await download(run.id, cast.dev_a.api_secret)).status_code == 200
+
+
+async def test_a_second_download_while_one_streams_is_409_until_the_first_ones_lease_lapses(cast, simulator):
+    run = await finished_tool_write_run(cast, simulator)
+    first = await AsyncClient().get(f"/api/v1/runs/{run.id}/workspace", headers={"x-api-key": cast.dev_a.api_secret})
+    assert first.status_code == 200
+    assert (await Run.objects.aget(id=run.id)).workspace_state == WorkspaceState.DOWNLOADING
+    second = await download(run.id, cast.dev_a.api_secret)
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "workspace_busy"
+    # The retention sweep leaves a workspace alone while it is being downloaded, even past its window.
+    await Run.objects.filter(id=run.id).aupdate(workspace_expires_at=timezone.now() - timedelta(seconds=1))
+    assert await sync_to_async(workspaces_purge)() == 0
+    assert workspace_path(run.id).exists()
+    # The first client vanished without reading a byte: once its lease lapses, the next download goes ahead (and,
+    # complete, deletes the workspace).
+    await Run.objects.filter(id=run.id).aupdate(workspace_lease_until=timezone.now() - timedelta(seconds=1))
+    third = await download(run.id, cast.dev_a.api_secret)
+    assert third.status_code == 200
+    assert "main.py" in zipfile.ZipFile(io.BytesIO(third.zip_bytes)).namelist()
+    assert not workspace_path(run.id).exists()
+
+
+async def test_a_workspace_this_server_cannot_see_is_503_and_not_marked_downloaded(cast, simulator):
+    run = await finished_tool_write_run(cast, simulator)
+    hidden = workspace_path(run.id).with_name("elsewhere")
+    workspace_path(run.id).rename(hidden)  # as if it lived on another host's disk
+    response = await download(run.id, cast.dev_a.api_secret)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "workspace_unreachable"
+    assert (await Run.objects.aget(id=run.id)).workspace_state == WorkspaceState.AVAILABLE
+
+
+async def test_a_streamed_agent_create_waits_for_its_own_stream_and_misses_nothing(cast, simulator):
+    from tests.runs.test_start_on_attach import AsgiStream
+
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    body = {
+        "kind": "agent",
+        "objective": "Write a file.",
+        "provider_key": str(key.id),
+        "model": "fake/tool_write",
+        "stream": True,
+    }
+    async with running_executor(claim_queued=True, poll_s=0.05):
+        stream = await AsgiStream("POST", "/api/v1/runs", secret=cast.dev_a.api_secret, body=body).open()
+        events = await stream.until_finished(30)
+    assert (events[0]["type"], events[0]["status"]) == ("run.status", "queued")
+    assert [e["step"] for e in events if e["type"] == "agent.step"] == [1, 2]
+    assert (await Run.objects.aget(id=events[0]["run_id"])).watch is True

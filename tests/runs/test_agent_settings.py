@@ -76,3 +76,31 @@ def test_clearing_the_fields_returns_to_the_deployment_defaults(cast):
     client.post(URL, {})
     cast.org_a.refresh_from_db()
     assert cast.org_a.agent_limits == {}
+
+
+def test_the_hourly_retention_job_purges_old_audit_events_and_delivery_ids_only(cast, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runs.models import Project, WebhookDelivery
+    from runs.services import retention_purge
+
+    settings.AUDIT_RETENTION_DAYS = 90
+    settings.WEBHOOK_DELIVERY_RETENTION_DAYS = 30
+    project = Project.objects.create(org=cast.org_a, name="P")
+    old, recent = timezone.now() - timedelta(days=91), timezone.now() - timedelta(days=1)
+    for delivery_id, when in (("old", timezone.now() - timedelta(days=31)), ("new", recent)):
+        WebhookDelivery.objects.create(
+            project=project,
+            delivery_id=delivery_id,
+            event="ping",
+            body_sha256="0" * 64,
+            outcome="pong",
+            received_at=when,
+        )
+    AuditEvent.objects.create(org=cast.org_a, event=AuditEvent.ORG_CREATED, created_at=old)
+    kept = AuditEvent.objects.filter(created_at__gt=old).count()
+    assert retention_purge() == {"audit_events": 1, "webhook_deliveries": 1}
+    assert list(WebhookDelivery.objects.values_list("delivery_id", flat=True)) == ["new"]
+    assert AuditEvent.objects.count() == kept

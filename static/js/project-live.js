@@ -1,0 +1,91 @@
+// The project page's runs, live.
+//
+// Follows the org's run status changes over /ws/org/runs/: a row on the page gets its new status and token counts;
+// a run that is not on the page and has just been queued may be a new run on this project (started from here, the
+// API or a GitHub delivery), so the runs table is fetched again from the server, which alone knows which runs are
+// this project's. When one of the project's runs ends, a notice offers a reload to show the files it left. Without
+// this module the page is a plain page: reloading shows the same.
+
+const STATUS_LABELS = {
+  queued: "Queued",
+  running: "Running",
+  succeeded: "Succeeded",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+const FINAL_CLOSE = new Set([4401, 4403, 4404]);
+const MAX_BACKOFF_MS = 30_000;
+const REFRESH_DELAY_MS = 300;
+const numberFormat = new Intl.NumberFormat("en-US");
+
+function followProjectRuns(container) {
+  const body = container.querySelector("[data-project-runs-body]");
+  const filesChanged = container.querySelector("[data-project-files-changed]");
+  const runsUrl = container.dataset.runsUrl;
+  let attempts = 0;
+  let refreshTimer = null;
+
+  // New runs arrive in bursts (a webhook, a double click): one fetch for the burst.
+  const refresh = () => {
+    if (refreshTimer !== null || !body || !runsUrl) return;
+    refreshTimer = window.setTimeout(async () => {
+      refreshTimer = null;
+      try {
+        const response = await fetch(runsUrl, { credentials: "same-origin", headers: { Accept: "text/html" } });
+        if (!response.ok) return;
+        // Parsed as an inert document (no script runs), then moved in: the server escaped everything in it.
+        const fragment = new DOMParser().parseFromString(await response.text(), "text/html");
+        body.replaceChildren(...fragment.body.childNodes);
+      } catch {
+        // Offline for a moment: the next event, or a reload, brings the table up to date.
+      }
+    }, REFRESH_DELAY_MS);
+  };
+
+  const update = (event) => {
+    const row = body ? body.querySelector(`tr[data-run-id="${CSS.escape(event.run_id || "")}"]`) : null;
+    if (!row) {
+      if (event.status === "queued") refresh();
+      return;
+    }
+    const badge = row.querySelector("[data-run-status]");
+    if (badge && event.status) {
+      badge.className = `badge status status-${event.status}`;
+      badge.textContent = STATUS_LABELS[event.status] || event.status;
+    }
+    const input = row.querySelector("[data-run-input-tokens]");
+    const output = row.querySelector("[data-run-output-tokens]");
+    if (input && typeof event.input_tokens === "number") input.textContent = numberFormat.format(event.input_tokens);
+    if (output && typeof event.output_tokens === "number") {
+      output.textContent = numberFormat.format(event.output_tokens);
+    }
+    if (event.type === "run.finished" && filesChanged) filesChanged.hidden = false;
+  };
+
+  const connect = () => {
+    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+    const socket = new WebSocket(`${scheme}//${window.location.host}${container.dataset.wsPath}`);
+    socket.addEventListener("open", () => {
+      attempts = 0;
+    });
+    socket.addEventListener("message", (message) => {
+      let event;
+      try {
+        event = JSON.parse(message.data);
+      } catch {
+        return;
+      }
+      if (event && (event.type === "run.status" || event.type === "run.finished")) update(event);
+    });
+    socket.addEventListener("close", (event) => {
+      if (FINAL_CLOSE.has(event.code)) return;
+      const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** attempts) * (0.75 + Math.random() * 0.5);
+      attempts += 1;
+      window.setTimeout(connect, delay);
+    });
+  };
+  connect();
+}
+
+const runs = document.querySelector("[data-project-runs]");
+if (runs) followProjectRuns(runs);
