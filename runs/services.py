@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
@@ -32,7 +32,12 @@ from runs.models import (
     WorkspaceState,
 )
 from runs.selectors import tokens_used_this_month
-from runs.workspaces import workspace_delete, workspace_ids_on_disk
+from runs.workspaces import (
+    project_workspace_delete,
+    project_workspace_ids_on_disk,
+    workspace_delete,
+    workspace_ids_on_disk,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,9 +265,15 @@ def runs_claim_queued(*, worker_id: str, limit: int) -> list[Run]:
     LOCKED``: concurrent workers never claim the same run and never wait for each other)."""
     if limit < 1:
         return []
+    # Runs whose project already has one executing are left out in SQL: a backlog on one busy project must not
+    # fill the window and hold up every other project's and org's runs.
+    project_busy = Exists(
+        Run.objects.filter(project_id=OuterRef("project_id"), status=RunStatus.RUNNING, project__isnull=False)
+    )
     candidates = list(
         Run.objects.select_for_update(skip_locked=True)
         .filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+        .exclude(project_busy)
         .order_by("created_at", "id")[: limit * 4]
     )
     runs = _serialized(candidates)[:limit]
@@ -479,7 +490,7 @@ def run_workspace_closed(*, run_id: uuid.UUID) -> Run:
 
 WORKSPACE_BUSY = "workspace_busy"
 # How long a download holds its workspace without renewing (it renews every DOWNLOAD_LEASE / 4 while streaming).
-DOWNLOAD_LEASE = timedelta(seconds=120)
+DOWNLOAD_LEASE = timedelta(minutes=10)
 
 
 @transaction.atomic
@@ -549,6 +560,13 @@ def workspaces_purge() -> int:
             run.workspace_state = WorkspaceState.EXPIRED
             run.workspace_deleted_at = now
             run.save(update_fields=["workspace_state", "workspace_deleted_at"])
+    # Project workspaces whose project is gone (a delete that could not remove the tree while a command wrote in it).
+    project_dirs = project_workspace_ids_on_disk()
+    if project_dirs:
+        live_projects = set(Project.objects.filter(id__in=project_dirs).values_list("id", flat=True))
+        for project_id in project_dirs:
+            if project_id not in live_projects:
+                deleted += project_workspace_delete(project_id)
     on_disk = workspace_ids_on_disk()
     if on_disk:
         kept = set(

@@ -137,8 +137,8 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         try:
             if "project" in data:
                 project = project_get_for_org(org=self.org, project_id=data["project"])
-                if project is None:  # another org's project and a missing one look the same
-                    raise DjangoValidationError({"project": "No such project."})
+                if project is None:  # another org's project and a missing one look the same: 404, as everywhere
+                    raise exceptions.NotFound("No such project.")
                 run = project_run_create(
                     project=project,
                     actor=self.org_context.actor,

@@ -192,6 +192,10 @@ def project_github_disconnect(*, project: Project, actor: Actor) -> None:
 # --- Verifying a delivery ------------------------------------------------------------------------------------
 
 
+# How long the previous secret is still accepted after a rotation.
+ROTATION_GRACE = timedelta(hours=24)
+
+
 def project_webhook_secrets(*, project: Project) -> list[Secret]:
     """The secrets a delivery to ``project`` may be signed with: the current one and, during a rotation, the
     previous one. A sealed value that does not open (keyring misconfigured, tampered row) is left out and logged
@@ -199,7 +203,13 @@ def project_webhook_secrets(*, project: Project) -> list[Secret]:
     if not project.github_connected:
         return []
     opened = []
-    for sealed in (project.github_secret_sealed, project.github_previous_secret_sealed):
+    candidates = [project.github_secret_sealed]
+    rotated = project.github_secret_rotated_at
+    # The previous secret only bridges the rotation (time to paste the new one into GitHub): after
+    # ROTATION_GRACE it is refused, so rotating a leaked secret really retires it.
+    if rotated is not None and timezone.now() - rotated < ROTATION_GRACE:
+        candidates.append(project.github_previous_secret_sealed)
+    for sealed in candidates:
         if not sealed:
             continue
         try:

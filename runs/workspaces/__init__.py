@@ -27,6 +27,7 @@ from runs.workspaces.sandbox import (
 from runs.workspaces.storage import (
     project_workspace_create,
     project_workspace_delete,
+    project_workspace_ids_on_disk,
     project_workspace_path,
     workspace_create,
     workspace_delete,
@@ -48,6 +49,7 @@ __all__ = [
     "list_files",
     "project_workspace_create",
     "project_workspace_delete",
+    "project_workspace_ids_on_disk",
     "project_workspace_path",
     "read_file",
     "read_text",

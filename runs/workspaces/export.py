@@ -60,6 +60,8 @@ def _members(base: Path) -> Iterator[tuple[str, int]]:
     each fd. Walked with directory fds (``os.fwalk``) and opened relative to them with ``O_NOFOLLOW``: a directory
     swapped for a symlink during the walk is never followed, at any depth, not only at the last component. Names
     that are not UTF-8 (a command can create them) cannot be stored in a zip portably and are left out."""
+    if not os.path.isdir(base):
+        return  # a workspace nothing was ever written to: an empty zip
     for dirpath, dirnames, filenames, dirfd in os.fwalk(base, follow_symlinks=False):
         dirnames.sort()
         relative = Path(dirpath).relative_to(base)

@@ -62,10 +62,27 @@ def _open_error(exc: OSError, user_path: str) -> WorkspaceError:
     return WorkspaceError(f"Cannot access {show(user_path)}: {os.strerror(exc.errno or errno.EIO)}.")
 
 
-def _open_regular(target: Path, user_path: str) -> int:
-    """An O_RDONLY fd on a regular file that is not a symlink, or a WorkspaceError."""
+def _open_beneath(base: Path, target: Path, flags: int) -> int:
+    """Open ``target`` (a confined path under the real root ``base``) one component at a time from a directory fd
+    on ``base``, never following a symlink at any depth. ``confine`` checked the path as it was; a command running
+    at the same time (a project's run while someone browses its files) could swap a directory for a link between
+    that check and a plain ``open``, which follows links in every component but the last."""
+    parts = target.relative_to(base).parts
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open(target, _READ_FLAGS)
+        for part in parts[:-1]:
+            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        return os.open(parts[-1] if parts else ".", flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(root: Path, target: Path, user_path: str) -> int:
+    """An O_RDONLY fd on a regular file that is not a symlink (at any depth), or a WorkspaceError."""
+    try:
+        fd = _open_beneath(real_root(root), target, _READ_FLAGS)
     except OSError as exc:
         raise _open_error(exc, user_path) from None
     mode = os.fstat(fd).st_mode
@@ -107,7 +124,7 @@ def read_file(root: Path, path: str, start_line: int | None = None, end_line: in
     if end_line is not None and end_line < first:
         raise WorkspaceError("end_line must not be before start_line.")
     target = confine(root, path)
-    with os.fdopen(_open_regular(target, path), "rb") as fh:
+    with os.fdopen(_open_regular(root, target, path), "rb") as fh:
         if b"\x00" in fh.read(_BINARY_PROBE_BYTES):
             raise WorkspaceError(f"Refused: {show(path)} looks like a binary file (it contains NUL bytes).")
         fh.seek(0)
@@ -210,17 +227,20 @@ def _describe(entry: os.DirEntry[str], is_dir: bool) -> str:
 
 
 def _regular_files(base: Path) -> Iterator[tuple[str, int]]:
-    """(relative posix path, size) of each regular file under ``base``; lstat only, links never followed."""
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+    """(relative posix path, size) of each regular file under ``base``; walked with directory fds (``os.fwalk``)
+    and lstat relative to them, so a directory swapped for a link while we walk is never followed."""
+    if not os.path.isdir(base):
+        return
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(base, follow_symlinks=False):
         dirnames.sort()
+        relative = Path(dirpath).relative_to(base)
         for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
             try:
-                st = os.lstat(full)
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                yield Path(full).relative_to(base).as_posix(), st.st_size
+                yield (relative / name).as_posix(), st.st_size
 
 
 def read_text(root: Path, path: str, *, max_bytes: int) -> str:
@@ -228,7 +248,7 @@ def read_text(root: Path, path: str, *, max_bytes: int) -> str:
     Confined like every file tool; refuses binary files, invalid UTF-8, non-regular files and files over
     ``max_bytes`` with a WorkspaceError."""
     target = confine(root, path)
-    with os.fdopen(_open_regular(target, path), "rb") as fh:
+    with os.fdopen(_open_regular(root, target, path), "rb") as fh:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise WorkspaceError(f"Refused: {show(path)} is larger than {max_bytes:,} bytes.")
@@ -388,7 +408,7 @@ def edit_file(root: Path, path: str, old_str: str, new_str: str) -> FileChange:
     if not old_str:
         raise WorkspaceError("old_str must not be empty.")
     target = confine(root, path)
-    with os.fdopen(_open_regular(target, path), "rb") as fh:
+    with os.fdopen(_open_regular(root, target, path), "rb") as fh:
         raw = fh.read(WRITE_MAX_BYTES + 1)
     if len(raw) > WRITE_MAX_BYTES:
         raise WorkspaceError(f"Refused: {show(path)} is over 1 MiB; edit it with a command instead.")

@@ -170,9 +170,17 @@ def _delete_tree(path: Path) -> bool:
     return True
 
 
+def project_workspace_ids_on_disk() -> list[uuid.UUID]:
+    """Project ids that have a workspace directory under ``<root>/projects`` (for the orphan sweep), sorted."""
+    return _uuid_dirs(workspace_root() / "projects")
+
+
 def workspace_ids_on_disk() -> list[uuid.UUID]:
     """Run ids that have a workspace directory under the root (for orphan cleanup), sorted."""
-    root = workspace_root()
+    return _uuid_dirs(workspace_root())
+
+
+def _uuid_dirs(root: Path) -> list[uuid.UUID]:
     try:
         with os.scandir(root) as entries:
             return sorted(

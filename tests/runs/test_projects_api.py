@@ -93,8 +93,8 @@ def test_another_orgs_project_cannot_be_the_project_of_a_run(cast, project_a, si
         {"kind": "agent", "objective": "x", "project": str(project_a.id), "provider_key": str(key_b.id), "model": "m"},
         format="json",
     )
-    assert response.status_code == 400
-    assert response.json()["error"]["details"]["fields"]["project"] == ["No such project."]
+    assert response.status_code == 404  # as for the project itself, and like a project that does not exist
+    assert response.json()["error"] == {"code": "not_found", "message": "No such project.", "details": {}}
     assert not Run.objects.filter(project=project_a).exists()
 
 
@@ -181,3 +181,30 @@ async def test_a_second_run_builds_on_the_first_runs_files(cast, simulator):
     run = await Run.objects.aget(id=first["id"])
     assert run.workspace_state == ""
     assert (project_workspace_path(project.id) / "greeting" / "__init__.py").exists()
+
+
+def test_a_backlog_on_one_busy_project_does_not_hold_up_other_runs(cast, project_a, simulator):
+    from runs.services import runs_claim_queued
+
+    first = sync_run(cast, project_a)
+    assert run_claim(run_id=first.id, worker_id="w1") is not None
+    backlog = [sync_run(cast, project_a) for _ in range(6)]
+    key_b = sim_key(cast.org_b, cast.admin_b.user, simulator)
+    from runs.services import run_create
+
+    other = run_create(
+        org=cast.org_b, actor=cast.admin_b.user, provider_key_id=key_b.id, model="m", objective="x", kind="agent"
+    )
+    claimed = runs_claim_queued(worker_id="w2", limit=1)
+    assert [r.id for r in claimed] == [other.id]
+    assert all(Run.objects.get(id=r.id).status == RunStatus.QUEUED for r in backlog)
+
+
+def test_the_sweep_removes_the_workspace_of_a_project_that_no_longer_exists(cast, project_a):
+    from runs.services import workspaces_purge
+
+    kept = project_workspace_create(project_a.id)
+    orphan = project_workspace_create(uuid.uuid4())  # its project was deleted while a command still wrote in it
+    assert workspaces_purge() == 1
+    assert not orphan.exists()
+    assert kept.exists()

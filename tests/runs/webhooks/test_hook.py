@@ -485,3 +485,20 @@ def test_hook_needs_no_csrf_token_and_sets_no_cookie(hook: Hook):
     assert response["Cache-Control"] == "no-store"
     assert response["Content-Type"] == "application/json"
     assert response["X-Content-Type-Options"] == "nosniff"  # exempt from CSRF, not from the security headers
+
+
+def test_the_previous_secret_is_refused_once_the_rotation_grace_is_over(hook: Hook, cast):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runs.webhooks.services import ROTATION_GRACE
+
+    first = hook.secret
+    second = project_github_rotate(project=hook.project, actor=cast.admin_a.user)
+    # A day later (the grace), the leaked secret someone rotated away from no longer starts anything.
+    type(hook.project).objects.filter(id=hook.project.id).update(
+        github_secret_rotated_at=timezone.now() - ROTATION_GRACE - timedelta(seconds=1)
+    )
+    assert hook.deliver(payloads.ping(REPOSITORY), event="ping", secret=first).status_code == 401
+    assert hook.deliver(payloads.ping(REPOSITORY, hook_id=2), event="ping", secret=second).status_code == 200

@@ -318,3 +318,23 @@ def test_tree_is_capped(workspace: Path) -> None:
     for n in range(2005):
         (workspace / f"f{n:04d}").write_text("")
     assert len(tree(workspace)) == 2000
+
+
+def test_a_directory_swapped_for_a_link_after_confinement_is_not_followed(workspace: Path, outside: Path) -> None:
+    # The window a command running at the same time could use: confine() saw a real directory, then it became a
+    # link to the host. Opening walks from the root's fd with O_NOFOLLOW at every level, so the read fails.
+    from runs.workspaces.files import _open_regular
+    from runs.workspaces.paths import confine
+
+    write_file(workspace, "d/secret.txt", "inside\n")
+    target = confine(workspace, "d/secret.txt")
+    plant(workspace, f"rm -rf d && ln -s {outside} d")
+    with pytest.raises(WorkspaceError):
+        _open_regular(workspace, target, "d/secret.txt")
+
+
+def test_listing_never_follows_a_directory_link(workspace: Path, outside: Path) -> None:
+    write_file(workspace, "a.txt", "a\n")
+    plant(workspace, f"ln -s {outside} d")
+    assert tree(workspace) == [("a.txt", 2)]
+    assert usage(workspace) == (2, 1)
