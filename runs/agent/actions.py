@@ -159,7 +159,15 @@ async def _run_command(
         await on_output(text)
 
     try:
-        result = await run_command(root, command, timeout_s=timeout, on_output=forward, stop=stop)
+        result = await run_command(
+            root,
+            command,
+            timeout_s=timeout,
+            on_output=forward,
+            stop=stop,
+            max_bytes=int(settings.WORKSPACE_MAX_BYTES),
+            max_files=int(settings.WORKSPACE_MAX_FILES),
+        )
     except WorkspaceError as exc:
         return failure(str(exc))
     except SandboxUnavailable:
@@ -169,6 +177,14 @@ async def _run_command(
         )
     if result.cancelled:
         return ToolResult(ok=False, content="The command was cancelled.", summary="cancelled", cancelled=True)
+    if result.over_limit:
+        over = await asyncio.to_thread(_over_caps, root)
+        return ToolResult(
+            ok=False,
+            content=f"The command was killed: {over or 'the workspace grew over its limit.'}\n"
+            f"Output so far:\n{result.output}",
+            summary="killed: workspace over its limit",
+        )
     if result.timed_out:
         seconds = _seconds(timeout)
         why = "the run's time limit" if bounded_by_run else f"its {seconds} s timeout"

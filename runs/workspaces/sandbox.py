@@ -44,6 +44,7 @@ from typing import Any
 
 from django.conf import settings
 
+from runs.workspaces.files import usage
 from runs.workspaces.paths import WorkspaceError, real_root
 from runs.workspaces.storage import ensure_root, sandbox_owner, workspace_owner
 
@@ -96,6 +97,8 @@ class CommandResult:
     output: str
     timed_out: bool
     cancelled: bool
+    # Killed because the workspace grew past ``max_bytes`` / ``max_files`` while it ran (a disk is shared).
+    over_limit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +267,8 @@ def _kill_group(pgid: int) -> None:
 
 _status_cache: dict[tuple[object, ...], tuple[SandboxStatus, float]] = {}  # status, when it was tested
 _FAILED_STATUS_TTL_S = 60.0
+# How often a running command's workspace is measured against its caps.
+_USAGE_CHECK_S = 1.0
 _status_lock = threading.Lock()
 
 
@@ -442,13 +447,17 @@ async def run_command(
     stop: asyncio.Event | None = None,
     mode: str | None = None,
     limits: CommandLimits = DEFAULT_LIMITS,
+    max_bytes: int | None = None,
+    max_files: int | None = None,
 ) -> CommandResult:
     """Run ``bash -c command`` in the workspace ``root`` under the sandbox and return how it ended.
 
     Output (stdout and stderr merged, stream name ``"output"``) goes to ``on_output`` as it arrives, and comes back
     in the result cut to its first and last 5,000 characters. On timeout, or as soon as ``stop`` is set, the whole
-    process tree is killed. Raises ``SandboxUnavailable`` if the mode failed its self-test (there is no fallback to
-    another mode) and ``WorkspaceError`` for a command that cannot be passed to a program (a NUL byte).
+    process tree is killed, and so it is when the workspace grows past ``max_bytes`` or ``max_files`` (checked every
+    ``_USAGE_CHECK_S`` while it runs: RLIMIT_FSIZE bounds one file, not how many). Raises ``SandboxUnavailable`` if
+    the mode failed its self-test (there is no fallback to another mode) and ``WorkspaceError`` for a command that
+    cannot be passed to a program (a NUL byte).
     """
     chosen = mode or str(settings.SANDBOX_MODE)
     status = await asyncio.to_thread(sandbox_status, chosen)
@@ -480,7 +489,8 @@ async def run_command(
     pump = asyncio.create_task(_pump(reader, capture))
     waiter = asyncio.create_task(proc.wait())
     stopper = asyncio.create_task(stop.wait()) if stop is not None else None
-    timed_out = cancelled = False
+    timed_out = cancelled = over_limit = False
+    watch_usage = max_bytes is not None or max_files is not None
     try:
         pending: set[asyncio.Future[Any]] = {waiter, pump}
         if stopper is not None:
@@ -491,9 +501,15 @@ async def run_command(
             if remaining <= 0:
                 timed_out = True
                 break
-            done, _ = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            wait_s = min(remaining, _USAGE_CHECK_S) if watch_usage else remaining
+            done, _ = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:
                 break
+            if not done and watch_usage:
+                total, count = await asyncio.to_thread(usage, root)
+                if (max_bytes is not None and total > max_bytes) or (max_files is not None and count > max_files):
+                    over_limit = True
+                    break
             if stopper is not None and stopper in done:
                 cancelled = True
                 break
@@ -514,7 +530,9 @@ async def run_command(
                 task.cancel()
         transport.close()
     exit_code: int | None = None
-    if not (timed_out or cancelled):
+    if not (timed_out or cancelled or over_limit):
         exit_code = 128 - returncode if returncode < 0 else returncode  # a signal death reads as the shell shows it
     logger.info("command finished: mode=%s exit=%s timed_out=%s cancelled=%s", chosen, exit_code, timed_out, cancelled)
-    return CommandResult(exit_code=exit_code, output=capture.text(), timed_out=timed_out, cancelled=cancelled)
+    return CommandResult(
+        exit_code=exit_code, output=capture.text(), timed_out=timed_out, cancelled=cancelled, over_limit=over_limit
+    )

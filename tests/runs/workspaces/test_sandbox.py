@@ -451,3 +451,15 @@ async def test_app_directories_under_usr_are_hidden_from_bwrap(bwrap: str, works
         assert "app secret" in control.output
     finally:
         shutil.rmtree(app, ignore_errors=True)
+
+
+async def test_a_command_filling_the_workspace_is_killed_while_it_runs(mode: str, workspace: Path) -> None:
+    # Each file stays under RLIMIT_FSIZE; only the total is over: the cap is watched during the command.
+    command = "i=0; while true; do head -c 300000 /dev/zero > f$i; i=$((i+1)); sleep 0.05; done"
+    started = time.monotonic()
+    result = await run_command(workspace, command, timeout_s=20, mode=mode, max_bytes=3_000_000)
+    assert result.over_limit is True
+    assert result.exit_code is None
+    assert time.monotonic() - started < 6
+    size = sum(p.stat().st_size for p in workspace.iterdir())
+    assert size < 3_000_000 + 2 * 300_000 * 25  # stopped within about a second of crossing the cap
