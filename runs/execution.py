@@ -116,6 +116,7 @@ async def execute_run(
         run_id=run.id,
         status=outcome.status,
         usage=tally.ledger_entries(run, succeeded=succeeded),
+        usage_complete=succeeded and tally.complete,
         error_kind=outcome.error_kind,
         error_message=outcome.error_message,
     )

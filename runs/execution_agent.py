@@ -38,6 +38,7 @@ from runs.execution_common import (
     retry_status,
     stopped_outcome,
     usable_key,
+    usage_entry,
     usage_event,
 )
 from runs.models import Run, RunStatus
@@ -45,7 +46,7 @@ from runs.projects.services import project_record_run
 from runs.providers import CallLimits, ChatRequest
 from runs.providers.events import ErrorKind, ProviderEvent, Retry, Usage
 from runs.selectors import tokens_used_this_month
-from runs.services import run_workspace_closed, run_workspace_opened
+from runs.services import run_usage_add, run_workspace_closed, run_workspace_opened
 from runs.workspaces import FileChange, project_workspace_create, sandbox_status, tree, workspace_create
 
 logger = logging.getLogger("cesaflow.runs")
@@ -154,6 +155,10 @@ class _LiveSink:
 
     async def usage(self, usage: Usage) -> None:
         self.tally.usages.append(usage)
+        # Into the ledger at once: a crash later in the run must not lose what the provider already bills.
+        entry = usage_entry(self.run, usage, complete=usage.complete)
+        await database_sync_to_async(run_usage_add)(run_id=self.run.id, entry=entry)
+        self.tally.recorded = len(self.tally.usages)
         await self.publisher.send(usage_event(self.run_id, self.tally))
 
     async def retry(self, retry: Retry) -> None:
@@ -212,8 +217,10 @@ async def call_agent(
         if cap is None:
             return None
         used: int = await database_sync_to_async(tokens_used_this_month)(org=run.org)
-        # Ledger rows are written when the run ends: count this run's calls so far on top.
-        return "token_cap_reached" if used + tally.input_tokens + tally.output_tokens >= cap else None
+        # The ledger has every call recorded so far (this run's and other runs'); add what is not in it yet (the
+        # usage of a call abandoned mid-stream, recorded when the run ends).
+        pending = sum((u.input_tokens or 0) + (u.output_tokens or 0) for u in tally.usages[tally.recorded :])
+        return "token_cap_reached" if used + pending >= cap else None
 
     try:
         outcome = await run_agent(

@@ -111,6 +111,9 @@ class Tally:
     provider_deltas: int = 0
     content_seen: bool = False
     turn_ended: bool = False
+    # How many of ``usages`` (the first ones) are already in the ledger: an agent run records each model call as it
+    # happens, so a crash mid-run loses none of what the provider bills.
+    recorded: int = 0
 
     @property
     def input_tokens(self) -> int:
@@ -127,21 +130,22 @@ class Tally:
     def ledger_entries(self, run: Run, *, succeeded: bool) -> list[UsageEntry]:
         """One entry per provider response (what the provider bills). A response that never reported usage (a
         cancelled or broken stream) still gets an entry, flagged incomplete: the call happened."""
-        entries = [
-            UsageEntry(
-                provider=run.provider,
-                model=run.model,
-                input_tokens=u.input_tokens or 0,
-                output_tokens=u.output_tokens or 0,
-                complete=u.complete and succeeded,
-            )
-            for u in self.usages
-        ]
-        if not entries and (self.content_seen or self.turn_ended):
+        entries = [usage_entry(run, u, complete=u.complete and succeeded) for u in self.usages[self.recorded :]]
+        if not entries and not self.recorded and (self.content_seen or self.turn_ended):
             entries.append(
                 UsageEntry(provider=run.provider, model=run.model, input_tokens=0, output_tokens=0, complete=False)
             )
         return entries
+
+
+def usage_entry(run: Run, usage: Usage, *, complete: bool) -> UsageEntry:
+    return UsageEntry(
+        provider=run.provider,
+        model=run.model,
+        input_tokens=usage.input_tokens or 0,
+        output_tokens=usage.output_tokens or 0,
+        complete=complete,
+    )
 
 
 class RunPublisher:

@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
@@ -300,6 +300,7 @@ def run_finish(
     run_id: uuid.UUID,
     status: str,
     usage: list[UsageEntry],
+    usage_complete: bool | None = None,
     error_kind: str = "",
     error_message: str = "",
 ) -> Run:
@@ -327,12 +328,34 @@ def run_finish(
     if not run.is_terminal:
         run.status = status
         run.finished_at = timezone.now()
-        run.usage_complete = bool(usage) and all(e.complete for e in usage)
+        run.usage_complete = (
+            usage_complete if usage_complete is not None else bool(usage) and all(e.complete for e in usage)
+        )
         run.error_kind = error_kind[:32]
         run.error_message = error_message[:300]
         fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
     run.save(update_fields=fields)
     return run
+
+
+@transaction.atomic
+def run_usage_add(*, run_id: uuid.UUID, entry: UsageEntry) -> None:
+    """One provider call's usage, recorded as it happens (agent runs make many calls): a ledger row, and the run's
+    totals. ``run_finish`` later adds only what was not recorded yet."""
+    run = Run.objects.select_for_update().only("id", "org_id").get(id=run_id)
+    UsageRecord.objects.create(
+        org_id=run.org_id,
+        run_id=run.id,
+        provider=entry.provider,
+        model=entry.model[:MODEL_MAX_CHARS],
+        input_tokens=max(0, entry.input_tokens),
+        output_tokens=max(0, entry.output_tokens),
+        complete=entry.complete,
+    )
+    Run.objects.filter(id=run_id).update(
+        input_tokens=F("input_tokens") + max(0, entry.input_tokens),
+        output_tokens=F("output_tokens") + max(0, entry.output_tokens),
+    )
 
 
 @transaction.atomic

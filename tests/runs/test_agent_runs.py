@@ -391,3 +391,24 @@ async def test_a_streamed_agent_create_waits_for_its_own_stream_and_misses_nothi
     assert (events[0]["type"], events[0]["status"]) == ("run.status", "queued")
     assert [e["step"] for e in events if e["type"] == "agent.step"] == [1, 2]
     assert (await Run.objects.aget(id=events[0]["run_id"])).watch is True
+
+
+async def test_each_model_call_is_in_the_ledger_as_it_happens_not_only_at_the_end(cast, simulator):
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    created = await create_agent_run(cast.dev_a, key, model="fake/agent_sleep")
+    async with EventWatcher(uuid.UUID(created["id"])) as watcher, running_executor(claim_queued=True, poll_s=0.1):
+        await watcher.until(lambda e: e["type"] == "tool.call" and e["name"] == "run_command", 20)
+        # Mid-run (the command sleeps): the first call is billed already, so a crash now would not lose it.
+        run = await Run.objects.aget(id=created["id"])
+        assert run.status == RunStatus.RUNNING
+        assert await run.usage_records.acount() == 1
+        assert run.input_tokens > 0
+        response = await AsyncClient().post(
+            f"/api/v1/runs/{created['id']}/cancel", headers={"x-api-key": cast.dev_a.api_secret}
+        )
+        assert response.status_code == 200
+        await watcher.until_finished(5)
+    run = await Run.objects.aget(id=created["id"])
+    assert await run.usage_records.acount() == 1  # not recorded a second time at the end
+    records = [r async for r in run.usage_records.all()]
+    assert run.input_tokens == sum(r.input_tokens for r in records)
