@@ -92,15 +92,7 @@ def project_workspace_create(project_id: uuid.UUID | str) -> Path:
     if not parent.is_dir():
         parent.mkdir(mode=0o711, exist_ok=True)
         os.chmod(parent, 0o711)  # noqa: S103 - traverse-only for the sandbox uids, like the root
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            raise
-    owner = sandbox_owner(project_id)
-    if owner is not None:
-        os.chown(path, *owner, follow_symlinks=False)
-    return Path(os.path.realpath(path))
+    return _owned_dir(path, sandbox_owner(project_id))
 
 
 def project_workspace_delete(project_id: uuid.UUID | str) -> bool:
@@ -115,12 +107,17 @@ def workspace_create(run_id: uuid.UUID | str) -> Path:
     """
     path = workspace_path(run_id)
     ensure_root()
+    return _owned_dir(path, sandbox_owner(run_id))
+
+
+def _owned_dir(path: Path, owner: tuple[int, int] | None) -> Path:
+    """``path`` as a private directory (0o700) of ``owner`` (when we are root); its realpath. An existing one is
+    fine (a retried start, a project's next run) as long as it is a real directory, not a link."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             raise
-    owner = sandbox_owner(run_id)
     if owner is not None:
         os.chown(path, *owner, follow_symlinks=False)
     return Path(os.path.realpath(path))

@@ -6,6 +6,8 @@
 // this project's. When one of the project's runs ends, a notice offers a reload to show the files it left. Without
 // this module the page is a plain page: reloading shows the same.
 
+import { followOrgRuns } from "./org-runs.js";
+
 const STATUS_LABELS = {
   queued: "Queued",
   running: "Running",
@@ -13,8 +15,6 @@ const STATUS_LABELS = {
   failed: "Failed",
   cancelled: "Cancelled",
 };
-const FINAL_CLOSE = new Set([4401, 4403, 4404]);
-const MAX_BACKOFF_MS = 30_000;
 const REFRESH_DELAY_MS = 300;
 const numberFormat = new Intl.NumberFormat("en-US");
 
@@ -22,7 +22,6 @@ function followProjectRuns(container) {
   const body = container.querySelector("[data-project-runs-body]");
   const filesChanged = container.querySelector("[data-project-files-changed]");
   const runsUrl = container.dataset.runsUrl;
-  let attempts = 0;
   let refreshTimer = null;
 
   // New runs arrive in bursts (a webhook, a double click): one fetch for the burst.
@@ -62,29 +61,7 @@ function followProjectRuns(container) {
     if (event.type === "run.finished" && filesChanged) filesChanged.hidden = false;
   };
 
-  const connect = () => {
-    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(`${scheme}//${window.location.host}${container.dataset.wsPath}`);
-    socket.addEventListener("open", () => {
-      attempts = 0;
-    });
-    socket.addEventListener("message", (message) => {
-      let event;
-      try {
-        event = JSON.parse(message.data);
-      } catch {
-        return;
-      }
-      if (event && (event.type === "run.status" || event.type === "run.finished")) update(event);
-    });
-    socket.addEventListener("close", (event) => {
-      if (FINAL_CLOSE.has(event.code)) return;
-      const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** attempts) * (0.75 + Math.random() * 0.5);
-      attempts += 1;
-      window.setTimeout(connect, delay);
-    });
-  };
-  connect();
+  followOrgRuns(container.dataset.wsPath, update);
 }
 
 const runs = document.querySelector("[data-project-runs]");

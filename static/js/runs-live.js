@@ -5,6 +5,8 @@
 // models, fetching the list when the server did not have it cached. Both pages work without this module: the
 // list is a plain list, and the form shows every known model list plus a free-text model field.
 
+import { followOrgRuns } from "./org-runs.js";
+
 const STATUS_LABELS = {
   queued: "Queued",
   running: "Running",
@@ -12,8 +14,6 @@ const STATUS_LABELS = {
   failed: "Failed",
   cancelled: "Cancelled",
 };
-const FINAL_CLOSE = new Set([4401, 4403, 4404]);
-const MAX_BACKOFF_MS = 30_000;
 const numberFormat = new Intl.NumberFormat("en-US");
 
 // --- The runs list ----------------------------------------------------------------------------------------------
@@ -21,7 +21,6 @@ const numberFormat = new Intl.NumberFormat("en-US");
 function followRuns(container) {
   const banner = container.querySelector("[data-runs-new]");
   const firstPage = container.hasAttribute("data-first-page");
-  let attempts = 0;
 
   const update = (event) => {
     const row = container.querySelector(`tr[data-run-id="${CSS.escape(event.run_id || "")}"]`);
@@ -43,29 +42,7 @@ function followRuns(container) {
     }
   };
 
-  const connect = () => {
-    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(`${scheme}//${window.location.host}${container.dataset.wsPath}`);
-    socket.addEventListener("open", () => {
-      attempts = 0;
-    });
-    socket.addEventListener("message", (message) => {
-      let event;
-      try {
-        event = JSON.parse(message.data);
-      } catch {
-        return;
-      }
-      if (event && (event.type === "run.status" || event.type === "run.finished")) update(event);
-    });
-    socket.addEventListener("close", (event) => {
-      if (FINAL_CLOSE.has(event.code)) return;
-      const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** attempts) * (0.75 + Math.random() * 0.5);
-      attempts += 1;
-      window.setTimeout(connect, delay);
-    });
-  };
-  connect();
+  followOrgRuns(container.dataset.wsPath, update);
 }
 
 // --- The new-run form -------------------------------------------------------------------------------------------
