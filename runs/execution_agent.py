@@ -46,7 +46,8 @@ from runs.projects.services import project_record_run
 from runs.providers import CallLimits, ChatRequest
 from runs.providers.events import ErrorKind, ProviderEvent, Retry, Usage
 from runs.selectors import tokens_used_this_month
-from runs.services import run_usage_add, run_workspace_closed, run_workspace_opened
+from runs.services import run_usage_add
+from runs.services.workspaces import run_workspace_closed, run_workspace_opened
 from runs.workspaces import FileChange, project_workspace_create, sandbox_status, tree, workspace_create
 
 logger = logging.getLogger("cesaflow.runs")

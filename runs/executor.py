@@ -56,8 +56,8 @@ from runs.services import (
     runs_claim_queued,
     runs_expire_unwatched,
     runs_reap_lost,
-    workspaces_purge,
 )
+from runs.services.workspaces import workspaces_purge
 from runs.workspaces import sandbox_status
 
 logger = logging.getLogger("cesaflow.runs")

@@ -42,11 +42,13 @@ from runs.projects.selectors import project_get_for_org
 from runs.projects.services import project_run_create
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org
 from runs.services import (
-    DOWNLOAD_LEASE,
     NOT_CANCELLABLE,
-    WORKSPACE_BUSY,
     run_create,
     run_request_cancel,
+)
+from runs.services.workspaces import (
+    DOWNLOAD_LEASE,
+    WORKSPACE_BUSY,
     run_workspace_download_abandoned,
     run_workspace_download_begin,
     run_workspace_download_renew,

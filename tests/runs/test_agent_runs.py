@@ -25,7 +25,8 @@ from django.utils import timezone
 
 from orgs.services import org_update
 from runs.models import Run, RunStatus, WorkspaceState
-from runs.services import runs_reap_lost, workspaces_purge
+from runs.services import runs_reap_lost
+from runs.services.workspaces import workspaces_purge
 from runs.workspaces import workspace_create, workspace_path
 from tests.keys import canary
 from tests.runs.test_execution_support import (
@@ -231,7 +232,8 @@ async def test_the_window_ending_deletes_the_workspace(cast, simulator, settings
 
 
 def test_after_a_crash_the_dead_runs_workspace_and_orphans_go_at_the_next_start(cast, simulator, settings):
-    from runs.services import run_claim, run_create, run_workspace_opened
+    from runs.services import run_claim, run_create
+    from runs.services.workspaces import run_workspace_opened
 
     key_run = run_create(
         org=cast.org_a,

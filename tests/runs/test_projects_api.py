@@ -201,7 +201,7 @@ def test_a_backlog_on_one_busy_project_does_not_hold_up_other_runs(cast, project
 
 
 def test_the_sweep_removes_the_workspace_of_a_project_that_no_longer_exists(cast, project_a):
-    from runs.services import workspaces_purge
+    from runs.services.workspaces import workspaces_purge
 
     kept = project_workspace_create(project_a.id)
     orphan = project_workspace_create(uuid.uuid4())  # its project was deleted while a command still wrote in it

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from runs.services import workspaces_purge
+from runs.services.workspaces import workspaces_purge
 
 
 class Command(BaseCommand):
