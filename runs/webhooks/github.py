@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 COMMAND_PREFIX: Final = "/cesaflow "
@@ -74,9 +75,20 @@ def _objective(text: str) -> str:
     return text.replace("\x00", "").strip()
 
 
-def interpret(*, event: str, payload: Mapping[str, Any], repository: str, label: str) -> Intent:
+def interpret(
+    *,
+    event: str,
+    payload: Mapping[str, Any],
+    repository: str,
+    label: str,
+    not_before: datetime | None = None,
+) -> Intent:
     """Decide what to do with a verified delivery of ``event`` for a project connected to ``repository`` whose runs
-    start with ``label``. The repository must match (case-insensitive, as GitHub's names are) before anything else."""
+    start with ``label``. The repository must match (case-insensitive, as GitHub's names are) before anything else.
+
+    ``not_before``: an issue labelled, or a comment written, before this time is not acted on. GitHub signs no
+    timestamp, and delivery ids are forgotten after their retention: a signed body captured from a repository's
+    delivery log could otherwise be replayed under a new id once its id is purged."""
     full_name = repository_full_name(payload)
     if not full_name:
         return Intent("ignored", reason="The delivery names no repository.")
@@ -86,11 +98,33 @@ def interpret(*, event: str, payload: Mapping[str, Any], repository: str, label:
     if event == "ping":
         return Intent("pong")
     if event == "issues" and action == "labeled":
+        if _older_than(payload, not_before, "issue", "updated_at"):
+            return Intent("ignored", reason=TOO_OLD)
         return _issue_labeled(payload, label)
     if event == "issue_comment" and action == "created":
+        if _older_than(payload, not_before, "comment", "created_at"):
+            return Intent("ignored", reason=TOO_OLD)
         return _comment_created(payload)
     shown = f"{clean_metadata(event)}/{action}" if action else clean_metadata(event)
     return Intent("ignored", reason=f"{shown} deliveries do not start runs.")
+
+
+TOO_OLD: Final = "The issue or comment is older than the replay window; it does not start a run."
+
+
+def _older_than(payload: Mapping[str, Any], not_before: datetime | None, *path: str) -> bool:
+    """True when the payload's timestamp at ``path`` is before ``not_before``. A missing or unreadable timestamp is
+    not old (the body is signed: only a holder of the secret could have left it out)."""
+    if not_before is None:
+        return False
+    text = _text(payload, *path)
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp < not_before
 
 
 def _issue_labeled(payload: Mapping[str, Any], label: str) -> Intent:

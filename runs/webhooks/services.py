@@ -303,7 +303,12 @@ def _act(project: Project, *, event: str, action: str, delivery_id: str, payload
         # Disconnected between the signature check and the lock: the delivery was genuine but is no longer wanted.
         return DeliveryOutcome("ignored", reason="The project is no longer connected to GitHub.")
     intent = github.interpret(
-        event=event, payload=payload, repository=project.github_repository, label=project.github_label
+        event=event,
+        payload=payload,
+        repository=project.github_repository,
+        label=project.github_label,
+        # Anything older than the ids we still remember could be a replay under a fresh id.
+        not_before=timezone.now() - timedelta(days=webhook_delivery_retention_days()),
     )
     if intent.kind == "pong":
         return DeliveryOutcome("pong")

@@ -5,6 +5,7 @@ keeping every field the hook or GitHub's own schema relies on. Serialized the wa
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 OWNER_ID = 6811672
@@ -91,7 +92,8 @@ def _issue(full_name: str, *, number: int, title: str, body: str | None, labels:
         "milestone": None,
         "comments": 0,
         "created_at": "2019-05-15T15:20:18Z",
-        "updated_at": "2019-05-15T15:20:21Z",
+        # When it was labelled or commented on: now, as in a live delivery (older ones are refused as replays).
+        "updated_at": _now(),
         "closed_at": None,
         "author_association": "OWNER",
         "body": body,
@@ -133,14 +135,18 @@ def issue_comment_created(
             "id": 492700400,
             "node_id": "MDEyOklzc3VlQ29tbWVudDQ5MjcwMDQwMA==",
             "user": _user("hubot", 583231),
-            "created_at": "2019-05-15T15:20:21Z",
-            "updated_at": "2019-05-15T15:20:21Z",
+            "created_at": _now(),
+            "updated_at": _now(),
             "author_association": association,
             "body": body,
         },
         "repository": repository(full_name),
         "sender": _user("hubot", 583231),
     }
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -502,3 +502,20 @@ def test_the_previous_secret_is_refused_once_the_rotation_grace_is_over(hook: Ho
     )
     assert hook.deliver(payloads.ping(REPOSITORY), event="ping", secret=first).status_code == 401
     assert hook.deliver(payloads.ping(REPOSITORY, hook_id=2), event="ping", secret=second).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["issues", "issue_comment"])
+def test_a_replay_of_an_old_signed_delivery_under_a_new_id_starts_nothing(hook: Hook, kind: str):
+    # GitHub signs no timestamp: a body captured from the delivery log stays valid. Once its id is purged (after
+    # WEBHOOK_DELIVERY_RETENTION_DAYS) only its own timestamps can tell it is old.
+    if kind == "issues":
+        payload = payloads.issues_labeled(REPOSITORY)
+        payload["issue"]["updated_at"] = "2019-05-15T15:20:21Z"
+    else:
+        payload = payloads.issue_comment_created(REPOSITORY)
+        payload["comment"]["created_at"] = "2019-05-15T15:20:21Z"
+    response = hook.deliver(payload, event=kind)
+    assert response.status_code == 202
+    assert response.json()["status"] == "ignored"
+    assert "older than the replay window" in response.json()["reason"]
+    assert Run.objects.count() == 0
