@@ -148,7 +148,7 @@ def project_github_connect(*, project: Project, actor: Actor, repository: str, l
 @transaction.atomic
 def project_github_rotate(*, project: Project, actor: Actor) -> str:
     """A new webhook secret, returned in plaintext once. The current secret becomes the previous one and keeps
-    verifying deliveries until the next rotation (time to paste the new one into GitHub); the one before goes."""
+    verifying deliveries for ``ROTATION_GRACE`` (time to paste the new one into GitHub); the one before goes."""
     locked = _lock(project)
     if not locked.github_connected:
         raise ValidationError("Connect a GitHub repository before rotating its secret.", code="not_connected")

@@ -2,6 +2,29 @@
 // events go to `onEvent`; the socket reconnects with backoff unless the server refused it for good.
 
 const FINAL_CLOSE = new Set([4401, 4403, 4404]);
+const STATUS_LABELS = {
+  queued: "Queued",
+  running: "Running",
+  succeeded: "Succeeded",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+const numberFormat = new Intl.NumberFormat("en-US");
+
+// A runs-table row (`tr[data-run-id]`) shows the event's status badge and token counts.
+export function updateRunRow(row, event) {
+  const badge = row.querySelector("[data-run-status]");
+  if (badge && event.status) {
+    badge.className = `badge status status-${event.status}`;
+    badge.textContent = STATUS_LABELS[event.status] || event.status;
+  }
+  const input = row.querySelector("[data-run-input-tokens]");
+  const output = row.querySelector("[data-run-output-tokens]");
+  if (input && typeof event.input_tokens === "number") input.textContent = numberFormat.format(event.input_tokens);
+  if (output && typeof event.output_tokens === "number") {
+    output.textContent = numberFormat.format(event.output_tokens);
+  }
+}
 const MAX_BACKOFF_MS = 30_000;
 
 export function followOrgRuns(wsPath, onEvent) {

@@ -6,17 +6,9 @@
 // this project's. When one of the project's runs ends, a notice offers a reload to show the files it left. Without
 // this module the page is a plain page: reloading shows the same.
 
-import { followOrgRuns } from "./org-runs.js";
+import { followOrgRuns, updateRunRow } from "./org-runs.js";
 
-const STATUS_LABELS = {
-  queued: "Queued",
-  running: "Running",
-  succeeded: "Succeeded",
-  failed: "Failed",
-  cancelled: "Cancelled",
-};
 const REFRESH_DELAY_MS = 300;
-const numberFormat = new Intl.NumberFormat("en-US");
 
 function followProjectRuns(container) {
   const body = container.querySelector("[data-project-runs-body]");
@@ -47,17 +39,7 @@ function followProjectRuns(container) {
       if (event.status === "queued") refresh();
       return;
     }
-    const badge = row.querySelector("[data-run-status]");
-    if (badge && event.status) {
-      badge.className = `badge status status-${event.status}`;
-      badge.textContent = STATUS_LABELS[event.status] || event.status;
-    }
-    const input = row.querySelector("[data-run-input-tokens]");
-    const output = row.querySelector("[data-run-output-tokens]");
-    if (input && typeof event.input_tokens === "number") input.textContent = numberFormat.format(event.input_tokens);
-    if (output && typeof event.output_tokens === "number") {
-      output.textContent = numberFormat.format(event.output_tokens);
-    }
+    updateRunRow(row, event);
     if (event.type === "run.finished" && filesChanged) filesChanged.hidden = false;
   };
 

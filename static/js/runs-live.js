@@ -5,16 +5,8 @@
 // models, fetching the list when the server did not have it cached. Both pages work without this module: the
 // list is a plain list, and the form shows every known model list plus a free-text model field.
 
-import { followOrgRuns } from "./org-runs.js";
+import { followOrgRuns, updateRunRow } from "./org-runs.js";
 
-const STATUS_LABELS = {
-  queued: "Queued",
-  running: "Running",
-  succeeded: "Succeeded",
-  failed: "Failed",
-  cancelled: "Cancelled",
-};
-const numberFormat = new Intl.NumberFormat("en-US");
 
 // --- The runs list ----------------------------------------------------------------------------------------------
 
@@ -29,17 +21,7 @@ function followRuns(container) {
       if (event.status === "queued" && firstPage && banner) banner.hidden = false;
       return;
     }
-    const badge = row.querySelector("[data-run-status]");
-    if (badge && event.status) {
-      badge.className = `badge status status-${event.status}`;
-      badge.textContent = STATUS_LABELS[event.status] || event.status;
-    }
-    const input = row.querySelector("[data-run-input-tokens]");
-    const output = row.querySelector("[data-run-output-tokens]");
-    if (input && typeof event.input_tokens === "number") input.textContent = numberFormat.format(event.input_tokens);
-    if (output && typeof event.output_tokens === "number") {
-      output.textContent = numberFormat.format(event.output_tokens);
-    }
+    updateRunRow(row, event);
   };
 
   followOrgRuns(container.dataset.wsPath, update);
