@@ -106,7 +106,6 @@ INSTALLED_APPS = [
     "daphne",
     "django.contrib.auth",
     "django.contrib.contenttypes",
-    "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
@@ -123,10 +122,11 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "cesaflow.lib.middleware.SecurityHeadersMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    "cesaflow.lib.middleware.MethodNotAllowedPageMiddleware",
+    # Session tokens (orgs.sessions): sets request.user from the JWT cookie after checking its session in Redis.
+    "orgs.sessions.middleware.SessionTokenMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
     # Deny by default: every dashboard view needs a login unless decorated with @login_not_required.
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -134,6 +134,10 @@ MIDDLEWARE = [
     "csp.middleware.CSPMiddleware",
     "cesaflow.lib.middleware.RequestContextMiddleware",
 ]
+
+# LoginRequiredMiddleware looks for Django's AuthenticationMiddleware before it; SessionTokenMiddleware plays that role
+# (it sets request.user), so the check's premise holds. tests/test_settings.py asserts the order.
+SILENCED_SYSTEM_CHECKS = ["auth.E013"]
 
 ROOT_URLCONF = "cesaflow.urls"
 ASGI_APPLICATION = "cesaflow.asgi.application"
@@ -212,15 +216,15 @@ if REDIS_URL:
             "KEY_PREFIX": _cache_prefix,
             "OPTIONS": _redis_options,
         },
+        # The session store (orgs.sessions.store) uses this alias's Redis connection. Short timeouts: every signed-in
+        # request asks it, and when Redis is down those requests must fail closed quickly, not hang.
         "sessions": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": f"{_cache_prefix}:s",
-            "OPTIONS": _redis_options,
+            "OPTIONS": {**_redis_options, "SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 2},
         },
     }
-    SESSION_ENGINE = "django.contrib.sessions.backends.cache"
-    SESSION_CACHE_ALIAS = "sessions"
     # channels_redis waits for messages with 5 s blocking pops; redis-py's default 5 s socket timeout would cut
     # every idle wait short with a TimeoutError (an idle websocket consumer dies). Reads get 15 s.
     _layer_config: dict[str, Any] = {
@@ -231,12 +235,14 @@ if REDIS_URL:
         _layer_config["symmetric_encryption_keys"] = [CHANNEL_LAYER_KEY]
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": _layer_config}}
 else:
-    CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "cesaflow"},
-        "sessions": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "sessions"},
-    }
-    SESSION_ENGINE = "django.contrib.sessions.backends.db"
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "cesaflow"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Where session records live: Redis whenever REDIS_URL is set (always in production), else this process's memory
+# (the embedded default of `make run`: one process, sessions end when it stops).
+SESSION_STORE = "redis" if REDIS_URL else "local"
+SESSION_STORE_PREFIX = f"{_cache_prefix}:sess"
+# Flash messages travel in a signed cookie: there is no server-side Django session any more.
+MESSAGE_STORAGE = "django.contrib.messages.storage.cookie.CookieStorage"
 
 # --- Provider-key keyring ---------------------------------------------------------------------------
 
@@ -267,6 +273,39 @@ _derived = {
 }
 if any(material in _derived for material in KEYRING.keys.values()):
     raise ImproperlyConfigured("CESAFLOW_KEYRING must not reuse or derive from CESAFLOW_SECRET_KEY.")
+
+# --- Sessions: JWT access tokens checked against a session record in Redis (orgs.sessions) -------------------
+
+# HS256 signing keys, "<kid>:<base64 32 bytes>,…" like the provider keyring (first = signs; the others still verify
+# until their tokens have expired). Never SECRET_KEY, never the provider keyring.
+_session_keys_source = (
+    _required("CESAFLOW_SESSION_KEYS")
+    if PRODUCTION
+    else os.environ.get("CESAFLOW_SESSION_KEYS")
+    or _dev_secret("dev-session-keys", _generate_dev_keyring, "session signing keyring")
+)
+try:
+    SESSION_KEYRING = Keyring.parse(_session_keys_source, min_kid=_env_int("CESAFLOW_SESSION_KEYS_MIN_KID", 0))
+except KeyringError as exc:
+    raise ImproperlyConfigured(f"CESAFLOW_SESSION_KEYS is invalid: {exc}") from None
+del _session_keys_source
+if any(material in _derived or material in KEYRING.keys.values() for material in SESSION_KEYRING.keys.values()):
+    raise ImproperlyConfigured(
+        "CESAFLOW_SESSION_KEYS must not reuse or derive from CESAFLOW_SECRET_KEY or CESAFLOW_KEYRING."
+    )
+# An access token lives at most 15 minutes; the browser gets a new one silently while its session lives.
+SESSION_TOKEN_SECONDS = _env_int("CESAFLOW_SESSION_TOKEN_SECONDS", 600, minimum=30)
+if SESSION_TOKEN_SECONDS > 900:
+    raise ImproperlyConfigured("CESAFLOW_SESSION_TOKEN_SECONDS must be at most 900 (15 minutes).")
+# A session ends after this long without a request, and after this long at the latest, whatever the activity.
+SESSION_IDLE_SECONDS = _env_int("CESAFLOW_SESSION_IDLE_SECONDS", 2 * 3600, minimum=60)
+SESSION_ABSOLUTE_SECONDS = _env_int("CESAFLOW_SESSION_ABSOLUTE_SECONDS", 12 * 3600, minimum=300)
+if SESSION_IDLE_SECONDS > SESSION_ABSOLUTE_SECONDS:
+    raise ImproperlyConfigured("CESAFLOW_SESSION_IDLE_SECONDS must not exceed CESAFLOW_SESSION_ABSOLUTE_SECONDS.")
+# Open websockets and SSE streams re-check their credentials on every revocation signal and at least this often.
+STREAM_REVALIDATE_SECONDS = float(_env_int("CESAFLOW_STREAM_REVALIDATE_SECONDS", 30, minimum=1))
+if STREAM_REVALIDATE_SECONDS > 30:
+    raise ImproperlyConfigured("CESAFLOW_STREAM_REVALIDATE_SECONDS must be at most 30.")
 
 # Hosts a custom provider base URL may point at even though they are loopback/private (an in-house vLLM or
 # Ollama): comma-separated host names, host:port pairs, IPs or CIDR networks (keys/urlguard.py).
@@ -376,7 +415,7 @@ AUDIT_RETENTION_DAYS = _env_int("CESAFLOW_AUDIT_RETENTION_DAYS", 90, minimum=1)
 # Client IP: only trust X-Forwarded-For when a proxy we run sets it.
 TRUST_X_FORWARDED_FOR = _env_bool("CESAFLOW_TRUST_X_FORWARDED_FOR", False)
 
-# --- Email (invitations are mailed only when SMTP is configured) ------------------------------------
+# --- Email: SMTP when configured; else printed on the console in development, and nowhere in production ----
 
 EMAIL_HOST = os.environ.get("CESAFLOW_EMAIL_HOST", "")
 if EMAIL_HOST:
@@ -386,8 +425,11 @@ if EMAIL_HOST:
     EMAIL_HOST_PASSWORD = os.environ.get("CESAFLOW_EMAIL_PASSWORD", "")
     EMAIL_USE_TLS = _env_bool("CESAFLOW_EMAIL_USE_TLS", True)
     EMAIL_TIMEOUT = 10
+elif PRODUCTION:
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"  # nothing leaves; self-service sign-up is closed
 else:
-    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    # Development without SMTP: mail (sign-up confirmation links) is printed on the console of `make run`.
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
 DEFAULT_FROM_EMAIL = os.environ.get("CESAFLOW_EMAIL_FROM", "CesaFlow <noreply@localhost>")
 EMAIL_ENABLED = bool(EMAIL_HOST)
 
@@ -400,7 +442,6 @@ X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
-SESSION_COOKIE_AGE = 60 * 60 * 12
 DATA_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
 
 if PRODUCTION:
@@ -416,9 +457,12 @@ if PRODUCTION:
     CSRF_COOKIE_SECURE = True
     # The __Host- prefix pins cookies to this exact host, HTTPS only, path /.
     SESSION_COOKIE_NAME = "__Host-cf_session"
+    SESSION_REFRESH_COOKIE_NAME = "__Host-cf_refresh"
     CSRF_COOKIE_NAME = "__Host-cf_csrf"
 else:
+    SESSION_COOKIE_SECURE = False
     SESSION_COOKIE_NAME = "cf_session"
+    SESSION_REFRESH_COOKIE_NAME = "cf_refresh"
     CSRF_COOKIE_NAME = "cf_csrf"
 
 # CSP host-sources cannot express IPv6 literals or wildcard-subdomain entries; 'self' covers same-origin fetches.
@@ -455,8 +499,8 @@ USE_TZ = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "orgs.authentication.ApiKeyAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        # The one authentication path (orgs.authentication): an org API key, or the session token cookie (+ CSRF).
+        "orgs.authentication.OrgAuthentication",
     ],
     # The tenant gate (orgs.api.base.OrgAPIView) checks capabilities; anything else is denied.
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

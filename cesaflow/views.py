@@ -99,6 +99,23 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
     return render(request, "errors/400.html", status=400)
 
 
+# Sessions cannot be checked (the session store is down): signed-in requests fail closed with this, never pass.
+SESSION_STORE_RETRY_AFTER_SECONDS = 5
+
+
+def service_unavailable(request: HttpRequest) -> HttpResponse:
+    if _is_api(request):
+        response: HttpResponse = JsonResponse(
+            error_body("session_store_unavailable", "Sign-in cannot be checked right now; try again shortly."),
+            status=503,
+        )
+    else:
+        response = render(request, "errors/503.html", status=503)
+    response["Retry-After"] = str(SESSION_STORE_RETRY_AFTER_SECONDS)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
 def server_error(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
     if _is_api(request):
         return JsonResponse(error_body("server_error", "Something went wrong on our side."), status=500)

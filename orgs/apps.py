@@ -5,3 +5,7 @@ class OrgsConfig(AppConfig):
     name = "orgs"
     verbose_name = "Organizations"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Open streams hear about revoked keys, removed members and demotions (orgs.revocation).
+        from orgs import revocation  # noqa: F401

@@ -168,6 +168,11 @@ class RoleForm(DashboardForm):
     role = forms.ChoiceField(choices=Role.choices)
 
 
+class MemberRemoveForm(DashboardForm):
+    # An unticked checkbox is simply absent from the POST: absent means keep the keys.
+    revoke_api_keys = forms.BooleanField(required=False)
+
+
 class OrgSwitchForm(DashboardForm):
     org = forms.UUIDField()
 

@@ -15,12 +15,19 @@ from orgs.tenancy import OrgContext, context_for_session
 class OrgViewMixin:
     """Dashboard views that act inside the current org. Declare ``capability`` (or ``capabilities`` per method).
 
-    LoginRequiredMiddleware has already sent anonymous visitors to the login page.
+    LoginRequiredMiddleware has already sent anonymous visitors to the login page. A subclass cannot skip the gate:
+    redefining ``dispatch`` is a ``TypeError`` at import time (put per-request setup in ``setup`` or the handler).
     """
 
     capability: str | None = None
     capabilities: dict[str, str] | None = None
     org_context: OrgContext
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        ahead = cls.__mro__[: cls.__mro__.index(OrgViewMixin)]
+        if any("dispatch" in vars(klass) for klass in ahead):
+            raise TypeError(f"{cls.__name__} may not redefine dispatch: OrgViewMixin's gate is final.")
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         context = context_for_session(request)

@@ -153,6 +153,10 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # When its creator lost capabilities (a demotion), the scopes the key lost with them: the key never does more
+    # than the person who made it may. Empty and None for a key that was never clipped.
+    scopes_clipped_at = models.DateTimeField(null=True, blank=True)
+    clipped_scopes = models.JSONField(default=list, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["org", "-created_at"], name="orgs_apikey_org_created")]
@@ -170,6 +174,25 @@ class ApiKey(models.Model):
     @property
     def masked(self) -> str:
         return f"cf_live_{self.prefix}_…{self.last_four}"
+
+
+class SignupConfirmation(models.Model):
+    """The pending confirmation of a self-service sign-up. The account (and its first org) stays inactive until the
+    single-use link mailed to its address is opened; only a hash of the token is kept. The row is deleted when the
+    sign-up is confirmed, and the whole sign-up when it expires unconfirmed."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    org = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"signup confirmation {self.id}"
+
+    def is_pending(self, now: Any = None) -> bool:
+        return self.expires_at > (now or timezone.now())
 
 
 # Who acts in a service call: a person, an org API key, or None (the operator, via a management command).

@@ -7,22 +7,27 @@ transaction. Callers (views, serializers, commands) never save these models them
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.hashers import make_password
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.text import slugify
 
 from orgs import signals
-from orgs.models import Actor, ApiKey, Invitation, Membership, Organization, Role, User
-from orgs.permissions import ALL_CAPABILITIES, DEFAULT_API_KEY_SCOPES, capabilities_for_role
+from orgs.models import Actor, ApiKey, Invitation, Membership, Organization, Role, SignupConfirmation, User
+from orgs.permissions import ALL_CAPABILITIES, DEFAULT_API_KEY_SCOPES, TEAM_MANAGE, capabilities_for_role
 from orgs.tokens import api_key_digest, generate_api_key
+
+logger = logging.getLogger(__name__)
 
 
 def _unique_slug(name: str) -> str:
@@ -51,20 +56,134 @@ def organization_create(*, name: str, admin: User, slug: str | None = None) -> O
     return org
 
 
+# --- Self-service sign-up -------------------------------------------------------------------------
+
+SIGNUP_CONFIRMATION_TTL = timedelta(hours=24)
+SIGNUP_CLOSED = "signup_closed"
+SIGNUP_CLOSED_MESSAGE = "Sign-up is by invitation only on this server: ask an Admin of your organization to invite you."
+INVALID_SIGNUP_LINK_MESSAGE = "This confirmation link is invalid, has expired or has already been used."
+
+
+def signup_is_open() -> bool:
+    """Self-service sign-up must prove the address by mail. Production without SMTP cannot, so it is closed there
+    (people join by invitation); development without SMTP prints the mail on the console."""
+    return bool(settings.EMAIL_ENABLED or not settings.PRODUCTION)
+
+
+def _mail_on_commit(*, subject: str, body: str, to: str) -> None:
+    def send() -> None:
+        try:
+            send_mail(subject=subject, message=body, from_email=None, recipient_list=[to])
+        except Exception:  # the sign-up itself stands; the person can sign up again to get another link
+            logger.exception("sign-up mail could not be sent")
+
+    transaction.on_commit(send)
+
+
 @transaction.atomic
-def user_signup(*, email: str, password: str, org_name: str, name: str = "") -> tuple[User, Organization]:
-    """Sign-up creates the user and their organization; the user becomes its Admin."""
+def user_signup(
+    *, email: str, password: str, org_name: str, name: str = "", confirm_url_template: str, login_url: str
+) -> None:
+    """Starts a self-service sign-up, and on purpose tells the caller nothing about the address:
+
+    * a new address gets an inactive account, its organization (the account is its Admin) and a single-use
+      confirmation link by mail (``confirm_url_template`` contains ``{token}``);
+    * an address whose sign-up is still unconfirmed: that sign-up is replaced by this one and a fresh link is
+      mailed, so whoever holds the mailbox decides which password the account gets;
+    * an address that has an account: nothing is created; its holder is told by mail when SMTP is configured.
+
+    Each case hashes the password once, so the time taken does not tell them apart either.
+    """
+    if not signup_is_open():
+        raise ValidationError(SIGNUP_CLOSED_MESSAGE, code=SIGNUP_CLOSED)
     email = User.objects.normalize_email(email).lower()
-    if User.objects.filter(email__iexact=email).exists():
-        raise ValidationError({"email": "An account with this email already exists."})
+    if not org_name.strip():
+        raise ValidationError({"org_name": "An organization needs a name."})
+    existing = User.objects.filter(email__iexact=email).first()
+    if existing is not None:
+        pending = SignupConfirmation.objects.select_for_update().filter(user=existing).first()
+        if pending is None or existing.is_active:
+            make_password(password)  # the work creating an account would have done
+            _signup_attempt_notify(email=email, login_url=login_url)
+            return
+        _signup_discard(pending)
     try:
         with transaction.atomic():
-            user = User.objects.create_user(email=email, password=password, name=name.strip())
-    except IntegrityError:
-        raise ValidationError({"email": "An account with this email already exists."}) from None
+            user = User.objects.create_user(email=email, password=password, name=name.strip(), is_active=False)
+    except IntegrityError:  # the same address signed up a moment ago: an existing account, as far as this goes
+        _signup_attempt_notify(email=email, login_url=login_url)
+        return
     org = organization_create(name=org_name, admin=user)
+    token = secrets.token_urlsafe(32)
+    SignupConfirmation.objects.create(
+        user=user, org=org, token_hash=_token_hash(token), expires_at=timezone.now() + SIGNUP_CONFIRMATION_TTL
+    )
     signals.user_signed_up.send(sender=User, org=org, actor=user, user=user)
+    hours = int(SIGNUP_CONFIRMATION_TTL.total_seconds() // 3600)
+    _mail_on_commit(
+        subject="Confirm your CesaFlow account",
+        body="Someone, hopefully you, signed up for CesaFlow with this address."
+        f"\n\nConfirm it within {hours} hours to sign in: {confirm_url_template.format(token=token)}"
+        "\n\nIf it was not you, ignore this message: an unconfirmed account is deleted.\n",
+        to=email,
+    )
+
+
+def _signup_attempt_notify(*, email: str, login_url: str) -> None:
+    if settings.EMAIL_ENABLED:
+        _mail_on_commit(
+            subject="Sign-up attempt with your CesaFlow address",
+            body="Someone tried to sign up for CesaFlow with this address, which already has an account."
+            f"\n\nIf it was you, sign in instead: {login_url}"
+            "\n\nIf it was not, ignore this message: nothing was changed.\n",
+            to=email,
+        )
+
+
+def _signup_discard(confirmation: SignupConfirmation) -> None:
+    """Deletes an unconfirmed (inactive) sign-up: its account and the org it started. Nobody else can be in that
+    org, since an unconfirmed account cannot sign in to invite anyone; the guard keeps one that somehow has."""
+    user_id, org_id = confirmation.user_id, confirmation.org_id
+    if not Membership.objects.filter(org_id=org_id).exclude(user_id=user_id).exists():
+        Organization.objects.filter(id=org_id).delete()
+    User.objects.filter(id=user_id, is_active=False).delete()  # the confirmation row goes with it
+
+
+def signup_confirmation_get_pending(*, token: str) -> SignupConfirmation | None:
+    confirmation = SignupConfirmation.objects.filter(token_hash=_token_hash(token)).first()
+    return confirmation if confirmation is not None and confirmation.is_pending() else None
+
+
+@transaction.atomic
+def signup_confirm(*, token: str) -> tuple[User, Organization]:
+    """Activates the account of a pending sign-up; the link works once."""
+    confirmation = (
+        SignupConfirmation.objects.select_for_update()
+        .select_related("user", "org")
+        .filter(token_hash=_token_hash(token))
+        .first()
+    )
+    if confirmation is None or not confirmation.is_pending():
+        raise ValidationError(INVALID_SIGNUP_LINK_MESSAGE)
+    user, org = confirmation.user, confirmation.org
+    user.is_active = True
+    user.save(update_fields=["is_active"])
+    confirmation.delete()
+    signals.signup_confirmed.send(sender=User, org=org, actor=user, user=user)
     return user, org
+
+
+@transaction.atomic
+def signups_unconfirmed_purge() -> int:
+    """Deletes the sign-ups whose link expired unused (account and org); returns how many. Idempotent."""
+    expired = SignupConfirmation.objects.select_for_update(skip_locked=True).filter(expires_at__lte=timezone.now())
+    # An account an operator activated by hand is kept; only its stale link goes.
+    expired.filter(user__is_active=True).delete()
+    count = 0
+    for confirmation in expired.filter(user__is_active=False):
+        _signup_discard(confirmation)
+        count += 1
+    return count
 
 
 class _Keep(Enum):
@@ -132,6 +251,9 @@ def _lock_admins(org: Organization) -> list[Membership]:
 
 @transaction.atomic
 def membership_change_role(*, membership: Membership, role: str, actor: Actor) -> Membership:
+    """Changes the role. The member's org API keys lose the scopes the new role lacks, and a member who may no
+    longer manage the team has their pending invitations revoked: nobody keeps, through a key or a link they made,
+    a power their role no longer grants."""
     if role not in Role.values:
         raise ValidationError({"role": "Choose Admin or Developer."})
     admins = _lock_admins(membership.org)
@@ -146,17 +268,67 @@ def membership_change_role(*, membership: Membership, role: str, actor: Actor) -
     signals.member_role_changed.send(
         sender=Membership, org=membership.org, actor=actor, membership=membership, old_role=old_role
     )
+    _api_keys_clip_to_role(membership=membership, actor=actor)
+    if TEAM_MANAGE not in capabilities_for_role(role):
+        _invitations_revoke_sent_by(membership=membership, actor=actor)
     return membership
 
 
 @transaction.atomic
-def membership_remove(*, membership: Membership, actor: Actor) -> None:
+def membership_remove(*, membership: Membership, actor: Actor, revoke_api_keys: bool = True) -> None:
+    """Removes the member. Their pending invitations to the org are revoked; their active org API keys too unless
+    ``revoke_api_keys`` is False (the keys then keep working for the org, as any key whose creator left)."""
     admins = _lock_admins(membership.org)
     membership.refresh_from_db()
     if membership.role == Role.ADMIN and len(admins) <= 1:
         raise ValidationError("The last Admin cannot be removed: promote someone else first.", code=LAST_ADMIN)
+    _invitations_revoke_sent_by(membership=membership, actor=actor)
+    if revoke_api_keys:
+        for api_key in _api_keys_created_by(membership).exclude(expires_at__lte=timezone.now()):
+            api_key_revoke(api_key=api_key, actor=actor)
     signals.member_removed.send(sender=Membership, org=membership.org, actor=actor, membership=membership)
     membership.delete()
+
+
+def _api_keys_created_by(membership: Membership) -> QuerySet[ApiKey]:
+    """The member's unrevoked org API keys in the membership's org, locked for the change at hand."""
+    return (
+        ApiKey.objects.select_for_update()
+        .select_related("org")
+        .filter(org=membership.org, created_by=membership.user_id, revoked_at=None)
+        .order_by("created_at", "id")
+    )
+
+
+def _api_keys_clip_to_role(*, membership: Membership, actor: Actor) -> None:
+    allowed = capabilities_for_role(membership.role)
+    now = timezone.now()
+    for api_key in _api_keys_created_by(membership):
+        removed = sorted(set(api_key.scopes) - allowed)
+        if not removed:
+            continue
+        api_key.scopes = sorted(set(api_key.scopes) & allowed)
+        api_key.clipped_scopes = sorted(set(api_key.clipped_scopes) | set(removed))
+        api_key.scopes_clipped_at = now
+        api_key.save(update_fields=["scopes", "clipped_scopes", "scopes_clipped_at"])
+        signals.api_key_scopes_clipped.send(
+            sender=ApiKey, org=api_key.org, actor=actor, api_key=api_key, removed_scopes=removed
+        )
+        if not api_key.scopes:
+            # Every key is made with at least one scope; one left with none has no purpose but to confuse.
+            api_key_revoke(api_key=api_key, actor=actor)
+
+
+def _invitations_revoke_sent_by(*, membership: Membership, actor: Actor) -> None:
+    pending = (
+        Invitation.objects.select_for_update()
+        .select_related("org")
+        .filter(org=membership.org, invited_by=membership.user_id, accepted_at=None, revoked_at=None)
+        .filter(expires_at__gt=timezone.now())
+        .order_by("created_at", "id")
+    )
+    for invitation in pending:
+        invitation_revoke(invitation=invitation, actor=actor)
 
 
 # --- Invitations ------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Django's own ``user_logged_in`` / ``user_logged_out`` / ``user_login_failed`` co
 
 from django.dispatch import Signal
 
-user_signed_up = Signal()  # org, actor=user, user
+user_signed_up = Signal()  # org, actor=user, user (self-service: the account is inactive until confirmed)
+signup_confirmed = Signal()  # org, actor=user, user
 org_created = Signal()  # org, actor=user (its first Admin)
 login_locked_out = Signal()  # org=None, actor=None, email, scope ("account" | "ip")
 org_settings_changed = Signal()  # org, actor, changes: dict[field, [old, new]]
@@ -18,3 +19,6 @@ member_role_changed = Signal()  # org, actor, membership, old_role
 member_removed = Signal()  # org, actor, membership
 api_key_created = Signal()  # org, actor, api_key
 api_key_revoked = Signal()  # org, actor, api_key
+api_key_scopes_clipped = Signal()  # org, actor, api_key, removed_scopes: list[str] (its creator was demoted)
+session_revoked = Signal()  # org=None, actor=user, user, device, count=1 (one session ended from the Sessions page)
+sessions_ended = Signal()  # org=None, actor, user, count, reason ("signed_out_everywhere" | "password_changed")

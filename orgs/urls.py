@@ -5,14 +5,23 @@ Objects are addressed by UUID; the org always comes from the session (``orgs.ten
 
 from django.urls import URLPattern, URLResolver, path
 
-from orgs import views
+from orgs import session_views, views
 
 app_name = "orgs"
 urlpatterns: list[URLPattern | URLResolver] = [
     path("", views.HomeView.as_view(), name="home"),
     path("signup/", views.SignupView.as_view(), name="signup"),
+    path("signup/confirm/<str:token>/", views.SignupConfirmView.as_view(), name="signup_confirm"),
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", views.LogoutView.as_view(), name="logout"),
+    path("account/sessions/", session_views.SessionsView.as_view(), name="sessions"),
+    path("account/sessions/<str:key>/revoke/", session_views.SessionRevokeView.as_view(), name="session_revoke"),
+    path(
+        "account/sessions/sign-out-everywhere/",
+        session_views.SignOutEverywhereView.as_view(),
+        name="sign_out_everywhere",
+    ),
+    path("account/password/", session_views.PasswordChangeView.as_view(), name="password_change"),
     path("orgs/new/", views.OrgCreateView.as_view(), name="org_create"),
     path("orgs/switch/", views.OrgSwitchView.as_view(), name="org_switch"),
     path("settings/", views.SettingsView.as_view(), name="settings"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import authenticate, login, logout
+from django.contrib.auth import authenticate
 from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
@@ -35,6 +35,7 @@ from orgs.forms import (
     InvitationForm,
     InvitationSignupForm,
     LoginForm,
+    MemberRemoveForm,
     OrganizationForm,
     OrgSettingsForm,
     OrgSwitchForm,
@@ -44,13 +45,13 @@ from orgs.forms import (
 )
 from orgs.mixins import OrgViewMixin
 from orgs.models import Invitation, Role, User
+from orgs.sessions.services import session_sign_in, session_sign_out
 from orgs.tenancy import switch_org
 
 LOGIN_FAILED_MESSAGE = "Email or password is incorrect."
 LOCKED_MESSAGE = "Too many failed sign-in attempts. Sign-in is locked for about {minutes} minute(s); try again later."
 INVALID_INVITATION_MESSAGE = "This invitation link is invalid, has expired or has already been used."
 MAX_INVITATION_TOKEN_LENGTH = 128
-AUTH_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 public = method_decorator(login_not_required, name="dispatch")
 secret_post = method_decorator(sensitive_post_parameters("password"), name="dispatch")
@@ -98,9 +99,18 @@ class HomeView(OrgViewMixin, TemplateView):
 # --- Accounts ---------------------------------------------------------------------------------------
 
 
+def _absolute_url_template(request: HttpRequest, view_name: str) -> str:
+    """An absolute URL for a view taking ``token``, as a ``str.format`` template with a ``{token}`` field."""
+    url = request.build_absolute_uri(reverse(view_name, kwargs={"token": "TOKEN"}))
+    return url.replace("{", "{{").replace("}", "}}").replace("TOKEN", "{token}")
+
+
 @public
 @secret_post
 class SignupView(View):
+    """Sign-up never says whether an address has an account: every accepted form gets the same "check your inbox"
+    page, and the mailbox decides (a confirmation link, or a note to the existing account's holder)."""
+
     template_name = "orgs/signup.html"
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
@@ -109,26 +119,73 @@ class SignupView(View):
         return super().dispatch(request, *args, **kwargs)
 
     def get(self, request: HttpRequest) -> HttpResponse:
+        if not services.signup_is_open():
+            return self._closed(request, status=200)
         return render(request, self.template_name, {"form": SignupForm()})
 
     def post(self, request: HttpRequest) -> HttpResponse:
+        if not services.signup_is_open():
+            return self._closed(request, status=403)
         form = SignupForm(request.POST)
         if form.is_valid():
             try:
-                user, org = services.user_signup(
+                services.user_signup(
                     email=form.cleaned_data["email"],
                     password=form.cleaned_data["password"],
                     org_name=form.cleaned_data["org_name"],
                     name=form.cleaned_data["name"],
+                    confirm_url_template=_absolute_url_template(request, "orgs:signup_confirm"),
+                    login_url=request.build_absolute_uri(reverse("orgs:login")),
                 )
             except ValidationError as exc:
+                if getattr(exc, "code", None) == services.SIGNUP_CLOSED:
+                    return self._closed(request, status=403)
                 apply_service_errors(form, exc)
             else:
-                login(request, user, backend=AUTH_BACKEND)
-                switch_org(request, str(org.id))
-                messages.success(request, f"Welcome to CesaFlow. You are the Admin of {org.name}.")
-                return redirect("orgs:home")
+                # The same page, whoever owns the address (tests compare the bytes).
+                hours = int(services.SIGNUP_CONFIRMATION_TTL.total_seconds() // 3600)
+                return render(
+                    request, "orgs/signup_sent.html", {"email": form.cleaned_data["email"], "link_hours": hours}
+                )
         return render(request, self.template_name, {"form": form})
+
+    def _closed(self, request: HttpRequest, *, status: int) -> HttpResponse:
+        return render(request, "orgs/signup_closed.html", {"message": services.SIGNUP_CLOSED_MESSAGE}, status=status)
+
+
+@public
+@method_decorator(never_cache, name="dispatch")
+class SignupConfirmView(View):
+    """The link mailed at sign-up. Opening it shows one button; the POST activates the account and signs in, so a
+    mail scanner that fetches links can neither use up the link nor get a signed-in session."""
+
+    template_name = "orgs/signup_confirm.html"
+
+    def get(self, request: HttpRequest, token: str) -> HttpResponse:
+        if len(token) > MAX_INVITATION_TOKEN_LENGTH or services.signup_confirmation_get_pending(token=token) is None:
+            return self._invalid(request)
+        return render(request, self.template_name, {"confirm_path": request.path})
+
+    def post(self, request: HttpRequest, token: str) -> HttpResponse:
+        if len(token) > MAX_INVITATION_TOKEN_LENGTH:
+            return self._invalid(request)
+        try:
+            user, org = services.signup_confirm(token=token)
+        except ValidationError:
+            return self._invalid(request)
+        session_sign_in(request, user)
+        switch_org(request, str(org.id))
+        messages.success(request, f"Welcome to CesaFlow. You are the Admin of {org.name}.")
+        return redirect("orgs:home")
+
+    def _invalid(self, request: HttpRequest) -> HttpResponse:
+        # 410 like a used invitation: the page says what happened and what to do next.
+        return render(
+            request,
+            "orgs/signup_confirm_invalid.html",
+            {"message": services.INVALID_SIGNUP_LINK_MESSAGE},
+            status=410,
+        )
 
 
 @public
@@ -156,7 +213,7 @@ class LoginView(View):
             user = authenticate(request, email=email, password=form.cleaned_data["password"])
             if user is not None:
                 login_guard.login_success_record(email=email)
-                login(request, user)  # rotates the session key: no fixation
+                session_sign_in(request, user)  # a new session id every time: no fixation
                 return HttpResponseRedirect(_safe_next(request))
             lockout = login_guard.login_failure_record(email=email, ip=ip)
         if lockout is not None:
@@ -178,7 +235,7 @@ class LogoutView(View):
     http_method_names = ["post"]
 
     def post(self, request: HttpRequest) -> HttpResponse:
-        logout(request)
+        session_sign_out(request)
         response = redirect("orgs:login")
         # Tell the browser to drop anything this session left behind (ASVS 14.3.1).
         response["Clear-Site-Data"] = '"cache", "cookies", "storage"'
@@ -276,12 +333,7 @@ class TeamView(OrgViewMixin, View):
         """Invite someone. The one-time link is shown in this response only."""
         form = InvitationForm(request.POST)
         if form.is_valid():
-            accept_url_template = (
-                request.build_absolute_uri(reverse("orgs:invite_accept", kwargs={"token": "TOKEN"}))
-                .replace("{", "{{")
-                .replace("}", "}}")
-                .replace("TOKEN", "{token}")
-            )
+            accept_url_template = _absolute_url_template(request, "orgs:invite_accept")
             try:
                 invitation, token = services.invitation_create(
                     org=self.org,
@@ -307,7 +359,11 @@ class TeamView(OrgViewMixin, View):
         can_manage = self.org_context.can(permissions.TEAM_MANAGE)
         data: dict[str, Any] = {
             "org": self.org,
-            "members": selectors.members_for_org(org=self.org),
+            "members": (
+                selectors.members_for_org_with_api_key_counts(org=self.org)
+                if can_manage
+                else selectors.members_for_org(org=self.org)
+            ),
             "can_manage": can_manage,
             "me": self.org_context.membership,
             "role_choices": Role.choices,
@@ -349,12 +405,15 @@ class MemberRemoveView(OrgViewMixin, View):
         if membership is None:
             raise Http404
         email = membership.user.email
+        form = MemberRemoveForm(request.POST)
+        revoke_api_keys = form.is_valid() and bool(form.cleaned_data["revoke_api_keys"])
         try:
-            services.membership_remove(membership=membership, actor=_user(request))
+            services.membership_remove(membership=membership, actor=_user(request), revoke_api_keys=revoke_api_keys)
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
         else:
-            messages.success(request, f"{email} was removed from {self.org.name}.")
+            kept = "" if revoke_api_keys else " Any API keys they created keep working until revoked."
+            messages.success(request, f"{email} was removed from {self.org.name}.{kept}")
         return redirect("orgs:team")
 
 
@@ -407,7 +466,7 @@ class InviteAcceptView(View):
             except ValidationError as exc:
                 apply_service_errors(form, exc)
             else:
-                login(request, user, backend=AUTH_BACKEND)
+                session_sign_in(request, user)
                 switch_org(request, str(membership.org_id))
                 messages.success(request, f"Welcome to {membership.org.name}.")
                 return redirect("orgs:home")

@@ -92,6 +92,19 @@ def _on_logout(sender: Any, request: Any, user: User | None, **kwargs: Any) -> N
         audit_record(event=AuditEvent.LOGGED_OUT, org=org, actor=user, target=user)
 
 
+@receiver(signals.session_revoked, dispatch_uid="audit_session_revoked")
+def _on_session_revoked(sender: Any, actor: User, user: User, device: str, **kwargs: Any) -> None:
+    for org in _orgs_of(user):
+        audit_record(event=AuditEvent.SESSION_REVOKED, org=org, actor=actor, target=user, metadata={"device": device})
+
+
+@receiver(signals.sessions_ended, dispatch_uid="audit_sessions_ended")
+def _on_sessions_ended(sender: Any, actor: User | None, user: User, count: int, reason: str, **kwargs: Any) -> None:
+    event = AuditEvent.PASSWORD_CHANGED if reason == "password_changed" else AuditEvent.SIGNED_OUT_EVERYWHERE
+    for org in _orgs_of(user):
+        audit_record(event=event, org=org, actor=actor, target=user, metadata={"sessions_ended": count})
+
+
 @receiver(user_login_failed, dispatch_uid="audit_login_failed")
 def _on_login_failed(sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
     # Django already masks the password in ``credentials``; only the email is kept.
@@ -120,6 +133,11 @@ def _on_locked_out(sender: Any, email: str, scope: str, **kwargs: Any) -> None:
 @receiver(signals.user_signed_up, dispatch_uid="audit_signed_up")
 def _on_signed_up(sender: Any, org: Organization, actor: User, user: User, **kwargs: Any) -> None:
     audit_record(event=AuditEvent.USER_SIGNED_UP, org=org, actor=actor, target=user)
+
+
+@receiver(signals.signup_confirmed, dispatch_uid="audit_signup_confirmed")
+def _on_signup_confirmed(sender: Any, org: Organization, actor: User, user: User, **kwargs: Any) -> None:
+    audit_record(event=AuditEvent.USER_SIGNUP_CONFIRMED, org=org, actor=actor, target=user)
 
 
 @receiver(signals.org_created, dispatch_uid="audit_org_created")
@@ -210,6 +228,24 @@ def _on_api_key_revoked(sender: Any, org: Organization, actor: Any, api_key: Api
         actor=actor,
         target=api_key,
         metadata={"name": api_key.name, "prefix": api_key.prefix},
+    )
+
+
+@receiver(signals.api_key_scopes_clipped, dispatch_uid="audit_api_key_scopes_clipped")
+def _on_api_key_scopes_clipped(
+    sender: Any, org: Organization, actor: Any, api_key: ApiKey, removed_scopes: list[str], **kwargs: Any
+) -> None:
+    audit_record(
+        event=AuditEvent.API_KEY_SCOPES_CLIPPED,
+        org=org,
+        actor=actor,
+        target=api_key,
+        metadata={
+            "name": api_key.name,
+            "prefix": api_key.prefix,
+            "removed": list(removed_scopes),
+            "scopes": list(api_key.scopes),
+        },
     )
 
 

@@ -1,12 +1,16 @@
 """Websockets for live runs: ``/ws/runs/<uuid>/`` (one run's events) and ``/ws/org/runs/`` (status changes of the
 org's runs, for live lists).
 
-Authentication and authorization happen in ``connect``, through the consumers' tenant gate
-(``orgs.tenancy.context_for_scope``: the session, or an org API key in a handshake header). The Origin is checked
-before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi``). Refusals accept and then close with a code, so
-clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read``, 4404 a run that is missing or
-another org's (the same answer), or a signed-in user of no organization. Groups are derived server-side from the
-authorized run or org only.
+Authentication and authorization happen in ``connect``, through the one authentication path
+(``orgs.authentication.principal_for_scope``: the session token cookie, or an org API key in a handshake header).
+The Origin is checked before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi``). Refusals accept and then close
+with a code, so clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read``, 4404 a run
+that is missing or another org's (the same answer), or a signed-in user of no organization; 1013 when sessions
+cannot be checked (the session store is down). Groups are derived server-side from the authorized run or org only.
+
+An open socket keeps checking: on every revocation signal for its org or its user (``orgs.revocation``) and at
+least every ``STREAM_REVALIDATE_SECONDS`` it re-runs the check, and closes with 4401 (the key or session is gone)
+or 4403 (the member was removed or demoted below ``runs:read``). Closing never stops the run.
 
 Protocol (JSON text frames; the schema is ``runs.events``):
 
@@ -22,18 +26,33 @@ Closing the socket never stops the run: it keeps running for whoever else watche
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
+from contextlib import suppress
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from orgs.authentication import presented_api_key
+from orgs import revocation
+from orgs.authentication import (
+    CLOSE_FORBIDDEN,
+    CLOSE_UNAUTHENTICATED,
+    AuthenticationError,
+    Principal,
+    SessionPrincipal,
+    context_now,
+    org_context_for,
+    principal_for_scope,
+    revalidate,
+)
 from orgs.permissions import RUNS_READ, RUNS_WRITE
-from orgs.tenancy import OrgContext, context_for_scope
+from orgs.sessions.store import SessionStoreUnavailable
+from orgs.tenancy import OrgContext
 from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
@@ -41,22 +60,24 @@ from runs.services import run_attach, run_request_cancel
 
 logger = logging.getLogger("cesaflow.runs")
 
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TOO_BIG = 1009
 MAX_CLIENT_MESSAGE_CHARS = 4096
 
 
 class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels is untyped
-    """Shared by both sockets: forwards ``run.event`` messages of the groups joined in ``connect``."""
+    """Shared by both sockets: forwards ``run.event`` messages of the groups joined in ``connect``, and keeps
+    re-checking the caller's credentials while open."""
 
     org_context: OrgContext | None = None
+    principal: Principal | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._joined: list[str] = []
+        self._recheck: asyncio.Task[None] | None = None
 
     async def refuse(self, code: int) -> None:
         # Accept first: a close before the handshake completes reaches the browser as a bare 1006.
@@ -65,22 +86,73 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
 
     async def authorize(self) -> OrgContext | None:
         """The caller's org context if it may read runs; otherwise the socket is refused and None returned."""
-        context: OrgContext | None = await database_sync_to_async(context_for_scope)(self.scope)
+        principal: Principal | None
+        context: OrgContext | None
+        try:
+            principal, context = await database_sync_to_async(_authorize)(self.scope)
+        except AuthenticationError:
+            await self.refuse(CLOSE_UNAUTHENTICATED)
+            return None
+        except SessionStoreUnavailable:
+            await self.refuse(CLOSE_TRY_AGAIN_LATER)
+            return None
+        if principal is None:
+            await self.refuse(CLOSE_UNAUTHENTICATED)
+            return None
         if context is None:
             # A signed-in user of no organization gets what the API gives them: nothing here is theirs.
-            await self.refuse(CLOSE_NOT_FOUND if _user_without_org(self.scope) else CLOSE_UNAUTHENTICATED)
+            await self.refuse(CLOSE_NOT_FOUND)
             return None
         if not context.can(RUNS_READ):
             await self.refuse(CLOSE_FORBIDDEN)
             return None
-        self.org_context = context
+        self.principal, self.org_context = principal, context
         return context
+
+    async def watch_credentials(self) -> None:
+        """After accepting: listen for revocation signals and re-check on a timer."""
+        if self.principal is None or self.org_context is None:
+            return
+        await self.join(revocation.org_group(self.org_context.org.pk))
+        if isinstance(self.principal, SessionPrincipal):
+            await self.join(revocation.user_group(self.principal.user.pk))
+        self._recheck = asyncio.create_task(self._recheck_periodically())
+
+    async def _recheck_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(float(settings.STREAM_REVALIDATE_SECONDS))
+            if await self.credentials_revoked():
+                return
+
+    async def credentials_revoked(self) -> bool:
+        """Re-checks the credentials; closes the socket (4401/4403) and returns True if they no longer hold."""
+        if self.principal is None or self.org_context is None:
+            return False
+        try:
+            code = await database_sync_to_async(revalidate)(self.principal, self.org_context)
+        except SessionStoreUnavailable:
+            code = CLOSE_UNAUTHENTICATED  # fail closed: a session that cannot be checked is not trusted
+        if code is None:
+            return False
+        logger.info("websocket closed with %s: credentials revoked", code)
+        self.principal = None
+        await self.close(code=code)
+        return True
+
+    async def auth_revalidate(self, message: dict[str, Any]) -> None:
+        """A revocation signal (``orgs.revocation``): check now."""
+        await self.credentials_revoked()
 
     async def join(self, group: str) -> None:
         await self.channel_layer.group_add(group, self.channel_name)
         self._joined.append(group)
 
     async def disconnect(self, code: int) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._recheck
+            self._recheck = None
         for group in self._joined:
             await self.channel_layer.group_discard(group, self.channel_name)
         self._joined.clear()
@@ -117,6 +189,7 @@ class RunConsumer(_RunEventsConsumer):
         # Join before taking the snapshot: an event published in between is then queued for us, not missed.
         await self.join(events.run_group(run.id))
         await self.accept()
+        await self.watch_credentials()
         snapshot = await database_sync_to_async(run_get_for_org)(org=context.org, run_id=run.id) or run
         await self.send_event(events.status_event(snapshot))
         if snapshot.is_terminal:
@@ -141,21 +214,23 @@ class RunConsumer(_RunEventsConsumer):
             await self._cancel()
 
     async def _cancel(self) -> None:
-        if self.run_id is not None:
-            await database_sync_to_async(_cancel_run)(scope=self.scope, run_id=self.run_id)
+        # Authorize again: the socket may have been open for a while, and the rights since reduced.
+        if self.run_id is None or self.principal is None or self.org_context is None:
+            return
+        if await self.credentials_revoked():
+            return
+        await database_sync_to_async(_cancel_run)(
+            principal=self.principal, org_id=str(self.org_context.org.pk), run_id=self.run_id
+        )
 
 
-def _user_without_org(scope: dict[str, Any]) -> bool:
-    headers = {bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1") for k, v in scope.get("headers", ())}
-    if presented_api_key(headers) is not None:
-        return False  # a bad API key is a credentials problem, whatever the session says
-    user = scope.get("user")
-    return bool(user is not None and user.is_authenticated)
+def _authorize(scope: dict[str, Any]) -> tuple[Principal | None, OrgContext | None]:
+    principal = principal_for_scope(scope)
+    return principal, org_context_for(principal) if principal is not None else None
 
 
-def _cancel_run(*, scope: dict[str, Any], run_id: uuid.UUID) -> Run | None:
-    # Authorize again: the socket may have been open for hours, and the membership or API key since removed.
-    context = context_for_scope(scope)
+def _cancel_run(*, principal: Principal, org_id: str, run_id: uuid.UUID) -> Run | None:
+    context = context_now(principal, org_id=org_id)
     if context is None or not context.can(RUNS_WRITE):
         return None
     run = run_get_for_org(org=context.org, run_id=run_id)
@@ -177,6 +252,7 @@ class OrgRunsConsumer(_RunEventsConsumer):
             return
         await self.join(events.org_runs_group(context.org.id))
         await self.accept()
+        await self.watch_credentials()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:

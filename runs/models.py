@@ -16,11 +16,15 @@ class AuditEvent(models.Model):
 
     # The registry of event names: code refers to these constants, never to string literals.
     USER_SIGNED_UP = "user.signed_up"
+    USER_SIGNUP_CONFIRMED = "user.signup_confirmed"
     ORG_CREATED = "org.created"
     LOGIN_SUCCEEDED = "auth.login_succeeded"
     LOGIN_FAILED = "auth.login_failed"
     LOGIN_LOCKED_OUT = "auth.locked_out"
     LOGGED_OUT = "auth.logged_out"
+    SESSION_REVOKED = "auth.session_revoked"
+    SIGNED_OUT_EVERYWHERE = "auth.signed_out_everywhere"
+    PASSWORD_CHANGED = "auth.password_changed"  # noqa: S105 (an event name)
     ORG_SETTINGS_CHANGED = "org.settings_changed"
     INVITATION_SENT = "invitation.sent"
     INVITATION_REVOKED = "invitation.revoked"
@@ -29,6 +33,7 @@ class AuditEvent(models.Model):
     MEMBER_REMOVED = "member.removed"
     API_KEY_CREATED = "api_key.created"
     API_KEY_REVOKED = "api_key.revoked"
+    API_KEY_SCOPES_CLIPPED = "api_key.scopes_clipped"
     KEY_CREATED = "key.created"
     KEY_CHECKED = "key.checked"
     KEY_USED = "key.used"
@@ -47,11 +52,15 @@ class AuditEvent(models.Model):
 
     EVENTS = (
         USER_SIGNED_UP,
+        USER_SIGNUP_CONFIRMED,
         ORG_CREATED,
         LOGIN_SUCCEEDED,
         LOGIN_FAILED,
         LOGIN_LOCKED_OUT,
         LOGGED_OUT,
+        SESSION_REVOKED,
+        SIGNED_OUT_EVERYWHERE,
+        PASSWORD_CHANGED,
         ORG_SETTINGS_CHANGED,
         INVITATION_SENT,
         INVITATION_REVOKED,
@@ -60,6 +69,7 @@ class AuditEvent(models.Model):
         MEMBER_REMOVED,
         API_KEY_CREATED,
         API_KEY_REVOKED,
+        API_KEY_SCOPES_CLIPPED,
         KEY_CREATED,
         KEY_CHECKED,
         KEY_USED,

@@ -18,6 +18,7 @@ from rest_framework.test import APIClient
 from orgs.models import ApiKey, Organization, Role, User
 from orgs.permissions import ADMIN_CAPABILITIES, DEFAULT_API_KEY_SCOPES
 from orgs.services import api_key_create, organization_create
+from tests.signin import sign_in
 
 PASSWORD = "correct horse battery staple 42"
 
@@ -68,7 +69,7 @@ class Member:
 
     def client(self) -> Client:
         c = Client()
-        c.force_login(self.user)
+        sign_in(c, self.user)
         return c
 
     def api(self) -> APIClient:
@@ -80,7 +81,7 @@ class Member:
 
     def session_api(self) -> APIClient:
         c = APIClient()
-        c.force_login(self.user)
+        sign_in(c, self.user)
         return c
 
 

@@ -10,6 +10,8 @@ from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
+from tests.signin import sign_in
+
 pytestmark = pytest.mark.django_db
 
 TEMPLATES_DIR = Path(settings.BASE_DIR) / "templates"
@@ -73,7 +75,7 @@ def test_dashboard_forms_carry_a_csrf_token(cast, name):
 
 def test_post_without_csrf_token_is_refused(cast):
     client = Client(enforce_csrf_checks=True)
-    client.force_login(cast.admin_a.user)
+    sign_in(client, cast.admin_a.user)
     response = client.post(reverse("orgs:settings"), {"name": "CSRF'd"})
     assert response.status_code == 403
     cast.org_a.refresh_from_db()
@@ -82,7 +84,7 @@ def test_post_without_csrf_token_is_refused(cast):
 
 def test_post_with_csrf_token_is_accepted(cast):
     client = Client(enforce_csrf_checks=True)
-    client.force_login(cast.admin_a.user)
+    sign_in(client, cast.admin_a.user)
     page = client.get(reverse("orgs:settings")).content.decode()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
     assert token

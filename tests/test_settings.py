@@ -30,6 +30,7 @@ def _production_env(**overrides: str) -> dict[str, str]:
         DATABASE_URL=os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/cesaflow"),
         REDIS_URL=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/1"),
         CESAFLOW_KEYRING=_keyring(),
+        CESAFLOW_SESSION_KEYS=_keyring(),
         CESAFLOW_ALLOWED_HOSTS="cesaflow.example.com",
         CESAFLOW_CHANNEL_LAYER_KEY=secrets.token_urlsafe(32),
         # Keep development files out of the way: production must not need var/.
@@ -58,6 +59,7 @@ def test_complete_production_settings_pass_check_deploy_without_warnings():
         "DATABASE_URL",
         "REDIS_URL",
         "CESAFLOW_KEYRING",
+        "CESAFLOW_SESSION_KEYS",
         "CESAFLOW_ALLOWED_HOSTS",
         "CESAFLOW_CHANNEL_LAYER_KEY",
     ],
@@ -100,24 +102,59 @@ def test_keyring_derived_from_the_secret_key_is_refused():
     assert "must not reuse or derive from" in result.stderr
 
 
+def test_session_keys_shared_with_the_provider_keyring_are_refused():
+    keyring = _keyring()
+    result = _manage(_production_env(CESAFLOW_KEYRING=keyring, CESAFLOW_SESSION_KEYS=keyring), "check")
+    assert result.returncode != 0
+    assert "CESAFLOW_SESSION_KEYS must not reuse" in result.stderr
+
+
+def test_session_keys_derived_from_the_secret_key_are_refused():
+    secret_key = secrets.token_urlsafe(50)
+    derived = base64.b64encode(hashlib.sha256(secret_key.encode()).digest()).decode()
+    result = _manage(_production_env(CESAFLOW_SECRET_KEY=secret_key, CESAFLOW_SESSION_KEYS=f"1:{derived}"), "check")
+    assert result.returncode != 0
+    assert "CESAFLOW_SESSION_KEYS must not reuse" in result.stderr
+    assert derived not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("CESAFLOW_SESSION_TOKEN_SECONDS", "901", "at most 900"),
+        ("CESAFLOW_SESSION_IDLE_SECONDS", "90000", "must not exceed"),
+        ("CESAFLOW_STREAM_REVALIDATE_SECONDS", "31", "at most 30"),
+        ("CESAFLOW_SESSION_KEYS", "1:not base64!", "CESAFLOW_SESSION_KEYS is invalid"),
+    ],
+)
+def test_session_settings_out_of_bounds_are_refused(name, value, message):
+    result = _manage(_production_env(**{name: value}), "check")
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_production_uses_redis_for_cache_sessions_and_channel_layer_with_encryption():
     code = (
         "import django; django.setup(); from django.conf import settings as s; "
-        "print(s.CACHES['default']['BACKEND'], s.SESSION_ENGINE, s.SESSION_CACHE_ALIAS, "
+        "print(s.CACHES['default']['BACKEND'], s.SESSION_STORE, s.CACHES['sessions']['BACKEND'], "
         "s.CHANNEL_LAYERS['default']['BACKEND'], bool(s.CHANNEL_LAYERS['default']['CONFIG']"
-        ".get('symmetric_encryption_keys')), s.DEBUG, s.SESSION_COOKIE_NAME, s.SESSION_COOKIE_SECURE)"
+        ".get('symmetric_encryption_keys')), s.DEBUG, s.SESSION_COOKIE_NAME, s.SESSION_REFRESH_COOKIE_NAME, "
+        "s.SESSION_COOKIE_SECURE, s.MIDDLEWARE.index('orgs.sessions.middleware.SessionTokenMiddleware') < "
+        "s.MIDDLEWARE.index('django.contrib.auth.middleware.LoginRequiredMiddleware'))"
     )
     env = _production_env(DJANGO_SETTINGS_MODULE="cesaflow.settings")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "django_redis.cache.RedisCache",
-        "django.contrib.sessions.backends.cache",
-        "sessions",
+        "redis",
+        "django_redis.cache.RedisCache",
         "channels_redis.core.RedisChannelLayer",
         "True",
         "False",
         "__Host-cf_session",
+        "__Host-cf_refresh",
+        "True",
         "True",
     ]
 

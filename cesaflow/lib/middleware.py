@@ -8,7 +8,8 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.template.loader import render_to_string
 
 from cesaflow.lib import request_context
 
@@ -62,9 +63,31 @@ class SecurityHeadersMiddleware(_DualMiddleware):
 
     def _apply(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         response.headers["X-XSS-Protection"] = "0"
-        authenticated = getattr(getattr(request, "user", None), "is_authenticated", False)
-        if request.path.startswith("/api/") or authenticated:
+        # The session record, not request.user: reading nothing lazy keeps this safe in async code.
+        signed_in = getattr(request, "cf_session", None) is not None
+        if request.path.startswith("/api/") or signed_in:
             response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
+        return self._apply(request, get_response(request))
+
+    async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
+        return self._apply(request, await call_next(request))
+
+
+class MethodNotAllowedPageMiddleware(_DualMiddleware):
+    """Django answers a method a view does not take with an empty 405; people get a page (the API its JSON error,
+    from DRF or the proxy, untouched). The page is static: rendering it reads nothing, so it is safe in async code."""
+
+    def _apply(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        if (
+            response.status_code == 405
+            and isinstance(response, HttpResponse)
+            and not response.content
+            and not request.path.startswith("/api/")
+        ):
+            response.content = render_to_string("errors/405.html").encode()
         return response
 
     def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:

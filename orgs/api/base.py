@@ -1,8 +1,10 @@
 """The tenant gate for the REST API: every org-scoped endpoint subclasses ``OrgAPIView``.
 
-``initial()`` authenticates, resolves the org from the credential and checks the capability the view
-declares for the request's method. Subclasses declare ``capabilities`` and read ``self.org``; they cannot
-skip the gate (``initial`` is final by convention, and a view without a declaration refuses to serve).
+``initial()`` authenticates (``orgs.authentication.OrgAuthentication``: the one path), resolves the org from
+the credential and checks the capability the view declares for the request's method. Subclasses declare
+``capabilities`` and read ``self.org``; they cannot skip the gate: defining ``initial``, ``dispatch`` or their
+own authentication or permission classes is a ``TypeError`` at import time, and a view without a declaration
+refuses to serve.
 """
 
 from __future__ import annotations
@@ -15,15 +17,39 @@ from rest_framework import exceptions
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 
-from orgs.models import ApiKey, Organization
+from orgs.authentication import KeyPrincipal, OrgAuthentication, Principal, SessionPrincipal
+from orgs.models import ApiKey, Organization, User
+from orgs.sessions.store import SessionRecord
 from orgs.tenancy import OrgContext, context_for_api_key, context_for_session
+
+# What a subclass may not redefine: each would let it run without the gate, or with another one.
+GATE_ATTRIBUTES = frozenset(
+    {
+        "initial",
+        "dispatch",
+        "authentication_classes",
+        "permission_classes",
+        "get_authenticators",
+        "perform_authentication",
+        "_resolve_context",
+    }
+)
 
 
 class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
     #: HTTP method -> capability required, e.g. ``{"GET": KEYS_READ, "POST": KEYS_WRITE}``.
     capabilities: ClassVar[dict[str, str]] = {}
 
+    authentication_classes = [OrgAuthentication]
     org_context: OrgContext
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Mixins listed before OrgAPIView count too: anything ahead of it in the MRO would win.
+        ahead = cls.__mro__[: cls.__mro__.index(OrgAPIView)]
+        bypass = sorted({name for klass in ahead for name in GATE_ATTRIBUTES & set(vars(klass))})
+        if bypass:
+            raise TypeError(f"{cls.__name__} may not redefine {', '.join(bypass)}: OrgAPIView's gate is final.")
 
     @classmethod
     def as_view(cls, **initkwargs: Any) -> Any:
@@ -57,3 +83,13 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
     @property
     def org(self) -> Organization:
         return self.org_context.org
+
+    @property
+    def principal(self) -> Principal:
+        """Who authenticated this request (for streams that re-check it while open)."""
+        auth, user = self.request.auth, self.request.user
+        if isinstance(auth, ApiKey):
+            return KeyPrincipal(auth)
+        if isinstance(auth, SessionRecord) and isinstance(user, User):
+            return SessionPrincipal(user, auth)
+        raise exceptions.NotAuthenticated  # unreachable behind the gate: it only lets these two through

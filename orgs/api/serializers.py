@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.utils import timezone
 from rest_framework import serializers
 
@@ -46,6 +48,14 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
     scopes = serializers.ListField(child=serializers.CharField(), read_only=True)
     created_by = UserRefSerializer(read_only=True, allow_null=True, help_text="Null when made by a command.")
     is_active = serializers.SerializerMethodField(help_text="Neither revoked nor expired.")
+    scopes_clipped_at = serializers.DateTimeField(
+        read_only=True,
+        allow_null=True,
+        help_text="When the key lost scopes because its creator's role changed; null if it never did.",
+    )
+    clipped_scopes = serializers.ListField(
+        child=serializers.CharField(), read_only=True, help_text="The scopes it lost that way."
+    )
 
     class Meta:
         model = ApiKey
@@ -61,6 +71,8 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
             "last_used_at",
             "revoked_at",
             "is_active",
+            "scopes_clipped_at",
+            "clipped_scopes",
         ]
         read_only_fields = fields
 
@@ -90,6 +102,15 @@ class OrganizationUpdateSerializer(StrictInputSerializer):
 
 class MemberUpdateSerializer(StrictInputSerializer):
     role = serializers.ChoiceField(choices=Role.choices)
+
+
+class MemberRemoveQuerySerializer(serializers.Serializer[Any]):
+    """Query string of ``DELETE /members/{id}``."""
+
+    revoke_api_keys = serializers.BooleanField(
+        default=True,
+        help_text="Also revoke the active org API keys the member created (`true` or `false`). Default: true.",
+    )
 
 
 class ApiKeyCreateSerializer(StrictInputSerializer):

@@ -24,6 +24,7 @@ from orgs.api.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
     ApiKeySerializer,
+    MemberRemoveQuerySerializer,
     MemberSerializer,
     MemberUpdateSerializer,
     OrganizationSerializer,
@@ -130,7 +131,9 @@ class MemberDetailView(OrgAPIView):
     @extend_schema(
         operation_id="members_update",
         summary="Change a member's role",
-        description="The last Admin cannot be demoted: 409 with code `last_admin`.",
+        description="The org API keys the member created lose the scopes the new role lacks (`scopes_clipped_at`); "
+        "a member who may no longer manage the team has their pending invitations revoked. The last Admin cannot be "
+        "demoted: 409 with code `last_admin`.",
         request=MemberUpdateSerializer,
         responses={200: MemberSerializer, **error_responses(400, 401, 403, 404, 409)},
     )
@@ -144,14 +147,22 @@ class MemberDetailView(OrgAPIView):
     @extend_schema(
         operation_id="members_destroy",
         summary="Remove a member from the organization",
-        description="The last Admin cannot be removed: 409 with code `last_admin`.",
+        description="The member's pending invitations are revoked, and the active org API keys they created unless "
+        "`revoke_api_keys=false`. The last Admin cannot be removed: 409 with code `last_admin`.",
+        parameters=[MemberRemoveQuerySerializer],
         request=None,
-        responses={204: None, **error_responses(401, 403, 404, 409)},
+        responses={204: None, **error_responses(400, 401, 403, 404, 409)},
     )
     def delete(self, request: Request, member_id: uuid.UUID) -> Response:
         membership = self._membership(member_id)
+        query = MemberRemoveQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
         with _last_admin_is_a_conflict():
-            membership_remove(membership=membership, actor=self.org_context.actor)
+            membership_remove(
+                membership=membership,
+                actor=self.org_context.actor,
+                revoke_api_keys=query.validated_data["revoke_api_keys"],
+            )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

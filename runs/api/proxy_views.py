@@ -52,13 +52,10 @@ from keys.services import (
     provider_key_open,
     provider_key_record_check,
 )
-from orgs.authentication import presented_api_key
+from orgs.authentication import AuthenticationError, api_key_verify, request_api_key
 from orgs.models import ApiKey
 from orgs.permissions import RUNS_READ, RUNS_WRITE
-from orgs.selectors import api_key_get_active_by_secret
-from orgs.services import api_key_record_use
 from orgs.tenancy import OrgContext, context_for_api_key
-from orgs.tokens import MAX_KEY_LENGTH
 from runs import events as run_events
 from runs.models import Run, RunKind, RunStatus
 from runs.providers.base import CallLimits, StreamParser
@@ -134,15 +131,12 @@ def _method_not_allowed(allowed: str) -> ProxyError:
     return ProxyError(405, f"Use {allowed}.", code="method_not_allowed", headers={"Allow": allowed})
 
 
-def _active_api_key(presented: str) -> ApiKey | None:
-    api_key = api_key_get_active_by_secret(secret=presented)
-    if api_key is not None:
-        api_key_record_use(api_key=api_key)
-    return api_key
-
-
 def _presented_key(request: HttpRequest) -> str:
-    presented = presented_api_key(request.headers)
+    """The key as presented (no database): the one authentication path's rules, in OpenAI's error shape."""
+    try:
+        presented = request_api_key(request)
+    except AuthenticationError as exc:
+        raise ProxyError(401, exc.message, code=exc.code) from None
     if presented is None:
         raise ProxyError(
             401,
@@ -153,19 +147,18 @@ def _presented_key(request: HttpRequest) -> str:
 
 
 async def _authenticate(request: HttpRequest, capability: str) -> OrgContext:
-    """The DRF gate's rules (``ApiKeyAuthentication`` + ``OrgAPIView``) with OpenAI-shaped answers: 401 for a
-    missing or bad key, 403 for a key whose scopes lack ``capability``."""
+    """The DRF gate's rules (``orgs.authentication`` + ``OrgAPIView``) with OpenAI-shaped answers: 401 for a
+    missing or bad key, 403 for a key whose scopes lack ``capability``. Dashboard sessions never count here."""
     presented = _presented_key(request)
-    if presented and len(presented) <= MAX_KEY_LENGTH:
-        return await sync_to_async(_context_for_key)(presented, capability)
-    return _context_for_key(None, capability)
+    return await sync_to_async(_context_for_key)(presented, capability)
 
 
-def _context_for_key(presented: str | None, capability: str) -> OrgContext:
-    """``_authenticate``'s database part (sync). ``presented=None``: a key that cannot be valid (too long)."""
-    api_key = _active_api_key(presented) if presented is not None else None
-    if api_key is None:
-        raise ProxyError(401, "Invalid API key.", code="invalid_api_key")
+def _context_for_key(presented: str, capability: str) -> OrgContext:
+    """``_authenticate``'s database part (sync)."""
+    try:
+        api_key = api_key_verify(presented)
+    except AuthenticationError as exc:
+        raise ProxyError(401, exc.message, code="invalid_api_key") from None
     context = context_for_api_key(api_key)
     if not context.can(capability):
         raise ProxyError(
@@ -193,7 +186,7 @@ def _prepare_completion(request: HttpRequest, presented: str) -> tuple[OrgContex
     the order of the answers: authenticate (401/403), read and parse the body (413/400), find the key (404),
     create the run (429/400, committed)."""
     try:
-        context = _context_for_key(presented if len(presented) <= MAX_KEY_LENGTH else None, RUNS_WRITE)
+        context = _context_for_key(presented, RUNS_WRITE)
         completion = parse_completion_request(parse_json_body(_read_body(request)))
         key = _key_for_label(context=context, label=completion.key_label)
         if key is None:

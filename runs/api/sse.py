@@ -16,9 +16,12 @@ the server's event loop, subscribed to the run's channel-layer group::
 
 The same event JSON as the websocket (``runs.events``): first the run's current status (``seq`` 0, metadata and
 token counts only: past text is never replayed), then live events; a ``: keep-alive`` comment every
-``SSE_KEEPALIVE_SECONDS``; the stream ends after ``run.finished``. An already finished run gets its status and a
-``run.finished`` (both ``seq`` 0) and the stream ends. A watched run waiting for its watcher starts once the stream
-is subscribed (start on attach). Hanging up does not stop the run.
+``SSE_KEEPALIVE_SECONDS``; the stream ends after ``run.finished``. While open it re-checks the caller's
+credentials on every revocation signal (``orgs.revocation``) and at least every ``STREAM_REVALIDATE_SECONDS``: a
+revoked key, an ended session or a member removed or demoted below ``runs:read`` ends the stream with an
+``error`` event (kind ``credentials_revoked``, ``seq`` 0); the run itself goes on. An already finished run gets
+its status and a ``run.finished`` (both ``seq`` 0) and the stream ends. A watched run waiting for its watcher
+starts once the stream is subscribed (start on attach). Hanging up does not stop the run.
 
 ``POST /api/v1/runs`` with ``"stream": true`` (or ``Accept: text/event-stream``) answers with this same stream for
 the run it creates (``runs.api.views``), so a client cannot miss its first words.
@@ -45,9 +48,13 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 
 from cesaflow.lib.api import error_responses
+from orgs import revocation
 from orgs.api.base import OrgAPIView
+from orgs.authentication import Principal, SessionPrincipal, revalidate
 from orgs.models import Actor, Organization
 from orgs.permissions import RUNS_READ
+from orgs.sessions.store import SessionStoreUnavailable
+from orgs.tenancy import OrgContext
 from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
@@ -63,23 +70,52 @@ def sse_frame(event: dict[str, Any] | events.RunEvent) -> bytes:
     return f"event: {event['type']}\nid: {event['seq']}\ndata: {data}\n\n".encode()
 
 
+def _revoked_frame(run_id: uuid.UUID) -> bytes:
+    event: events.ErrorEvent = {
+        "type": "error",
+        "run_id": str(run_id),
+        "seq": 0,
+        "kind": "credentials_revoked",
+        "message": "Your access to this run was revoked; the run itself goes on.",
+        "retryable": False,
+    }
+    return sse_frame(event)
+
+
+async def _still_allowed(principal: Principal, context: OrgContext) -> bool:
+    try:
+        return await database_sync_to_async(revalidate)(principal, context) is None
+    except SessionStoreUnavailable:
+        return False  # fail closed
+
+
 async def run_event_stream(
     *,
-    org: Organization,
+    context: OrgContext,
+    principal: Principal,
     run_id: uuid.UUID,
     keepalive_s: float,
     cancel_on_disconnect: Actor | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE body for one run (already authorized for ``org``). A watched run waiting for its watcher starts once
-    this stream is subscribed (start on attach). ``cancel_on_disconnect``: the actor in whose name the run is
-    cancelled if the client hangs up before it ends (otherwise hanging up never stops a run)."""
+    """The SSE body for one run (already authorized: ``principal`` in ``context``). A watched run waiting for its
+    watcher starts once this stream is subscribed (start on attach). ``cancel_on_disconnect``: the actor in whose
+    name the run is cancelled if the client hangs up before it ends (otherwise hanging up never stops a run)."""
+    org = context.org
     layer = get_channel_layer()
     channel = await layer.new_channel()
     group = events.run_group(run_id)
-    # Subscribe before the snapshot: an event published in between is queued for us, not missed.
-    await layer.group_add(group, channel)
+    # Subscribe before the snapshot: an event published in between is queued for us, not missed. The revocation
+    # groups too: a signal sent meanwhile is then heard.
+    groups = [group, revocation.org_group(org.pk)]
+    if isinstance(principal, SessionPrincipal):
+        groups.append(revocation.user_group(principal.user.pk))
+    for name in groups:
+        await layer.group_add(name, channel)
     receiver: asyncio.Future[Any] | None = None
     ended = False
+    recheck_s = float(settings.STREAM_REVALIDATE_SECONDS)
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + recheck_s
     try:
         run: Run | None = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
         if run is None:  # deleted in the instant since the gate looked
@@ -92,11 +128,20 @@ async def run_event_stream(
             return
         if run.attached_at is None:
             await database_sync_to_async(run_attach)(run=run)
+        last_sent = loop.time()
         while True:
             if receiver is None:
                 receiver = asyncio.ensure_future(layer.receive(channel))
-            done, _ = await asyncio.wait({receiver}, timeout=keepalive_s)
+            timeout = max(0.0, min(last_sent + keepalive_s, next_check) - loop.time())
+            done, _ = await asyncio.wait({receiver}, timeout=timeout)
+            if not done and loop.time() >= next_check:
+                next_check = loop.time() + recheck_s
+                if not await _still_allowed(principal, context):
+                    yield _revoked_frame(run_id)
+                    return
+                continue
             if not done:
+                last_sent = loop.time()
                 yield KEEPALIVE
                 # Belt and braces: if the run ended but its run.finished never reached us (a channel layer
                 # restart), end the stream anyway instead of keeping it open forever.
@@ -108,6 +153,11 @@ async def run_event_stream(
                     return
                 continue
             message, receiver = receiver.result(), None
+            if isinstance(message, dict) and message.get("type") == revocation.MESSAGE_TYPE:
+                if not await _still_allowed(principal, context):
+                    yield _revoked_frame(run_id)
+                    return
+                continue
             if not isinstance(message, dict) or message.get("type") != "run.event":
                 continue  # e.g. run.cancel, meant for the executor
             event = message.get("event")
@@ -115,14 +165,16 @@ async def run_event_stream(
                 continue
             if event["type"] == "run.finished":
                 ended = True
+            last_sent = loop.time()
             yield sse_frame(event)
             if ended:
                 return
     finally:
         if receiver is not None:
             receiver.cancel()
-        with suppress(Exception):
-            await layer.group_discard(group, channel)
+        for name in groups:
+            with suppress(Exception):
+                await layer.group_discard(name, channel)
         if not ended and cancel_on_disconnect is not None:
             await database_sync_to_async(_cancel_abandoned)(org=org, run_id=run_id, actor=cancel_on_disconnect)
 
@@ -189,5 +241,10 @@ class RunEventsView(EventStreamNegotiationMixin, OrgAPIView):
         if run is None:
             raise exceptions.NotFound("No such run.")
         return event_stream_response(
-            run_event_stream(org=self.org, run_id=run.id, keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS))
+            run_event_stream(
+                context=self.org_context,
+                principal=self.principal,
+                run_id=run.id,
+                keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS),
+            )
         )

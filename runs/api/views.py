@@ -169,7 +169,8 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         if stream:
             streamed = event_stream_response(
                 run_event_stream(
-                    org=self.org,
+                    context=self.org_context,
+                    principal=self.principal,
                     run_id=run.id,
                     keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS),
                     cancel_on_disconnect=self.org_context.actor if data["cancel_on_disconnect"] else None,

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
-from orgs.services import org_update
+from orgs.services import org_update, signups_unconfirmed_purge
 from runs import events
 from runs.agent import AgentLimits
 from runs.models import (
@@ -483,11 +483,13 @@ def org_agent_limits_set(*, org: Organization, actor: Actor, overrides: Mapping[
 
 
 def retention_purge() -> dict[str, int]:
-    """The periodic retention jobs besides workspaces: audit events past ``AUDIT_RETENTION_DAYS`` and webhook
-    delivery ids past ``WEBHOOK_DELIVERY_RETENTION_DAYS``. What each deleted (counts only)."""
+    """The periodic retention jobs besides workspaces: audit events past ``AUDIT_RETENTION_DAYS``, webhook
+    delivery ids past ``WEBHOOK_DELIVERY_RETENTION_DAYS`` and sign-ups left unconfirmed past their link's lifetime.
+    What each deleted (counts only)."""
     from runs.webhooks.services import webhook_deliveries_purge  # webhooks build on these services
 
     return {
         "audit_events": audit_purge(older_than_days=settings.AUDIT_RETENTION_DAYS),
         "webhook_deliveries": webhook_deliveries_purge(older_than_days=settings.WEBHOOK_DELIVERY_RETENTION_DAYS),
+        "unconfirmed_signups": signups_unconfirmed_purge(),
     }

@@ -1,6 +1,6 @@
-"""The product in a real browser: sign up, add a provider key pointing at the simulator, start a run and watch its
-answer stream in over the websocket, cancel a slow run (with the runs list following live in a second tab), reload
-and see metadata only. No page may raise a CSP violation or a console error.
+"""The product in a real browser: sign up (following the link the server mails), add a provider key pointing at the
+simulator, start a run and watch its answer stream in over the websocket, cancel a slow run (with the runs list
+following live in a second tab), reload and see metadata only. No page may raise a CSP violation or a console error.
 
 Headless Debian Chromium (never a downloaded browser) against daphne serving CesaFlow on the test database; the
 runs execute in the server's inline executor and call the provider simulator of this test process.
@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(90)]
 STREAM_TEXT = "Alpha, beta, gamma, delta, epsilon, zeta, eta, theta, iota, kappa."
 SLOW_WORD = "tortoise "
 RUN_URL = re.compile(r"/runs/[0-9a-f-]{36}/$")
+CONFIRM_PATH = re.compile(r"/signup/confirm/[A-Za-z0-9_\-]+/")
 # Reports CSP violations as console errors, which the test collects with every other console error.
 CSP_REPORTER = """
 document.addEventListener("securitypolicyviolation", (e) => {
@@ -67,16 +69,34 @@ def _answer_states(page: Any, *, timeout: float = 15.0) -> list[str]:
     raise AssertionError(f"The run did not end within {timeout} s; the pane showed {states!r}")
 
 
-def _sign_up_with_a_simulator_key(page: Any, simulator: Any) -> None:
+def _confirmation_path(server_log: Path, email: str, *, timeout: float = 5.0) -> str:
+    """The confirmation link mailed to ``email``, read where a developer on ``make run`` reads it: the server's
+    console (development without SMTP prints mail there). The server is a subprocess: its outbox is not ours."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server_log.read_text(errors="replace")
+        start = log.rfind(f"To: {email}")
+        match = CONFIRM_PATH.search(log, start) if start >= 0 else None
+        if match:
+            return match.group(0)
+        time.sleep(0.1)
+    raise AssertionError(f"No confirmation link for {email} on the server's console:\n{log[-2000:]}")
+
+
+def _sign_up_with_a_simulator_key(page: Any, simulator: Any, server_log: Path) -> None:
     from playwright.sync_api import expect
 
-    # Sign up: a new account with its own organization.
+    # Sign up: a new account with its own organization, confirmed by the link mailed to it.
+    email = f"e2e-{secrets.token_hex(4)}@example.com"
     page.goto("/signup/")
-    page.fill("#id_email", f"e2e-{secrets.token_hex(4)}@example.com")
+    page.fill("#id_email", email)
     page.fill("#id_name", "Erin Tester")
     page.fill("#id_org_name", "Browser Org")
     page.fill("#id_password", f"pass-{secrets.token_urlsafe(12)}")
     page.click("form.stacked button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Check your inbox")
+    page.goto(_confirmation_path(server_log, email))
+    page.click("text=Confirm and sign in")
     page.wait_for_url(re.compile(r"/$"))
     expect(page.locator("h1")).to_have_text("Browser Org")
 
@@ -91,7 +111,7 @@ def _sign_up_with_a_simulator_key(page: Any, simulator: Any) -> None:
 
 
 @pytest.mark.parametrize("asgi_server", ["inline", "worker"], indirect=True)
-def test_a_fast_run_started_from_the_dashboard_shows_its_whole_answer(browser_page, simulator):
+def test_a_fast_run_started_from_the_dashboard_shows_its_whole_answer(browser_page, simulator, tmp_path):
     """The answer of an instant run (the simulator's echo, no delay at all) used to be gone before the run page's
     websocket connected. Now the run starts when the page is attached, whichever executor runs it."""
     from playwright.sync_api import expect
@@ -99,7 +119,7 @@ def test_a_fast_run_started_from_the_dashboard_shows_its_whole_answer(browser_pa
     page = browser_page
     problems: list[str] = []
     _watch(page, problems)
-    _sign_up_with_a_simulator_key(page, simulator)
+    _sign_up_with_a_simulator_key(page, simulator, tmp_path / "daphne.log")
     for objective in ("Quick one", "And another"):
         _start_run(page, objective)
         expect(page.locator("[data-run-status]")).to_have_text("Succeeded")
@@ -107,13 +127,13 @@ def test_a_fast_run_started_from_the_dashboard_shows_its_whole_answer(browser_pa
     assert problems == []
 
 
-def test_sign_up_add_a_key_stream_a_run_cancel_a_slow_one_and_reload(browser_page, simulator):
+def test_sign_up_add_a_key_stream_a_run_cancel_a_slow_one_and_reload(browser_page, simulator, tmp_path):
     from playwright.sync_api import expect
 
     page = browser_page
     problems: list[str] = []
     _watch(page, problems)
-    _sign_up_with_a_simulator_key(page, simulator)
+    _sign_up_with_a_simulator_key(page, simulator, tmp_path / "daphne.log")
 
     # A run whose answer arrives in small pieces about 120 ms apart, after the page has connected.
     simulator.enqueue(
@@ -194,7 +214,7 @@ def test_an_agent_run_builds_a_package_live_and_its_workspace_downloads_once(bro
     page = browser_page
     problems: list[str] = []
     _watch(page, problems)
-    _sign_up_with_a_simulator_key(page, simulator)
+    _sign_up_with_a_simulator_key(page, simulator, tmp_path / "daphne.log")
 
     page.goto("/runs/new/")
     page.select_option("#id_kind", "agent")

@@ -29,6 +29,8 @@ KEY_FIELDS = {
     "last_used_at",
     "revoked_at",
     "is_active",
+    "scopes_clipped_at",
+    "clipped_scopes",
 }
 
 

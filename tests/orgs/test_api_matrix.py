@@ -21,6 +21,7 @@ from rest_framework.test import APIClient
 from orgs.models import ApiKey, Membership, Organization
 from runs.models import AuditEvent
 from tests.conftest import Cast, Member
+from tests.signin import sign_in
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def test_session_writes_need_a_csrf_token(cast, endpoint):
     target = _target_id(cast, endpoint.target) if endpoint.target else None
     url = _url(endpoint, target)
     client = APIClient(enforce_csrf_checks=True)
-    client.force_login(cast.admin_a.user)
+    sign_in(client, cast.admin_a.user)
     before = _state()
     refused = _call(client, endpoint, url)
     body = _assert_error(refused, 403, "permission_denied")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orgs.models import Membership, Organization, Role
-from orgs.tenancy import SESSION_ORG_KEY
 from runs.models import AuditEvent
+from tests.signin import set_session_org
 
 pytestmark = pytest.mark.django_db
 
@@ -34,9 +34,7 @@ def test_session_org_follows_the_switcher_and_its_role(cast):
     """Alice is Admin of org A and Developer of org B: in org B she may read but not rename."""
     Membership.objects.create(user=cast.admin_a.user, org=cast.org_b, role=Role.DEVELOPER)
     client = cast.admin_a.session_api()
-    session = client.session
-    session[SESSION_ORG_KEY] = str(cast.org_b.id)
-    session.save()
+    set_session_org(client, cast.org_b.id)
     assert client.get(URL).json()["slug"] == "org-b"
     assert client.patch(URL, {"name": "Mine now"}, format="json").status_code == 403
     assert Organization.objects.get(pk=cast.org_b.pk).name == "Org B"
@@ -44,9 +42,7 @@ def test_session_org_follows_the_switcher_and_its_role(cast):
 
 def test_session_org_from_a_left_org_falls_back_to_a_real_membership(cast):
     client = cast.dev_a.session_api()
-    session = client.session
-    session[SESSION_ORG_KEY] = str(cast.org_b.id)  # never a member there
-    session.save()
+    set_session_org(client, cast.org_b.id)  # never a member there
     assert client.get(URL).json()["slug"] == "org-a"
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from django.conf import settings
+from django.core import mail
 from django.test import Client
 from django.urls import reverse
 
 from orgs.models import User
+from orgs.sessions.store import session_store
 from orgs.validators import MAX_PASSWORD_LENGTH
 from runs.models import AuditEvent
 from tests.conftest import PASSWORD
+from tests.signin import session_of, sign_in
 
 pytestmark = pytest.mark.django_db
 
@@ -31,13 +37,16 @@ def limits(settings):
 
 def test_correct_password_logs_in_rotates_session_and_is_audited(cast):
     client = Client()
-    client.get(reverse("orgs:login"))
-    client.session.save()
-    before = client.session.session_key
+    sign_in(client, cast.admin_a.user)  # an earlier session on this browser
+    before = session_of(client)
     response = _login(client, "Alice@A.example", PASSWORD)
     assert response.status_code == 302
     assert response["Location"] == reverse("orgs:home")
-    assert client.session.session_key != before
+    after = session_of(client)
+    assert before is not None
+    assert after is not None
+    assert after.key != before.key
+    assert session_store().get(before.key) is None  # the old session is gone, not just replaced in the cookie
     assert client.get(reverse("orgs:home")).status_code == 200
     assert AuditEvent.objects.filter(event=AuditEvent.LOGIN_SUCCEEDED, actor_user=cast.admin_a.user).exists()
 
@@ -48,7 +57,8 @@ def test_unknown_email_and_wrong_password_get_the_same_message(cast):
     for response in (unknown, wrong):
         assert response.status_code == 200
         assert response.context["form"].non_field_errors() == [GENERIC]
-        assert "_auth_user_id" not in response.wsgi_request.session
+        assert response.wsgi_request.cf_session is None
+        assert settings.SESSION_COOKIE_NAME not in response.cookies
     assert AuditEvent.objects.filter(event=AuditEvent.LOGIN_FAILED, org=cast.org_a).count() == 1
     failed = AuditEvent.objects.get(event=AuditEvent.LOGIN_FAILED, org=cast.org_a)
     assert failed.metadata == {"email": "alice@a.example"}
@@ -79,7 +89,8 @@ def test_account_lockout_refuses_even_the_right_password_and_is_audited_once(cas
 
     refused = _login(client, "alice@a.example", PASSWORD)
     assert refused.status_code == 429
-    assert "_auth_user_id" not in refused.wsgi_request.session
+    assert refused.wsgi_request.cf_session is None
+    assert settings.SESSION_COOKIE_NAME not in refused.cookies
     _login(client, "alice@a.example", "wrong password!")
 
     locks = AuditEvent.objects.filter(event=AuditEvent.LOGIN_LOCKED_OUT, org=cast.org_a)
@@ -147,17 +158,19 @@ def test_authenticated_user_visiting_login_goes_home(cast):
 
 
 @pytest.mark.real_hasher
-def test_100_character_emoji_password_signs_up_and_logs_in_with_bcrypt_sha256():
+def test_100_character_emoji_password_signs_up_and_logs_in_with_bcrypt_sha256(django_capture_on_commit_callbacks):
     password = ("🔐 long passphrase with emoji 🚀 " * 4)[:100]
     assert len(password) == 100
-    client = Client()
-    response = client.post(
-        reverse("orgs:signup"), {"email": "long@example.com", "org_name": "Long", "password": password}
-    )
-    assert response.status_code == 302, response.context["form"].errors if response.context else response
+    with django_capture_on_commit_callbacks(execute=True):
+        response = Client().post(
+            reverse("orgs:signup"), {"email": "long@example.com", "org_name": "Long", "password": password}
+        )
+    assert response.status_code == 200, response.context["form"].errors if response.context else response
     user = User.objects.get(email="long@example.com")
     assert user.password.startswith("bcrypt_sha256$")
-    client.post(reverse("orgs:logout"))
+    link = re.search(r"http://testserver(/signup/confirm/\S+/)", str(mail.outbox[0].body))
+    assert link, "the confirmation link is mailed"
+    assert Client().post(link.group(1)).status_code == 302
     assert _login(Client(), "long@example.com", password).status_code == 302
     # bcrypt alone would silently ignore everything past byte 72; bcrypt-SHA256 must not.
     assert _login(Client(), "long@example.com", password[:-1] + "x").status_code == 200

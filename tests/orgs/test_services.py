@@ -33,6 +33,7 @@ from runs.models import AuditEvent
 pytestmark = pytest.mark.django_db
 
 PASSWORD = "correct horse battery staple 42"
+SIGNUP_LINKS = {"confirm_url_template": "http://testserver/signup/confirm/{token}/", "login_url": "http://testserver/"}
 
 
 @pytest.fixture
@@ -56,13 +57,14 @@ def _only_event(name: str) -> AuditEvent:
 # --- Sign-up and organizations ----------------------------------------------------------------------
 
 
-def test_signup_creates_user_org_admin_membership_and_audit_event(from_request):
-    user, org = user_signup(email="New.Person@Example.COM", password=PASSWORD, org_name="  Acme  ", name="New")
-    assert user.email == "new.person@example.com"
+def test_signup_creates_an_inactive_user_their_org_admin_membership_and_audit_event(from_request):
+    user_signup(email="New.Person@Example.COM", password=PASSWORD, org_name="  Acme  ", name="New", **SIGNUP_LINKS)
+    user = User.objects.get(email="new.person@example.com")
     assert user.check_password(PASSWORD)
-    assert org.name == "Acme"
-    assert org.slug == "acme"
-    assert Membership.objects.get(user=user, org=org).role == Role.ADMIN
+    assert not user.is_active  # until the link mailed to the address is opened
+    membership = Membership.objects.get(user=user)
+    org = membership.org
+    assert (org.name, org.slug, membership.role) == ("Acme", "acme", Role.ADMIN)
     event = _only_event(AuditEvent.USER_SIGNED_UP)
     assert (event.org_id, event.actor_user_id, event.target_type, event.target_id) == (
         org.id,
@@ -74,16 +76,21 @@ def test_signup_creates_user_org_admin_membership_and_audit_event(from_request):
     assert event.user_agent == "Browser/1.0"
 
 
-def test_signup_refuses_an_existing_email_in_any_case(cast):
-    with pytest.raises(ValidationError) as excinfo:
-        user_signup(email="ALICE@a.example", password=PASSWORD, org_name="Dup")
-    assert "email" in excinfo.value.message_dict
-    assert not Organization.objects.filter(name="Dup").exists()
+def test_signup_with_an_existing_email_in_any_case_changes_nothing(cast):
+    counts = (User.objects.count(), Organization.objects.count(), Membership.objects.count())
+    user_signup(email="ALICE@a.example", password="another passphrase 99", org_name="Dup", **SIGNUP_LINKS)
+    assert (User.objects.count(), Organization.objects.count(), Membership.objects.count()) == counts
+    alice = User.objects.get(pk=cast.admin_a.user.pk)
+    assert alice.is_active
+    assert alice.check_password(PASSWORD)
+    assert not AuditEvent.objects.filter(event=AuditEvent.USER_SIGNED_UP).exists()
 
 
 def test_signup_gives_distinct_slugs_to_same_named_orgs():
-    _, first = user_signup(email="one@example.com", password=PASSWORD, org_name="Same Name")
-    _, second = user_signup(email="two@example.com", password=PASSWORD, org_name="Same Name")
+    user_signup(email="one@example.com", password=PASSWORD, org_name="Same Name", **SIGNUP_LINKS)
+    user_signup(email="two@example.com", password=PASSWORD, org_name="Same Name", **SIGNUP_LINKS)
+    first = Organization.objects.get(memberships__user__email="one@example.com")
+    second = Organization.objects.get(memberships__user__email="two@example.com")
     assert first.slug == "same-name"
     assert second.slug.startswith("same-name-")
 

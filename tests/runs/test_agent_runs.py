@@ -35,6 +35,7 @@ from tests.runs.test_execution_support import (
     async_isolation,  # noqa: F401 - a fixture, used below
     running_executor,
 )
+from tests.signin import sign_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_isolation")]
 
@@ -146,7 +147,7 @@ async def test_another_orgs_workspace_is_404_and_a_chat_run_has_none(cast, simul
     anonymous = await AsyncClient().get(f"/api/v1/runs/{run.id}/workspace")
     assert anonymous.status_code == 401
     outsider = AsyncClient()
-    await outsider.aforce_login(cast.outsider.user)
+    await sync_to_async(sign_in)(outsider, cast.outsider.user)
     assert (await outsider.get(f"/api/v1/runs/{run.id}/workspace")).status_code == 404
     assert workspace_path(run.id).exists()
 

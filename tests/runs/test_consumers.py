@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.conf import settings
-from django.test import Client
 
 from cesaflow.asgi import application
 from orgs.services import api_key_create
@@ -27,6 +25,7 @@ from tests.runs.test_execution_support import (
     simulator_saw,
     wait_for_status,
 )
+from tests.signin import cookie_header, session_cookies_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_isolation")]
 
@@ -39,10 +38,8 @@ def _runs_wait_for_the_test(settings):
 
 
 async def session_headers(user) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    await sync_to_async(client.force_login)(user)
-    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
-    return [ORIGIN, (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode())]
+    cookies = await sync_to_async(session_cookies_for)(user)
+    return [ORIGIN, cookie_header(cookies)]
 
 
 def key_headers(secret: str, *, bearer: bool = False) -> list[tuple[bytes, bytes]]:

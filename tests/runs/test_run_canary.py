@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.conf import settings as django_settings
-from django.test import AsyncClient, Client
+from django.test import AsyncClient
 
 from cesaflow.asgi import application
 from runs.models import Run, RunStatus
@@ -25,18 +24,17 @@ from tests.runs.test_execution_support import (
     running_executor,
 )
 from tests.runs.test_sse import body
+from tests.signin import cookie_header, session_cookies_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_isolation")]
 
 
 async def _websocket(user, run_id) -> WebsocketCommunicator:
-    client = Client()
-    await sync_to_async(client.force_login)(user)
-    cookie = f"{django_settings.SESSION_COOKIE_NAME}={client.cookies[django_settings.SESSION_COOKIE_NAME].value}"
+    cookies = await sync_to_async(session_cookies_for)(user)
     communicator = WebsocketCommunicator(
         application,
         f"/ws/runs/{run_id}/",
-        headers=[(b"origin", b"http://testserver"), (b"cookie", cookie.encode())],
+        headers=[(b"origin", b"http://testserver"), cookie_header(cookies)],
     )
     connected, _ = await communicator.connect(timeout=5)
     assert connected

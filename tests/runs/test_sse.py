@@ -23,6 +23,7 @@ from tests.runs.test_execution_support import (
     async_isolation,  # noqa: F401 - a fixture, used below
     running_executor,
 )
+from tests.signin import sign_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_isolation")]
 
@@ -100,7 +101,7 @@ async def test_other_orgs_run_and_missing_runs_are_404_before_streaming(cast, qu
 
 async def test_outsider_session_gets_404(cast, queued_run):
     client = AsyncClient()
-    await client.aforce_login(cast.outsider.user)
+    await sync_to_async(sign_in)(client, cast.outsider.user)
     response = await client.get(url(queued_run.id))
     assert response.status_code == 404
 
@@ -129,7 +130,7 @@ async def test_sse_streams_the_same_events_as_the_websocket_and_ends_after_finis
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
     run = await amake_run(cast.dev_a, key, objective="Stream it.")
     client = AsyncClient()
-    await client.aforce_login(cast.dev_a.user)  # a session works as well as an API key
+    await sync_to_async(sign_in)(client, cast.dev_a.user)  # a session works as well as an API key
     response = await client.get(url(run.id), headers={"accept": "text/event-stream"})
     assert response.status_code == 200
     frames = body(response)

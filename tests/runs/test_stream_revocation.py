@@ -1,0 +1,169 @@
+"""Revocation reaches open streams (issue #11 point 4): websockets and SSE re-check their credentials on every
+revocation signal and on a timer, and close (4401 credentials gone, 4403 rights gone) or end within seconds.
+The run they watch goes on. Real ASGI application, real channel layer (Redis), real session store."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+from django.utils import timezone
+
+from orgs.models import ApiKey, Membership
+from orgs.services import api_key_revoke, membership_change_role, membership_remove
+from orgs.sessions.services import sessions_revoke_all
+from orgs.sessions.store import session_store
+from runs.models import Run, RunStatus
+from tests.runs.test_consumers import ORIGIN, close_code, key_headers, open_run_socket, session_headers, socket
+from tests.runs.test_execution_support import (
+    amake_run,
+    asim_key,
+    async_isolation,  # noqa: F401 - a fixture, used below
+)
+from tests.runs.test_sse import body, url
+from tests.signin import cookie_header, record_for, session_cookies_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_isolation")]
+
+# A signal closes a stream at once; these bounds only keep a broken build from hanging.
+SIGNAL_BOUND_S = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _runs_wait_for_the_test(settings):
+    settings.RUN_EXECUTOR = "worker"  # the watched run stays queued: only the watcher's fate is under test
+
+
+@pytest.fixture
+async def queued_run(cast, simulator) -> Run:
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    return await amake_run(cast.admin_a, key, objective="Watch me.")
+
+
+async def sign_out_everywhere(user) -> None:
+    await sync_to_async(sessions_revoke_all)(user=user, actor=user, reason="signed_out_everywhere")
+
+
+async def closed_with(communicator, timeout: float = SIGNAL_BOUND_S) -> int:
+    """The close code of an open socket, waiting up to ``timeout`` (other frames in between are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        output = await communicator.receive_output(timeout=max(0.1, deadline - time.monotonic()))
+        if output["type"] == "websocket.close":
+            return int(output["code"])
+
+
+async def assert_still_open(communicator, for_s: float = 0.5) -> None:
+    assert await communicator.receive_nothing(timeout=for_s)
+
+
+async def test_revoking_the_api_key_closes_its_sockets_4401_and_the_run_goes_on(cast, queued_run):
+    headers = key_headers(cast.dev_a.api_secret)
+    run_socket, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", headers)
+    org_socket = socket("/ws/org/runs/", headers)
+    assert (await org_socket.connect(timeout=3))[0]
+    await assert_still_open(run_socket)
+    await sync_to_async(api_key_revoke)(api_key=cast.dev_a.api_key, actor=cast.admin_a.user)
+    assert await closed_with(run_socket) == 4401
+    assert await closed_with(org_socket) == 4401
+    run = await Run.objects.aget(pk=queued_run.pk)
+    assert run.status == RunStatus.QUEUED  # a watcher's revocation never stops the run
+    # New connections are refused too.
+    assert await close_code(socket(f"/ws/runs/{queued_run.id}/", headers)) == 4401
+
+
+async def test_another_orgs_revocation_leaves_the_socket_open(cast, queued_run):
+    communicator, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", key_headers(cast.dev_a.api_secret))
+    await sync_to_async(api_key_revoke)(api_key=cast.dev_b.api_key, actor=cast.admin_b.user)
+    await assert_still_open(communicator, 1.0)
+    await communicator.disconnect()
+
+
+async def test_removing_the_member_closes_their_session_socket_4403(cast, queued_run):
+    communicator, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", await session_headers(cast.dev_a.user))
+    await assert_still_open(communicator)
+    membership = await Membership.objects.aget(user=cast.dev_a.user, org=cast.org_a)
+    await sync_to_async(membership_remove)(membership=membership, actor=cast.admin_a.user)
+    assert await closed_with(communicator) == 4403
+
+
+async def test_a_role_change_that_keeps_runs_read_keeps_the_socket_open(cast, queued_run):
+    communicator, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", await session_headers(cast.dev_a.user))
+    membership = await Membership.objects.aget(user=cast.dev_a.user, org=cast.org_a)
+    await sync_to_async(membership_change_role)(membership=membership, role="admin", actor=cast.admin_a.user)
+    await assert_still_open(communicator, 1.0)  # re-checked on the signal, and still allowed
+    await communicator.disconnect()
+
+
+async def test_signing_out_everywhere_closes_every_session_socket_4401(cast, queued_run):
+    first = await session_headers(cast.dev_a.user)
+    second = await session_headers(cast.dev_a.user)
+    a, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", first)
+    b = socket("/ws/org/runs/", second)
+    assert (await b.connect(timeout=3))[0]
+    other_user, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", await session_headers(cast.admin_a.user))
+    await sync_to_async(sessions_revoke_all)(
+        user=cast.dev_a.user, actor=cast.dev_a.user, reason="signed_out_everywhere"
+    )
+    assert await closed_with(a) == 4401
+    assert await closed_with(b) == 4401
+    await assert_still_open(other_user)
+    await other_user.disconnect()
+
+
+async def test_a_session_that_ends_without_a_signal_is_caught_by_the_timer(cast, queued_run, settings):
+    settings.STREAM_REVALIDATE_SECONDS = 1
+    cookies = await sync_to_async(session_cookies_for)(cast.dev_a.user)
+    communicator, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", [ORIGIN, cookie_header(cookies)])
+
+    def expire_silently() -> None:  # as the idle TTL does in Redis: no signal at all
+        record = record_for(cookies)
+        assert record is not None
+        session_store().delete(record.key, user_id=record.user_id)
+
+    await sync_to_async(expire_silently)()
+    assert await closed_with(communicator, timeout=4.0) == 4401
+
+
+async def test_revoking_the_api_key_ends_its_sse_stream_with_an_error_event(cast, queued_run):
+    response = await AsyncClient().get(url(queued_run.id), headers={"x-api-key": cast.dev_a.api_secret})
+    assert response.status_code == 200
+    frames = body(response)
+    assert (await frames.next())[0] == "run.status"
+    await sync_to_async(api_key_revoke)(api_key=cast.dev_a.api_key, actor=cast.admin_a.user)
+    kind, _, event = await frames.next(timeout=SIGNAL_BOUND_S)
+    assert kind == "error"
+    assert event["kind"] == "credentials_revoked"
+    assert event["run_id"] == str(queued_run.id)
+    assert await frames.ended()
+    assert (await Run.objects.aget(pk=queued_run.pk)).status == RunStatus.QUEUED
+
+
+async def test_signing_out_everywhere_ends_a_session_sse_stream(cast, queued_run):
+    client = AsyncClient()
+    cookies = await sync_to_async(session_cookies_for)(cast.dev_a.user)
+    for name, value in cookies.items():
+        client.cookies[name] = value
+    response = await client.get(url(queued_run.id))
+    assert response.status_code == 200
+    frames = body(response)
+    assert (await frames.next())[0] == "run.status"
+    await sync_to_async(sessions_revoke_all)(
+        user=cast.dev_a.user, actor=cast.dev_a.user, reason="signed_out_everywhere"
+    )
+    kind, _, event = await frames.next(timeout=SIGNAL_BOUND_S)
+    assert (kind, event["kind"]) == ("error", "credentials_revoked")
+    assert await frames.ended()
+
+
+async def test_an_expired_api_key_ends_the_sse_stream_on_the_timer(cast, queued_run, settings):
+    settings.STREAM_REVALIDATE_SECONDS = 1
+    response = await AsyncClient().get(url(queued_run.id), headers={"x-api-key": cast.dev_a.api_secret})
+    frames = body(response)
+    assert (await frames.next())[0] == "run.status"
+    # Expiry sends no signal: only the timer can notice it.
+    await ApiKey.objects.filter(pk=cast.dev_a.api_key.pk).aupdate(expires_at=timezone.now())
+    kind, _, event = await frames.next(timeout=4.0)
+    assert (kind, event["kind"]) == ("error", "credentials_revoked")
