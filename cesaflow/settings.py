@@ -104,6 +104,8 @@ CSRF_TRUSTED_ORIGINS = _env_list("CESAFLOW_CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "daphne",
+    # Nexus (nexus.site) is an AdminSite with its own operator sessions; there is no default admin site.
+    "django.contrib.admin.apps.SimpleAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.messages",
@@ -125,6 +127,8 @@ MIDDLEWARE = [
     "cesaflow.lib.middleware.MethodNotAllowedPageMiddleware",
     # Session tokens (orgs.sessions): sets request.user from the JWT cookie after checking its session in Redis.
     "orgs.sessions.middleware.SessionTokenMiddleware",
+    # Nexus's own operator sessions on /<NEXUS_PREFIX>/ (the dashboard's session is ignored there).
+    "nexus.middleware.NexusSessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     # Deny by default: every dashboard view needs a login unless decorated with @login_not_required.
@@ -135,9 +139,10 @@ MIDDLEWARE = [
     "cesaflow.lib.middleware.RequestContextMiddleware",
 ]
 
-# LoginRequiredMiddleware looks for Django's AuthenticationMiddleware before it; SessionTokenMiddleware plays that role
-# (it sets request.user), so the check's premise holds. tests/test_settings.py asserts the order.
-SILENCED_SYSTEM_CHECKS = ["auth.E013"]
+# LoginRequiredMiddleware and the admin look for Django's session and authentication middleware; the dashboard's
+# SessionTokenMiddleware and Nexus's own operator sessions play those roles (request.user is set before any view),
+# so the checks' premise holds. tests/test_settings.py asserts the order.
+SILENCED_SYSTEM_CHECKS = ["auth.E013", "admin.E408", "admin.E410"]
 
 ROOT_URLCONF = "cesaflow.urls"
 ASGI_APPLICATION = "cesaflow.asgi.application"
@@ -383,6 +388,22 @@ WEBHOOK_DELIVERY_RETENTION_DAYS = _env_int("CESAFLOW_WEBHOOK_DELIVERY_RETENTION_
 SANDBOX_UID = _env_int("CESAFLOW_SANDBOX_UID", 200_000, minimum=1)
 SANDBOX_GID = _env_int("CESAFLOW_SANDBOX_GID", 200_000, minimum=1)
 SANDBOX_UIDS = _env_int("CESAFLOW_SANDBOX_UIDS", 65_536, minimum=1)
+
+# --- Nexus: the operators' admin (nexus/) -------------------------------------------------------------
+
+# Off: no /nexus/ URL at all. The prefix is a path segment without slashes ("nexus" -> /nexus/).
+NEXUS_ENABLED = _env_bool("CESAFLOW_NEXUS_ENABLED", True)
+NEXUS_PREFIX = os.environ.get("CESAFLOW_NEXUS_PREFIX", "nexus").strip().strip("/") or "nexus"
+if "/" in NEXUS_PREFIX or not NEXUS_PREFIX.replace("-", "").replace("_", "").isalnum():
+    raise ImproperlyConfigured("CESAFLOW_NEXUS_PREFIX must be one path segment of letters, digits, - and _.")
+# Client IPs or CIDR networks allowed to reach Nexus (empty: any); others get a 404, as if it were not there.
+NEXUS_ALLOWED_IPS = _env_list("CESAFLOW_NEXUS_ALLOWED_IPS")
+# An operator session ends 8 hours after sign-in whatever the activity, and after this long without a request.
+NEXUS_SESSION_ABSOLUTE_SECONDS = 8 * 3600
+NEXUS_SESSION_IDLE_SECONDS = _env_int("CESAFLOW_NEXUS_SESSION_IDLE_SECONDS", 1800, minimum=60)
+if NEXUS_SESSION_IDLE_SECONDS > NEXUS_SESSION_ABSOLUTE_SECONDS:
+    raise ImproperlyConfigured("CESAFLOW_NEXUS_SESSION_IDLE_SECONDS must not exceed 8 hours.")
+NEXUS_COOKIE_NAME = "__Secure-cf_nexus" if PRODUCTION else "cf_nexus"
 
 # --- Auth -------------------------------------------------------------------------------------------
 

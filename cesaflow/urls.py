@@ -1,9 +1,11 @@
 from csp.decorators import csp_update
+from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from cesaflow import views
+from nexus.site import nexus_site
 
 api_v1: list[URLPattern | URLResolver] = [
     path("", include("orgs.api.urls")),
@@ -31,6 +33,10 @@ urlpatterns = [
     path("", include("runs.urls")),
     path("", include("orgs.urls")),
 ]
+
+if settings.NEXUS_ENABLED:
+    # The operators' admin (nexus.site): off means no URL at all, so /<prefix>/ is an ordinary 404.
+    urlpatterns.insert(0, path(f"{settings.NEXUS_PREFIX}/", nexus_site.urls))
 
 handler400 = "cesaflow.views.bad_request"
 handler403 = "cesaflow.views.permission_denied"

@@ -220,12 +220,12 @@ def context_now(principal: Principal, *, org_id: str) -> OrgContext | None:
 
 def revalidate(principal: Principal, context: OrgContext, *, capability: str = RUNS_READ) -> int | None:
     """For an open stream: None if ``principal`` may still use ``capability`` in ``context``'s org, else the
-    websocket close code (4401 credentials gone, 4403 rights gone). Sync (DB and session store); raises
-    ``SessionStoreUnavailable`` (callers treat it as gone: fail closed)."""
+    websocket close code (4401 credentials gone, 4403 rights gone or the org suspended). Sync (DB and session
+    store); raises ``SessionStoreUnavailable`` (callers treat it as gone: fail closed)."""
     live, fresh = _current(principal, org_id=str(context.org.pk))
     if not live:
         return CLOSE_UNAUTHENTICATED
-    if fresh is None or not fresh.can(capability):
+    if fresh is None or fresh.org.is_suspended or not fresh.can(capability):
         return CLOSE_FORBIDDEN
     return None
 

@@ -196,3 +196,11 @@ class ApiKeyForm(DashboardForm):
         scopes = cast(forms.MultipleChoiceField, self.fields["scopes"])
         scopes.choices = [(scope, f"{scope} — {SCOPE_LABELS.get(scope, scope)}") for scope in allowed]
         scopes.initial = sorted(permissions.DEFAULT_API_KEY_SCOPES & set(allowed))
+
+
+class SignupConfirmForm(forms.Form):
+    """The password chosen at sign-up, asked again when confirming the address."""
+
+    password = forms.CharField(
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}), max_length=4096, strip=False
+    )

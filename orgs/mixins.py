@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from inspect import getattr_static
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.http import HttpRequest, HttpResponseBase, HttpResponseNotAllowed
-from django.shortcuts import redirect
+from django.shortcuts import redirect, render
 
+from orgs.authentication import AuthenticationError, request_api_key
 from orgs.models import Organization
+from orgs.permissions import suspension_message
 from orgs.tenancy import OrgContext, context_for_session
 
 
@@ -25,11 +28,20 @@ class OrgViewMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        ahead = cls.__mro__[: cls.__mro__.index(OrgViewMixin)]
-        if any("dispatch" in vars(klass) for klass in ahead):
+        if getattr_static(cls, "dispatch") is not getattr_static(OrgViewMixin, "dispatch"):
             raise TypeError(f"{cls.__name__} may not redefine dispatch: OrgViewMixin's gate is final.")
 
+    @classmethod
+    def as_view(cls, **initkwargs: Any) -> Any:
+        if "dispatch" in initkwargs:
+            raise TypeError("as_view() may not set dispatch: OrgViewMixin's gate is final.")
+        return super().as_view(**initkwargs)  # type: ignore[misc]
+
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        try:
+            request_api_key(request)  # pages take no API key, but refuse a badly presented one like the API does
+        except AuthenticationError as exc:
+            return render(request, "errors/401.html", {"message": exc.message}, status=401)
         context = context_for_session(request)
         if context is None:
             return redirect("orgs:org_create")
@@ -44,6 +56,9 @@ class OrgViewMixin:
             return HttpResponseNotAllowed(sorted(declared))
         if not context.can(required):
             raise PermissionDenied
+        if context.org.is_suspended and method != "GET":
+            # A suspended org's members may read their data, never change it (the banner says why).
+            raise PermissionDenied(suspension_message(context.org))
         self.org_context = context
         return super().dispatch(request, *args, **kwargs)  # type: ignore[misc,no-any-return]
 

@@ -80,9 +80,17 @@ class Organization(models.Model):
     # the deployment's caps by the runs app, which owns agent limits. Empty: the deployment's defaults.
     agent_limits = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    # Set by a CesaFlow operator (Nexus, ``orgs.services.org_suspend``): while set, the API refuses the org
+    # (403 ``org_suspended``), its dashboard is read-only and no run starts. Members see the reason.
+    suspended_at = models.DateTimeField(null=True, blank=True)
+    suspended_reason = models.TextField(blank=True)
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_suspended(self) -> bool:
+        return self.suspended_at is not None
 
 
 class Membership(models.Model):
@@ -195,8 +203,10 @@ class SignupConfirmation(models.Model):
         return self.expires_at > (now or timezone.now())
 
 
-# Who acts in a service call: a person, an org API key, or None (the operator, via a management command).
-Actor = User | ApiKey | None
+# Who acts in a service call: a person, an org API key, a label naming someone outside the org (a CesaFlow operator
+# acting from Nexus: "CesaFlow operator (<email>)"; it grants no capability), or None (whoever runs the
+# installation, via a management command).
+Actor = User | ApiKey | str | None
 
 
 def actor_label(actor: Actor) -> str:
@@ -205,4 +215,6 @@ def actor_label(actor: Actor) -> str:
         return actor.email
     if isinstance(actor, ApiKey):
         return f"API key {actor.name} ({actor.masked})"
+    if isinstance(actor, str):
+        return actor
     return ""

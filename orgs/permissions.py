@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orgs.models import Role
+from orgs.models import Organization, Role
 
 # Capability names. API key scopes use the same vocabulary.
 ORG_READ = "org:read"  # see the organization itself (id, slug, name)
@@ -44,3 +44,18 @@ DEFAULT_API_KEY_SCOPES: frozenset[str] = DEVELOPER_CAPABILITIES
 
 def capabilities_for_role(role: str) -> frozenset[str]:
     return CAPABILITIES.get(role, frozenset())
+
+
+# --- Suspension ---------------------------------------------------------------------------------------------------
+# A suspended organization (``Organization.suspended_at``, set by a CesaFlow operator) keeps its data readable in
+# the dashboard, and nothing else: the API, the proxy and websockets refuse it, dashboard writes are refused and no
+# run starts. One code everywhere.
+ORG_SUSPENDED = "org_suspended"
+
+
+def suspension_message(org: Organization) -> str:
+    """What a member of a suspended org is told (the API's message, the dashboard's banner)."""
+    reason = org.suspended_reason.strip().rstrip(".")
+    return f"This organization is suspended by the CesaFlow operators{f': {reason}' if reason else ''}." + (
+        " Its data can still be read in the dashboard, but nothing can be changed and no run can start."
+    )

@@ -51,7 +51,8 @@ def signal_user(user_id: object) -> None:
 
 
 def signal_org(org_id: object) -> None:
-    """Someone's rights in this org shrank (a key revoked, a member removed or demoted): its streams re-check."""
+    """Someone's rights in this org shrank (a key revoked, a member removed or demoted, the org suspended): its
+    streams re-check."""
     _send(org_group(org_id))
 
 
@@ -60,6 +61,7 @@ def signal_org_on_commit(org: Organization) -> None:
     transaction.on_commit(lambda: signal_org(org_id))
 
 
+@receiver(signals.org_suspended, dispatch_uid="revocation_org_suspended")
 @receiver(signals.api_key_revoked, dispatch_uid="revocation_api_key_revoked")
 @receiver(signals.member_removed, dispatch_uid="revocation_member_removed")
 @receiver(signals.member_role_changed, dispatch_uid="revocation_member_role_changed")

@@ -149,14 +149,18 @@ def _signup_discard(confirmation: SignupConfirmation) -> None:
     User.objects.filter(id=user_id, is_active=False).delete()  # the confirmation row goes with it
 
 
+WRONG_SIGNUP_PASSWORD_MESSAGE = "That is not the password chosen when signing up."  # noqa: S105 (a message)
+
+
 def signup_confirmation_get_pending(*, token: str) -> SignupConfirmation | None:
     confirmation = SignupConfirmation.objects.filter(token_hash=_token_hash(token)).first()
     return confirmation if confirmation is not None and confirmation.is_pending() else None
 
 
 @transaction.atomic
-def signup_confirm(*, token: str) -> tuple[User, Organization]:
-    """Activates the account of a pending sign-up; the link works once."""
+def signup_confirm(*, token: str, password: str) -> tuple[User, Organization]:
+    """Activates the account of a pending sign-up; the link works once, and only with the password chosen at
+    sign-up (whoever reads the link in a log, or signed up with someone else's address, cannot use it)."""
     confirmation = (
         SignupConfirmation.objects.select_for_update()
         .select_related("user", "org")
@@ -166,6 +170,8 @@ def signup_confirm(*, token: str) -> tuple[User, Organization]:
     if confirmation is None or not confirmation.is_pending():
         raise ValidationError(INVALID_SIGNUP_LINK_MESSAGE)
     user, org = confirmation.user, confirmation.org
+    if not user.check_password(password):
+        raise ValidationError({"password": WRONG_SIGNUP_PASSWORD_MESSAGE})
     user.is_active = True
     user.save(update_fields=["is_active"])
     confirmation.delete()
@@ -419,6 +425,12 @@ def user_signup_from_invitation(*, token: str, password: str, name: str = "") ->
     if invitation is None:
         raise ValidationError("This invitation link is invalid, expired or already used.")
     email = invitation.email.lower()
+    # The invitation proves the address (the link was mailed or handed to its holder): an unconfirmed sign-up with
+    # it, perhaps squatted by someone else, gives way.
+    for pending in SignupConfirmation.objects.select_for_update().filter(
+        user__email__iexact=email, user__is_active=False
+    ):
+        _signup_discard(pending)
     if User.objects.filter(email__iexact=email).exists():
         raise ValidationError("An account with this email already exists: log in to accept the invitation.")
     try:
@@ -448,6 +460,8 @@ def _actor_capabilities(org: Organization, actor: Actor) -> frozenset[str]:
         return frozenset(actor.scopes) if actor.org_id == org.id else frozenset()
     if actor is None:  # a self-hoster's management command acts as the operator
         return ALL_CAPABILITIES
+    if isinstance(actor, str):  # a CesaFlow operator is no member: a label grants nothing
+        return frozenset()
     membership = Membership.objects.filter(org=org, user=actor).first()
     return capabilities_for_role(membership.role) if membership else frozenset()
 
@@ -484,7 +498,8 @@ def api_key_create(
         digest=api_key_digest(generated.secret),
         last_four=generated.secret[-4:],
         scopes=sorted(chosen),
-        created_by=actor if isinstance(actor, User) else None,
+        # A key made by a key belongs to the person behind that key: their demotion or removal reaches it too.
+        created_by=actor if isinstance(actor, User) else actor.created_by if isinstance(actor, ApiKey) else None,
         expires_at=expires_at,
     )
     signals.api_key_created.send(sender=ApiKey, org=org, actor=actor, api_key=api_key)

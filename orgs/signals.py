@@ -12,6 +12,12 @@ signup_confirmed = Signal()  # org, actor=user, user
 org_created = Signal()  # org, actor=user (its first Admin)
 login_locked_out = Signal()  # org=None, actor=None, email, scope ("account" | "ip")
 org_settings_changed = Signal()  # org, actor, changes: dict[field, [old, new]]
+# Sent by orgs.moderation (CesaFlow operators' actions; actor is the operator's label):
+org_suspended = Signal()  # org, actor, reason
+org_reactivated = Signal()  # org, actor, reason (the suspension's, for the record)
+user_disabled = Signal()  # org=None, actor, user, sessions_ended: int (the receiver records it in each of their orgs)
+user_enabled = Signal()  # org=None, actor, user
+login_unlocked = Signal()  # org=None, actor, email, was_locked: bool
 invitation_sent = Signal()  # org, actor, invitation
 invitation_revoked = Signal()  # org, actor, invitation
 invitation_accepted = Signal()  # org, actor=user, invitation, membership
@@ -21,4 +27,5 @@ api_key_created = Signal()  # org, actor, api_key
 api_key_revoked = Signal()  # org, actor, api_key
 api_key_scopes_clipped = Signal()  # org, actor, api_key, removed_scopes: list[str] (its creator was demoted)
 session_revoked = Signal()  # org=None, actor=user, user, device, count=1 (one session ended from the Sessions page)
-sessions_ended = Signal()  # org=None, actor, user, count, reason ("signed_out_everywhere" | "password_changed")
+# reason: "signed_out_everywhere" | "password_changed" | "user_disabled" (recorded by ``user_disabled`` instead)
+sessions_ended = Signal()  # org=None, actor, user, count, reason

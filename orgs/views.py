@@ -40,6 +40,7 @@ from orgs.forms import (
     OrgSettingsForm,
     OrgSwitchForm,
     RoleForm,
+    SignupConfirmForm,
     SignupForm,
     apply_service_errors,
 )
@@ -154,25 +155,47 @@ class SignupView(View):
 
 
 @public
+@secret_post
 @method_decorator(never_cache, name="dispatch")
 class SignupConfirmView(View):
-    """The link mailed at sign-up. Opening it shows one button; the POST activates the account and signs in, so a
-    mail scanner that fetches links can neither use up the link nor get a signed-in session."""
+    """The link mailed at sign-up. Opening it asks for the password chosen at sign-up; the POST activates the account
+    and signs in. A mail scanner that fetches links cannot use it up, and neither a log reader nor someone who signed
+    up with another person's address can sign in with it."""
 
     template_name = "orgs/signup_confirm.html"
 
     def get(self, request: HttpRequest, token: str) -> HttpResponse:
         if len(token) > MAX_INVITATION_TOKEN_LENGTH or services.signup_confirmation_get_pending(token=token) is None:
             return self._invalid(request)
-        return render(request, self.template_name, {"confirm_path": request.path})
+        return render(request, self.template_name, {"confirm_path": request.path, "form": SignupConfirmForm()})
 
     def post(self, request: HttpRequest, token: str) -> HttpResponse:
         if len(token) > MAX_INVITATION_TOKEN_LENGTH:
             return self._invalid(request)
-        try:
-            user, org = services.signup_confirm(token=token)
-        except ValidationError:
+        pending = services.signup_confirmation_get_pending(token=token)
+        if pending is None:
             return self._invalid(request)
+        form = SignupConfirmForm(request.POST)
+        if not form.is_valid():
+            return render(request, self.template_name, {"confirm_path": request.path, "form": form})
+        # Password guesses here count like sign-in failures (and lock the same way).
+        email, ip = pending.user.email, client_ip(request)
+        lockout = login_guard.login_lockout(email=email, ip=ip)
+        if lockout is None:
+            try:
+                user, org = services.signup_confirm(token=token, password=form.cleaned_data["password"])
+            except ValidationError as exc:
+                if "password" not in getattr(exc, "error_dict", {}):
+                    return self._invalid(request)
+                lockout = login_guard.login_failure_record(email=email, ip=ip)
+                if lockout is None:
+                    apply_service_errors(form, exc)
+                    return render(request, self.template_name, {"confirm_path": request.path, "form": form})
+        if lockout is not None:
+            form.add_error(None, LOCKED_MESSAGE.format(minutes=lockout.retry_after_minutes))
+            response = render(request, self.template_name, {"confirm_path": request.path, "form": form}, status=429)
+            response["Retry-After"] = str(lockout.retry_after)
+            return response
         session_sign_in(request, user)
         switch_org(request, str(org.id))
         messages.success(request, f"Welcome to CesaFlow. You are the Admin of {org.name}.")

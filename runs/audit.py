@@ -19,6 +19,7 @@ from keys import signals as key_signals
 from keys.models import ProviderKey
 from orgs import signals
 from orgs.models import ApiKey, Membership, Organization, User, actor_label
+from orgs.moderation import SESSIONS_END_REASON
 from runs.models import AuditEvent
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -100,6 +101,8 @@ def _on_session_revoked(sender: Any, actor: User, user: User, device: str, **kwa
 
 @receiver(signals.sessions_ended, dispatch_uid="audit_sessions_ended")
 def _on_sessions_ended(sender: Any, actor: User | None, user: User, count: int, reason: str, **kwargs: Any) -> None:
+    if reason == SESSIONS_END_REASON:
+        return  # recorded as ``user.disabled`` (with the count), naming who disabled the account
     event = AuditEvent.PASSWORD_CHANGED if reason == "password_changed" else AuditEvent.SIGNED_OUT_EVERYWHERE
     for org in _orgs_of(user):
         audit_record(event=event, org=org, actor=actor, target=user, metadata={"sessions_ended": count})
@@ -247,6 +250,50 @@ def _on_api_key_scopes_clipped(
             "scopes": list(api_key.scopes),
         },
     )
+
+
+# --- CesaFlow operators' actions (orgs.moderation) -----------------------------------------------------------------
+
+
+@receiver(signals.org_suspended, dispatch_uid="audit_org_suspended")
+def _on_org_suspended(sender: Any, org: Organization, actor: Any, reason: str, **kwargs: Any) -> None:
+    audit_record(event=AuditEvent.ORG_SUSPENDED, org=org, actor=actor, target=org, metadata={"reason": reason})
+
+
+@receiver(signals.org_reactivated, dispatch_uid="audit_org_reactivated")
+def _on_org_reactivated(sender: Any, org: Organization, actor: Any, reason: str, **kwargs: Any) -> None:
+    audit_record(event=AuditEvent.ORG_REACTIVATED, org=org, actor=actor, target=org, metadata={"suspended_for": reason})
+
+
+@receiver(signals.user_disabled, dispatch_uid="audit_user_disabled")
+def _on_user_disabled(sender: Any, actor: Any, user: User, sessions_ended: int, **kwargs: Any) -> None:
+    for org in _orgs_of(user):
+        audit_record(
+            event=AuditEvent.USER_DISABLED,
+            org=org,
+            actor=actor,
+            target=user,
+            metadata={"email": user.email, "sessions_ended": sessions_ended},
+        )
+
+
+@receiver(signals.user_enabled, dispatch_uid="audit_user_enabled")
+def _on_user_enabled(sender: Any, actor: Any, user: User, **kwargs: Any) -> None:
+    for org in _orgs_of(user):
+        audit_record(event=AuditEvent.USER_ENABLED, org=org, actor=actor, target=user, metadata={"email": user.email})
+
+
+@receiver(signals.login_unlocked, dispatch_uid="audit_login_unlocked")
+def _on_login_unlocked(sender: Any, actor: Any, email: str, was_locked: bool, **kwargs: Any) -> None:
+    user = User.objects.filter(email__iexact=email).first() if email else None
+    for org in _orgs_of(user):
+        audit_record(
+            event=AuditEvent.LOGIN_UNLOCKED,
+            org=org,
+            actor=actor,
+            target=user,
+            metadata={"email": email, "was_locked": was_locked},
+        )
 
 
 # --- Provider keys ----------------------------------------------------------------------------------

@@ -4,13 +4,14 @@ org's runs, for live lists).
 Authentication and authorization happen in ``connect``, through the one authentication path
 (``orgs.authentication.principal_for_scope``: the session token cookie, or an org API key in a handshake header).
 The Origin is checked before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi``). Refusals accept and then close
-with a code, so clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read``, 4404 a run
+with a code, so clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read`` or the org
+suspended by the CesaFlow operators, 4404 a run
 that is missing or another org's (the same answer), or a signed-in user of no organization; 1013 when sessions
 cannot be checked (the session store is down). Groups are derived server-side from the authorized run or org only.
 
 An open socket keeps checking: on every revocation signal for its org or its user (``orgs.revocation``) and at
 least every ``STREAM_REVALIDATE_SECONDS`` it re-runs the check, and closes with 4401 (the key or session is gone)
-or 4403 (the member was removed or demoted below ``runs:read``). Closing never stops the run.
+or 4403 (the member was removed or demoted below ``runs:read``, or the org suspended). Closing never stops the run.
 
 Protocol (JSON text frames; the schema is ``runs.events``):
 
@@ -103,7 +104,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
             # A signed-in user of no organization gets what the API gives them: nothing here is theirs.
             await self.refuse(CLOSE_NOT_FOUND)
             return None
-        if not context.can(RUNS_READ):
+        if context.org.is_suspended or not context.can(RUNS_READ):
             await self.refuse(CLOSE_FORBIDDEN)
             return None
         self.principal, self.org_context = principal, context
@@ -117,6 +118,8 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         if isinstance(self.principal, SessionPrincipal):
             await self.join(revocation.user_group(self.principal.user.pk))
         self._recheck = asyncio.create_task(self._recheck_periodically())
+        # A revocation committed between the check in connect and joining the groups was not heard: look once more.
+        await self.credentials_revoked()
 
     async def _recheck_periodically(self) -> None:
         while True:
@@ -130,8 +133,11 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
             return False
         try:
             code = await database_sync_to_async(revalidate)(self.principal, self.org_context)
-        except SessionStoreUnavailable:
-            code = CLOSE_UNAUTHENTICATED  # fail closed: a session that cannot be checked is not trusted
+        except Exception:
+            # Fail closed: credentials that cannot be checked (the session store or the database is down) are not
+            # trusted, and the timer must never die silently and leave the socket unchecked.
+            logger.warning("websocket credentials could not be re-checked; closing", exc_info=True)
+            code = CLOSE_UNAUTHENTICATED
         if code is None:
             return False
         logger.info("websocket closed with %s: credentials revoked", code)
@@ -150,7 +156,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
     async def disconnect(self, code: int) -> None:
         if self._recheck is not None:
             self._recheck.cancel()
-            with suppress(asyncio.CancelledError):
+            with suppress(asyncio.CancelledError, Exception):
                 await self._recheck
             self._recheck = None
         for group in self._joined:

@@ -26,6 +26,13 @@ class AuditEvent(models.Model):
     SIGNED_OUT_EVERYWHERE = "auth.signed_out_everywhere"
     PASSWORD_CHANGED = "auth.password_changed"  # noqa: S105 (an event name)
     ORG_SETTINGS_CHANGED = "org.settings_changed"
+    # A CesaFlow operator's actions (Nexus); the actor is "CesaFlow operator (<email>)". The operators' other
+    # actions (revoking keys, setting the token cap) record the usual events with that actor.
+    ORG_SUSPENDED = "org.suspended"
+    ORG_REACTIVATED = "org.reactivated"
+    USER_DISABLED = "user.disabled"
+    USER_ENABLED = "user.enabled"
+    LOGIN_UNLOCKED = "auth.unlocked"
     INVITATION_SENT = "invitation.sent"
     INVITATION_REVOKED = "invitation.revoked"
     INVITATION_ACCEPTED = "invitation.accepted"
@@ -62,6 +69,11 @@ class AuditEvent(models.Model):
         SIGNED_OUT_EVERYWHERE,
         PASSWORD_CHANGED,
         ORG_SETTINGS_CHANGED,
+        ORG_SUSPENDED,
+        ORG_REACTIVATED,
+        USER_DISABLED,
+        USER_ENABLED,
+        LOGIN_UNLOCKED,
         INVITATION_SENT,
         INVITATION_REVOKED,
         INVITATION_ACCEPTED,

@@ -37,7 +37,7 @@ def assert_page(response, status: int) -> None:
 
 
 @pytest.mark.parametrize("person", PERSONS)
-@pytest.mark.parametrize("path", ["/nexus/", "/no-such-page/", "/runs/00000000-0000-0000-0000-000000000000/"])
+@pytest.mark.parametrize("path", ["/admin/", "/no-such-page/", "/runs/00000000-0000-0000-0000-000000000000/"])
 async def test_404(cast, debug, person, path):
     response = await (await client_for(person, cast)).get(path)
     if person == "anonymous" and path.startswith("/runs/"):

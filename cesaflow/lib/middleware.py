@@ -26,6 +26,15 @@ def client_ip(request: HttpRequest) -> str | None:
     return request.META.get("REMOTE_ADDR") or None
 
 
+def is_nexus_path(path: str) -> bool:
+    """Whether a request path belongs to Nexus, the operators' site (``/<NEXUS_PREFIX>/...``). There, the
+    dashboard's session is ignored and Nexus's own operator session decides who the request is."""
+    if not settings.NEXUS_ENABLED:
+        return False
+    prefix = f"/{settings.NEXUS_PREFIX}/"
+    return path.startswith(prefix) or path == prefix[:-1]
+
+
 class _DualMiddleware:
     """Base for middleware that works under both WSGI and ASGI without a thread hop."""
 

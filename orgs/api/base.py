@@ -1,35 +1,43 @@
 """The tenant gate for the REST API: every org-scoped endpoint subclasses ``OrgAPIView``.
 
 ``initial()`` authenticates (``orgs.authentication.OrgAuthentication``: the one path), resolves the org from
-the credential and checks the capability the view declares for the request's method. Subclasses declare
-``capabilities`` and read ``self.org``; they cannot skip the gate: defining ``initial``, ``dispatch`` or their
-own authentication or permission classes is a ``TypeError`` at import time, and a view without a declaration
-refuses to serve.
+the credential, refuses a suspended org (403 ``org_suspended``) and checks the capability the view declares for
+the request's method. Subclasses declare ``capabilities`` and read ``self.org``; they cannot skip the gate:
+defining ``initial``, ``dispatch`` or their own authentication or permission classes is a ``TypeError`` at import
+time, and a view without a declaration refuses to serve.
 """
 
 from __future__ import annotations
 
+from inspect import getattr_static
 from typing import Any, ClassVar
 
 from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import ImproperlyConfigured
-from rest_framework import exceptions
+from rest_framework import exceptions, status
 from rest_framework.generics import GenericAPIView
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 
+from cesaflow.lib.api import ApiError
 from orgs.authentication import KeyPrincipal, OrgAuthentication, Principal, SessionPrincipal
 from orgs.models import ApiKey, Organization, User
+from orgs.permissions import ORG_SUSPENDED, suspension_message
 from orgs.sessions.store import SessionRecord
 from orgs.tenancy import OrgContext, context_for_api_key, context_for_session
 
-# What a subclass may not redefine: each would let it run without the gate, or with another one.
+# What a subclass may not redefine, nor pass to ``as_view``: each would let it run without the gate, or with another.
 GATE_ATTRIBUTES = frozenset(
     {
+        "as_view",
         "initial",
         "dispatch",
+        "initialize_request",
         "authentication_classes",
         "permission_classes",
         "get_authenticators",
+        "get_permissions",
+        "check_permissions",
         "perform_authentication",
         "_resolve_context",
     }
@@ -41,18 +49,23 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
     capabilities: ClassVar[dict[str, str]] = {}
 
     authentication_classes = [OrgAuthentication]
+    permission_classes = [IsAuthenticated]
     org_context: OrgContext
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # Mixins listed before OrgAPIView count too: anything ahead of it in the MRO would win.
-        ahead = cls.__mro__[: cls.__mro__.index(OrgAPIView)]
-        bypass = sorted({name for klass in ahead for name in GATE_ATTRIBUTES & set(vars(klass))})
+        # Whatever the MRO (mixins before or after this class), each gate attribute must still be this class's.
+        bypass = sorted(
+            name for name in GATE_ATTRIBUTES if getattr_static(cls, name, None) is not getattr_static(OrgAPIView, name)
+        )
         if bypass:
             raise TypeError(f"{cls.__name__} may not redefine {', '.join(bypass)}: OrgAPIView's gate is final.")
 
     @classmethod
     def as_view(cls, **initkwargs: Any) -> Any:
+        overridden = sorted(GATE_ATTRIBUTES & set(initkwargs))
+        if overridden:
+            raise TypeError(f"as_view() may not set {', '.join(overridden)}: OrgAPIView's gate is final.")
         # API clients authenticate per request (x-api-key); the gate below enforces authentication.
         return login_not_required(super().as_view(**initkwargs))
 
@@ -66,6 +79,9 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         if required is None:
             raise exceptions.MethodNotAllowed(request.method or "")
         context = self._resolve_context(request)
+        if context.org.is_suspended:
+            # Every org-scoped endpoint, reads included: the dashboard is where a suspended org's members read.
+            raise ApiError(status.HTTP_403_FORBIDDEN, ORG_SUSPENDED, suspension_message(context.org))
         if not context.can(required):
             raise exceptions.PermissionDenied("Your role or API key scope does not allow this action.")
         self.org_context = context

@@ -5,6 +5,9 @@ user or ``AnonymousUser``: never a lazy object, so nothing later touches the dat
 ``request.cf_session`` (the session record, or None). On the way out it writes the cookies a sign-in or a silent
 refresh produced, or deletes those of a session that is over. With the store unreachable, a request that
 presents session cookies is answered 503 (fail closed); one without any goes on as anonymous.
+
+Nexus paths (``/<NEXUS_PREFIX>/...``) are not the dashboard's: there the dashboard cookies are ignored entirely
+(the request stays anonymous here) and ``nexus.middleware`` sets the operator from Nexus's own session.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.cache import patch_vary_headers
 
-from cesaflow.lib.middleware import GetResponse, _DualMiddleware
+from cesaflow.lib.middleware import GetResponse, _DualMiddleware, is_nexus_path
 from orgs.sessions.services import ANONYMOUS, IssuedCookies, SessionState, session_authenticate, session_bind
 from orgs.sessions.store import SessionStoreUnavailable
 
@@ -64,6 +67,10 @@ class SessionTokenMiddleware(_DualMiddleware):
         return response
 
     def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
+        if is_nexus_path(request.path):
+            session_bind(request, ANONYMOUS)
+            nexus_response: HttpResponseBase = get_response(request)
+            return nexus_response
         access, refresh = session_cookies(request.COOKIES)
         state = ANONYMOUS
         if access or refresh:
@@ -75,6 +82,10 @@ class SessionTokenMiddleware(_DualMiddleware):
         return self._finish(request, get_response(request), state)
 
     async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
+        if is_nexus_path(request.path):
+            session_bind(request, ANONYMOUS)
+            response: HttpResponseBase = await call_next(request)
+            return response
         access, refresh = session_cookies(request.COOKIES)
         state = ANONYMOUS
         if access or refresh:

@@ -8,6 +8,7 @@ and only ever used to pick one of our own keys. Nothing secret is in the payload
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ ISSUER: Final = "cesaflow"
 AUDIENCE: Final = "cesaflow:dashboard"
 # Anything longer is not one of ours: refused before any parsing.
 MAX_TOKEN_LENGTH: Final = 2048
+KID_RE: Final = re.compile(r"[0-9]{1,10}")
 REQUIRED_CLAIMS: Final = ["sub", "sid", "iat", "nbf", "exp", "jti", "iss", "aud"]
 
 
@@ -92,7 +94,7 @@ def token_decode(token: str) -> AccessClaims:
     # kid is attacker input: only a plain decimal naming a live key of ours selects anything.
     if header.get("typ") != TOKEN_TYPE or header.get("alg") != ALGORITHM or not isinstance(kid, str):
         raise TokenInvalid
-    if not kid.isdigit() or len(kid) > 10:
+    if not KID_RE.fullmatch(kid):  # ASCII digits only: "²".isdigit() is True but int("²") fails
         raise TokenInvalid
     if int(kid) not in keyring.keys or int(kid) < keyring.min_kid:
         raise TokenExpired  # a retired signing key: nothing is read from this token, the refresh cookie decides

@@ -54,7 +54,7 @@ from keys.services import (
 )
 from orgs.authentication import AuthenticationError, api_key_verify, request_api_key
 from orgs.models import ApiKey
-from orgs.permissions import RUNS_READ, RUNS_WRITE
+from orgs.permissions import ORG_SUSPENDED, RUNS_READ, RUNS_WRITE, suspension_message
 from orgs.tenancy import OrgContext, context_for_api_key
 from runs import events as run_events
 from runs.models import Run, RunKind, RunStatus
@@ -160,6 +160,8 @@ def _context_for_key(presented: str, capability: str) -> OrgContext:
     except AuthenticationError as exc:
         raise ProxyError(401, exc.message, code="invalid_api_key") from None
     context = context_for_api_key(api_key)
+    if context.org.is_suspended:
+        raise ProxyError(403, suspension_message(context.org), type="permission_error", code=ORG_SUSPENDED)
     if not context.can(capability):
         raise ProxyError(
             403,
@@ -235,6 +237,8 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
             publish_status=False,  # published by the view without waiting (``_ProxyCall._publish``)
         )
     except ValidationError as exc:
+        if getattr(exc, "code", None) == ORG_SUSPENDED:  # suspended since the key was checked
+            raise ProxyError(403, exc.messages[0], type="permission_error", code=ORG_SUSPENDED) from None
         if getattr(exc, "code", None) == "token_cap_reached":
             raise ProxyError(
                 429,

@@ -53,7 +53,6 @@ from orgs.api.base import OrgAPIView
 from orgs.authentication import Principal, SessionPrincipal, revalidate
 from orgs.models import Actor, Organization
 from orgs.permissions import RUNS_READ
-from orgs.sessions.store import SessionStoreUnavailable
 from orgs.tenancy import OrgContext
 from runs import events
 from runs.models import Run
@@ -85,7 +84,8 @@ def _revoked_frame(run_id: uuid.UUID) -> bytes:
 async def _still_allowed(principal: Principal, context: OrgContext) -> bool:
     try:
         return await database_sync_to_async(revalidate)(principal, context) is None
-    except SessionStoreUnavailable:
+    except Exception:
+        logger.warning("stream credentials could not be re-checked; ending the stream", exc_info=True)
         return False  # fail closed
 
 
@@ -121,6 +121,11 @@ async def run_event_stream(
         if run is None:  # deleted in the instant since the gate looked
             ended = True
             return
+        # A revocation committed between the gate's check and subscribing was not heard: look once more.
+        if not await _still_allowed(principal, context):
+            ended = True
+            yield _revoked_frame(run_id)
+            return
         yield sse_frame(events.status_event(run))
         if run.is_terminal:
             ended = True
@@ -137,6 +142,7 @@ async def run_event_stream(
             if not done and loop.time() >= next_check:
                 next_check = loop.time() + recheck_s
                 if not await _still_allowed(principal, context):
+                    ended = True  # the watcher goes; the run does not (never cancelled for this)
                     yield _revoked_frame(run_id)
                     return
                 continue
@@ -155,6 +161,7 @@ async def run_event_stream(
             message, receiver = receiver.result(), None
             if isinstance(message, dict) and message.get("type") == revocation.MESSAGE_TYPE:
                 if not await _still_allowed(principal, context):
+                    ended = True
                     yield _revoked_frame(run_id)
                     return
                 continue

@@ -28,7 +28,7 @@ from rest_framework.response import Response
 
 from cesaflow.lib.api import ApiError, error_responses
 from orgs.api.base import OrgAPIView
-from orgs.permissions import AUDIT_READ, RUNS_READ, RUNS_WRITE
+from orgs.permissions import AUDIT_READ, ORG_SUSPENDED, RUNS_READ, RUNS_WRITE
 from runs.api.serializers import (
     AuditEventFilterSerializer,
     AuditEventSerializer,
@@ -164,6 +164,8 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         except DjangoValidationError as exc:
             if getattr(exc, "code", None) == "token_cap_reached":
                 raise ApiError(status.HTTP_429_TOO_MANY_REQUESTS, "token_cap_reached", exc.messages[0]) from None
+            if getattr(exc, "code", None) == ORG_SUSPENDED:  # suspended after the gate let this request in
+                raise ApiError(status.HTTP_403_FORBIDDEN, ORG_SUSPENDED, exc.messages[0]) from None
             raise
         location = f"/api/v1/runs/{run.id}"
         if stream:

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
+from orgs.permissions import ORG_SUSPENDED
 from orgs.services import org_update, signups_unconfirmed_purge
 from runs import events
 from runs.agent import AgentLimits
@@ -119,6 +120,10 @@ def run_create(
 
     ``publish_status=False``: the caller publishes the run's first status event itself after commit (the proxy
     does it from its event loop without waiting, so Redis is not on the path to the first token)."""
+    if org.is_suspended:
+        # The gates refuse a suspended org before this (with the operators' reason); this is the wall every other
+        # way in meets. No reason here: a webhook's refusal goes back to GitHub, for the repository's readers.
+        raise ValidationError("This organization is suspended: no run can start.", code=ORG_SUSPENDED)
     key = provider_key_get_usable_for_org(org=org, key_id=provider_key_id)
     if key is None:
         # Another org's key and a missing one look the same.
@@ -379,6 +384,14 @@ def run_request_cancel(*, run: Run, actor: Actor) -> Run:
         locked.save(update_fields=["cancel_requested_at"])
         transaction.on_commit(lambda: _signal_cancel(locked))
     return locked
+
+
+@transaction.atomic
+def runs_cancel_for_org(*, org: Organization, actor: Actor) -> list[Run]:
+    """Cancel every queued and running run of ``org`` (its suspension), through ``run_request_cancel``. Proxy
+    completions are left to end with their client's request, which no executor watches (``NOT_CANCELLABLE``)."""
+    active = Run.objects.filter(org=org).exclude(status__in=TERMINAL_STATUSES).exclude(kind=RunKind.COMPLETION)
+    return [run_request_cancel(run=run, actor=actor) for run in active.order_by("created_at", "id")]
 
 
 def _signal_cancel(run: Run) -> None:

@@ -92,10 +92,12 @@ def _sign_up_with_a_simulator_key(page: Any, simulator: Any, server_log: Path) -
     page.fill("#id_email", email)
     page.fill("#id_name", "Erin Tester")
     page.fill("#id_org_name", "Browser Org")
-    page.fill("#id_password", f"pass-{secrets.token_urlsafe(12)}")
+    password = f"pass-{secrets.token_urlsafe(12)}"
+    page.fill("#id_password", password)
     page.click("form.stacked button[type=submit]")
     expect(page.locator("h1")).to_have_text("Check your inbox")
     page.goto(_confirmation_path(server_log, email))
+    page.fill("#id_password", password)
     page.click("text=Confirm and sign in")
     page.wait_for_url(re.compile(r"/$"))
     expect(page.locator("h1")).to_have_text("Browser Org")

@@ -176,6 +176,26 @@ def test_removal_revokes_the_members_active_keys_by_default_each_audited(cast):
     assert ApiKey.objects.get(pk=cast.admin_a.api_key.pk).revoked_at is None
 
 
+def test_a_key_made_with_a_members_key_goes_with_the_member(cast):
+    """An Admin makes K2 with their key K1 over the API; removing the Admin revokes both (K2 belongs to them too)."""
+    membership = _promote_dave(cast)
+    _, k1 = _admin_key(cast)
+    maker = APIClient()
+    maker.credentials(HTTP_X_API_KEY=k1)
+    made = maker.post(
+        "/api/v1/api-keys", {"name": "made by a key", "scopes": sorted(ADMIN_CAPABILITIES)}, format="json"
+    )
+    assert made.status_code == 201, made.content
+    child = ApiKey.objects.get(pk=made.json()["id"])
+    assert child.created_by == cast.dev_a.user
+    membership_remove(membership=membership, actor=cast.admin_a.user)
+    child.refresh_from_db()
+    assert child.revoked_at is not None
+    with_child = APIClient()
+    with_child.credentials(HTTP_X_API_KEY=made.json()["key"])
+    assert with_child.get("/api/v1/members").status_code == 401
+
+
 def test_removal_may_keep_the_members_keys(cast):
     membership_remove(membership=_membership(cast.dev_a), actor=cast.admin_a.user, revoke_api_keys=False)
     assert ApiKey.objects.get(pk=cast.dev_a.api_key.pk).revoked_at is None

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from datetime import timedelta
+from typing import Any
 
 import jwt
 import pytest
@@ -121,6 +122,7 @@ def test_secure_cookies_when_configured(cast, settings):
             lambda c: _signed(_claims(c), headers={"kid": "../../etc/passwd", "typ": TOKEN_TYPE}), id="kid-path"
         ),
         pytest.param(lambda c: _signed(_claims(c), headers={"kid": "1 OR 1=1", "typ": TOKEN_TYPE}), id="kid-sql"),
+        pytest.param(lambda c: _signed(_claims(c), headers={"kid": "\u00b2", "typ": TOKEN_TYPE}), id="kid-superscript"),
         pytest.param(lambda c: _signed(_claims(c), headers={"kid": "1", "typ": "JWT"}), id="wrong-typ"),
         pytest.param(lambda c: _signed(_claims(c), headers={"kid": "1"}), id="missing-typ"),
         pytest.param(lambda c: _signed({**_claims(c), "aud": "cesaflow:nexus"}), id="wrong-aud"),
@@ -429,8 +431,35 @@ def test_an_api_view_that_redefines_the_gate_fails_at_import():
         type("Sneaky", (mixin, OrgAPIView), {})
 
 
+def test_the_api_gate_cannot_be_replaced_by_a_later_mixin_or_as_view_arguments():
+    from rest_framework.generics import GenericAPIView
+    from rest_framework.permissions import AllowAny
+
+    # A mixin after OrgAPIView: what OrgAPIView defines wins anyway, and a hook it inherits cannot be replaced.
+    later = type("LaterMixin", (GenericAPIView,), {"permission_classes": [AllowAny]})
+    view: Any = type("Sneaky", (OrgAPIView, later), {"capabilities": {"GET": ORG_READ}})
+    assert view.permission_classes is OrgAPIView.permission_classes
+    hook = type("HookMixin", (GenericAPIView,), {"check_permissions": lambda *a, **k: None})
+    with pytest.raises(TypeError, match="check_permissions"):
+        type("Sneaky", (OrgAPIView, hook), {"capabilities": {"GET": ORG_READ}})
+    honest: Any = type("Honest", (OrgAPIView,), {"capabilities": {"GET": ORG_READ}})
+    with pytest.raises(TypeError, match="initial"):
+        honest.as_view(initial=lambda *a, **k: None)
+    with pytest.raises(TypeError, match="permission_classes"):
+        honest.as_view(permission_classes=[AllowAny])
+
+
+def test_pages_refuse_a_key_in_the_url_like_the_api(cast):
+    response = cast.dev_a.client().get(f"{reverse('orgs:home')}?api_key={cast.dev_a.api_secret}")
+    assert response.status_code == 401
+    assert b"never in the URL" in response.content
+
+
 def test_a_page_that_redefines_dispatch_fails_at_import():
     from django.views import View
 
     with pytest.raises(TypeError, match="dispatch"):
         type("Sneaky", (OrgViewMixin, View), {"capability": ORG_READ, "dispatch": lambda *a, **k: None})
+    honest: Any = type("Honest", (OrgViewMixin, View), {"capability": ORG_READ})
+    with pytest.raises(TypeError, match="dispatch"):
+        honest.as_view(dispatch=lambda *a, **k: None)

@@ -80,7 +80,7 @@ def test_new_unconfirmed_and_existing_addresses_get_byte_identical_responses(
     settings.EMAIL_ENABLED = True
     new = _signup_mailed(django_capture_on_commit_callbacks)
     unconfirmed = _signup_mailed(django_capture_on_commit_callbacks)
-    assert Client().post(_last_link()).status_code == 302
+    assert Client().post(_last_link(), {"password": NEW_PASSWORD}).status_code == 302
     existing = _signup_mailed(django_capture_on_commit_callbacks)
     assert new.status_code == 200
     assert "Check your inbox" in new.content.decode()
@@ -130,7 +130,7 @@ def test_an_unconfirmed_account_cannot_sign_in_and_hears_the_generic_failure(dja
     assert right.status_code == wrong.status_code == 200
     assert right.context["form"].non_field_errors() == wrong.context["form"].non_field_errors()
     assert GENERIC_LOGIN_FAILURE in right.content.decode()
-    assert Client().post(_last_link()).status_code == 302
+    assert Client().post(_last_link(), {"password": NEW_PASSWORD}).status_code == 302
     assert _login(EMAIL, NEW_PASSWORD).status_code == 302
 
 
@@ -142,7 +142,11 @@ def test_the_link_confirms_once_and_signs_in(django_capture_on_commit_callbacks)
     assert page.status_code == 200
     assert "Confirm and sign in" in page.content.decode()
     assert not User.objects.get(email=EMAIL).is_active  # opening the link alone changes nothing
-    response = client.post(link)
+    wrong = client.post(link, {"password": "not the sign-up password"})
+    assert wrong.status_code == 200
+    assert wrong.context["form"].errors["password"]
+    assert not User.objects.get(email=EMAIL).is_active  # and the link still works
+    response = client.post(link, {"password": NEW_PASSWORD})
     assert response.status_code == 302
     assert response["Location"] == reverse("orgs:home")
     assert "Acme" in client.get(reverse("orgs:home")).content.decode()
@@ -150,7 +154,7 @@ def test_the_link_confirms_once_and_signs_in(django_capture_on_commit_callbacks)
     assert not SignupConfirmation.objects.exists()
     (event,) = AuditEvent.objects.filter(event=AuditEvent.USER_SIGNUP_CONFIRMED)
     assert event.actor_user == User.objects.get(email=EMAIL)
-    for method in (Client().get, Client().post):
+    for method in (Client().get, lambda url: Client().post(url, {"password": NEW_PASSWORD})):
         again = method(link)
         assert again.status_code == 410
         assert "invalid, has expired or has already been used" in again.content.decode()
@@ -165,7 +169,7 @@ def test_an_expired_link_is_refused(django_capture_on_commit_callbacks):
         assert Client().get(link).status_code == 200
     with freeze_time(start + timedelta(hours=24, seconds=1)):
         assert Client().get(link).status_code == 410
-        assert Client().post(link).status_code == 410
+        assert Client().post(link, {"password": NEW_PASSWORD}).status_code == 410
     assert not User.objects.get(email=EMAIL).is_active
 
 
@@ -182,12 +186,49 @@ def test_signing_up_again_before_confirming_replaces_the_first_attempt(django_ca
     _signup_mailed(django_capture_on_commit_callbacks, org_name="Second")
     second_link = _last_link()
     assert first_link != second_link
-    assert Client().post(first_link).status_code == 410
-    assert Client().post(second_link).status_code == 302
+    assert Client().post(first_link, {"password": NEW_PASSWORD}).status_code == 410
+    assert Client().post(second_link, {"password": NEW_PASSWORD}).status_code == 302
     user = User.objects.get(email=EMAIL)
     assert user.check_password(NEW_PASSWORD)  # the password of whoever followed the link they were sent
     assert [m.org.name for m in Membership.objects.filter(user=user).select_related("org")] == ["Second"]
     assert not Organization.objects.filter(name="First").exists()
+
+
+def test_someone_who_signed_up_with_anothers_address_cannot_take_the_account(django_capture_on_commit_callbacks):
+    """The victim signs up, then an attacker signs up with the same address: the only live link goes to the
+    victim's inbox, and it opens nothing without the attacker's password, which the victim does not have; the
+    attacker, without the inbox, has no link at all. Nobody is signed in to an account they did not choose."""
+    _signup_mailed(django_capture_on_commit_callbacks, org_name="Victim's")
+    _signup_mailed(django_capture_on_commit_callbacks, password="the attacker's passphrase 9", org_name="Attacker's")
+    link = _last_link()  # in the victim's inbox
+    response = Client().post(link, {"password": NEW_PASSWORD})
+    assert response.status_code == 200
+    assert getattr(response.wsgi_request, "cf_session", None) is None
+    assert not User.objects.get(email=EMAIL).is_active
+
+
+def test_password_guesses_on_the_link_lock_like_sign_in(django_capture_on_commit_callbacks, settings):
+    settings.LOGIN_FAILURE_LIMIT_ACCOUNT = 2
+    _signup_mailed(django_capture_on_commit_callbacks)
+    link = _last_link()
+    statuses = [Client().post(link, {"password": f"guess {n}"}).status_code for n in range(3)]
+    assert statuses[-1] == 429
+    assert Client().post(link, {"password": NEW_PASSWORD}).status_code == 429  # locked, even with the right one
+    assert not User.objects.get(email=EMAIL).is_active
+
+
+def test_an_invitation_gives_way_to_an_unconfirmed_sign_up_of_its_address(cast, django_capture_on_commit_callbacks):
+    _signup_mailed(django_capture_on_commit_callbacks, password="a squatter's passphrase 3", org_name="Squat")
+    invite = cast.admin_a.client().post(reverse("orgs:team"), {"email": EMAIL, "role": "developer"})
+    assert invite.status_code == 200
+    link = re.search(r"/invite/[A-Za-z0-9_\-]+/", invite.content.decode())
+    assert link
+    response = Client().post(link.group(0), {"name": "Real Owner", "password": NEW_PASSWORD})
+    assert response.status_code == 302
+    user = User.objects.get(email=EMAIL)
+    assert user.is_active
+    assert user.check_password(NEW_PASSWORD)
+    assert not Organization.objects.filter(name="Squat").exists()
 
 
 # --- Production without SMTP ------------------------------------------------------------------------

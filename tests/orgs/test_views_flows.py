@@ -59,7 +59,7 @@ def test_signup_confirmed_by_the_mailed_link_lands_on_home_as_admin(django_captu
     match = CONFIRM_LINK_RE.search(str(mail.outbox[0].body))
     assert match, "the confirmation link is mailed"
     assert client.get(match.group(1)).status_code == 200  # opening it shows the confirm button
-    response = client.post(match.group(1))
+    response = client.post(match.group(1), {"password": GOOD_PASSWORD})
     assert response.status_code == 302
     assert response["Location"] == reverse("orgs:home")
     assert User.objects.get(pk=user.pk).is_active

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import OperationalError
 from django.test import AsyncClient
 from django.utils import timezone
 
@@ -15,6 +16,7 @@ from orgs.models import ApiKey, Membership
 from orgs.services import api_key_revoke, membership_change_role, membership_remove
 from orgs.sessions.services import sessions_revoke_all
 from orgs.sessions.store import session_store
+from runs import consumers
 from runs.models import Run, RunStatus
 from tests.runs.test_consumers import ORIGIN, close_code, key_headers, open_run_socket, session_headers, socket
 from tests.runs.test_execution_support import (
@@ -124,6 +126,20 @@ async def test_a_session_that_ends_without_a_signal_is_caught_by_the_timer(cast,
         session_store().delete(record.key, user_id=record.user_id)
 
     await sync_to_async(expire_silently)()
+    assert await closed_with(communicator, timeout=4.0) == 4401
+
+
+async def test_a_check_that_fails_closes_the_socket_rather_than_stopping_the_checks(
+    cast, queued_run, settings, monkeypatch
+):
+    """A database restart mid-check: the socket is closed (fail closed), never left open and unchecked."""
+    settings.STREAM_REVALIDATE_SECONDS = 1
+    communicator, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", key_headers(cast.dev_a.api_secret))
+
+    def broken(*args, **kwargs):
+        raise OperationalError("the server closed the connection unexpectedly")
+
+    monkeypatch.setattr(consumers, "revalidate", broken)
     assert await closed_with(communicator, timeout=4.0) == 4401
 
 
