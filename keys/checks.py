@@ -8,7 +8,9 @@ opened, which must stop a deploy rather than surface later as failing runs.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 from django.apps import AppConfig
@@ -18,6 +20,7 @@ from django.db import DatabaseError, connections
 
 from keys.crypto import Keyring
 from keys.models import ProviderKey
+from keys.sealed import sealed_field_counts_by_kid
 from keys.selectors import unscoped_provider_key_counts_by_kid
 
 TAG = "keys"
@@ -89,9 +92,12 @@ def check_stored_kids(
     try:
         if not _table_exists():
             return []
-        counts = unscoped_provider_key_counts_by_kid()
+        counts = Counter(unscoped_provider_key_counts_by_kid())
     except DatabaseError:
         return []
+    # Operators' TOTP and projects' webhook secrets (keys.sealed); their tables may not be migrated yet.
+    with suppress(DatabaseError):
+        counts.update(sealed_field_counts_by_kid())
     messages: list[CheckMessage] = []
     missing = {kid: n for kid, n in counts.items() if kid not in keyring.keys}
     retired = {kid: n for kid, n in counts.items() if kid in keyring.keys and kid < keyring.min_kid}
@@ -102,7 +108,7 @@ def check_stored_kids(
         n = sum(missing.values())
         messages.append(
             Error(
-                f"{_plural(n, 'stored provider key')} cannot be decrypted: CESAFLOW_KEYRING lacks "
+                f"{_plural(n, 'stored secret')} cannot be decrypted: CESAFLOW_KEYRING lacks "
                 f"kid {', '.join(map(str, sorted(missing)))}.",
                 hint="Put the missing kid(s) back into CESAFLOW_KEYRING; if they were rotated out, run "
                 "keys_rewrap with them present before removing them.",
@@ -113,7 +119,7 @@ def check_stored_kids(
         n = sum(retired.values())
         messages.append(
             Error(
-                f"{_plural(n, 'stored provider key')} cannot be decrypted: sealed with kid "
+                f"{_plural(n, 'stored secret')} cannot be decrypted: sealed with kid "
                 f"{', '.join(map(str, sorted(retired)))}, below CESAFLOW_KEYRING_MIN_KID ({keyring.min_kid}).",
                 hint="Lower CESAFLOW_KEYRING_MIN_KID, run manage.py keys_rewrap, then raise it again.",
                 id="keys.E005",
@@ -123,7 +129,7 @@ def check_stored_kids(
         n = sum(stale.values())
         messages.append(
             Warning(
-                f"{_plural(n, 'stored provider key')} not sealed with the primary kid {keyring.primary_kid}.",
+                f"{_plural(n, 'stored secret')} not sealed with the primary kid {keyring.primary_kid}.",
                 hint="Run manage.py keys_rewrap before retiring the old kid.",
                 id="keys.W001",
             )

@@ -199,7 +199,9 @@ ACTIONS: dict[str, ActionSpec] = {
         ActionSpec(
             "org_token_cap_set", "Set the monthly token cap", Organization, org_token_cap_set, "org", params=("cap",)
         ),
-        ActionSpec("user_disable", "Disable the account and end its sessions", User, user_disable, "user"),
+        ActionSpec(
+            "user_disable", "Disable the account (its sessions end, its API keys stop)", User, user_disable, "user"
+        ),
         ActionSpec("user_enable", "Enable the account", User, user_enable, "user"),
         ActionSpec("account_unlock", "Unlock sign-in", User, account_unlock, "email", target_field="email"),
         ActionSpec("provider_key_revoke", "Revoke the provider key", ProviderKey, provider_key_revoke, "key"),

@@ -17,6 +17,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, F, Model, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models.constants import LOOKUP_SEP
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
@@ -76,6 +77,21 @@ class NexusModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return operator_of(request) is not None
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        """Only the filters this page offers. Django would otherwise accept any lookup on the model's own fields
+        (``?password__regex=…``, ``?sealed_secret__startswith=…``), and the row count would answer yes or no."""
+        first = lookup.split(LOOKUP_SEP)[0]
+        offered: set[str] = set()
+        for entry in self.list_filter:
+            name = entry if isinstance(entry, str) else entry[0] if isinstance(entry, tuple) else None
+            if isinstance(name, str):
+                offered.add(name.split(LOOKUP_SEP)[0])
+        if self.date_hierarchy:
+            offered.add(self.date_hierarchy.split(LOOKUP_SEP)[0])
+        if first not in offered:
+            return False
+        return bool(super().lookup_allowed(lookup, value, request))
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions: dict[str, Any] = {}
@@ -145,6 +161,7 @@ def _operator_action(spec: ActionSpec) -> ActionFunc:
             "objects": list(queryset[:100]),
             "count": queryset.count(),
             "selected": request.POST.getlist(ACTION_CHECKBOX_NAME),
+            "select_across": "1" if request.POST.get("select_across") == "1" else "0",
             "reason": reason,
             "errors": errors,
             "opts": model_admin.model._meta,

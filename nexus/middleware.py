@@ -134,14 +134,14 @@ class NexusSessionMiddleware(_DualMiddleware):
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
         # A view that reaches the store (sign-in, sign-out) and finds it down: 503, as for a presented cookie.
-        if isinstance(exception, SessionStoreUnavailable) and is_nexus_path(request.path):
+        if isinstance(exception, SessionStoreUnavailable) and is_nexus_path(request.path_info):
             from cesaflow.views import service_unavailable
 
             return service_unavailable(request)
         return None
 
     def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
-        if not is_nexus_path(request.path):
+        if not is_nexus_path(request.path_info):
             response: HttpResponseBase = get_response(request)
             return response
         if not ip_allowed(client_ip(request)):
@@ -154,7 +154,7 @@ class NexusSessionMiddleware(_DualMiddleware):
         return self._finish(request, get_response(request))
 
     async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
-        if not is_nexus_path(request.path):
+        if not is_nexus_path(request.path_info):
             response: HttpResponseBase = await call_next(request)
             return response
         if not ip_allowed(client_ip(request)):

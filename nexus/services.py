@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
+from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
+from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
@@ -30,6 +32,12 @@ FAILED_CREDENTIALS: Final = "credentials"  # unknown email, inactive operator or
 FAILED_NOT_ENROLLED: Final = "not_enrolled"
 FAILED_CODE: Final = "code"  # wrong, expired or replayed TOTP code
 FAILED_LOCKED_OUT: Final = "locked_out"  # refused by the lockout before any factor was checked
+FAILED_CODES_LOCKED: Final = "codes_locked"  # the right password, but too many wrong codes: the second factor is shut
+
+# Wrong TOTP codes after a correct password, per operator and whatever the client address: after this many the
+# second factor is locked for LOGIN_LOCKOUT_SECONDS (guessing codes from many addresses would otherwise be free).
+# Only someone holding the password can cause it, so strangers cannot lock an operator out.
+TOTP_FAILURE_LIMIT: Final = 5
 
 
 def enrolment_token_digest(token: str) -> str:
@@ -119,9 +127,36 @@ def operator_authenticate(*, email: str, password: str, code: str) -> Authentica
         return Authentication(operator=None, known=known, failure=FAILED_CREDENTIALS)
     if known.totp_enrolled_at is None:
         return Authentication(operator=None, known=known, failure=FAILED_NOT_ENROLLED)
+    if cache.get(_codes_lock_key(known)) is not None:
+        return Authentication(operator=None, known=known, failure=FAILED_CODES_LOCKED)
     if not totp_accept(operator=known, code=code):
+        _code_failure_record(known)
         return Authentication(operator=None, known=known, failure=FAILED_CODE)
+    cache.delete(_codes_failures_key(known))
     return Authentication(operator=known, known=known)
+
+
+def _codes_failures_key(operator: Operator) -> str:
+    return f"nexus:totp-failures:{operator.pk}"
+
+
+def _codes_lock_key(operator: Operator) -> str:
+    return f"nexus:totp-lock:{operator.pk}"
+
+
+def _code_failure_record(operator: Operator) -> None:
+    seconds = int(settings.LOGIN_LOCKOUT_SECONDS)
+    key = _codes_failures_key(operator)
+    cache.add(key, 0, timeout=seconds)
+    try:
+        failures = cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, timeout=seconds)
+        failures = 1
+    if failures >= TOTP_FAILURE_LIMIT and cache.add(_codes_lock_key(operator), 1, timeout=seconds):
+        audit.installation_record(
+            event=audit.LOCKED_OUT, operator=operator, metadata={"scope": "totp", "failures": failures}
+        )
 
 
 @transaction.atomic

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.middleware.csrf import rotate_token
 from django.template.response import TemplateResponse
@@ -81,6 +82,10 @@ def sign_in(request: HttpRequest, site: NexusSite) -> HttpResponse:
             login_guard.login_success_record(email=email, namespace=login_guard.NEXUS)
             _start_session(request, operator)
             return HttpResponseRedirect(_safe_next(request, site))
+        if authentication.failure == services.FAILED_CODES_LOCKED:
+            services.operator_sign_in_failed(email=email, authentication=authentication)
+            form.add_error(None, LOCKED_MESSAGE.format(minutes=max(1, settings.LOGIN_LOCKOUT_SECONDS // 60)))
+            return _render_sign_in(request, site, form, status=429, retry_after=settings.LOGIN_LOCKOUT_SECONDS)
         lockout = login_guard.login_failure_record(email=email, ip=ip, namespace=login_guard.NEXUS)
     services.operator_sign_in_failed(email=email, authentication=authentication)
     if lockout is not None:

@@ -202,8 +202,8 @@ def org_context_for(principal: Principal) -> OrgContext | None:
 def _current(principal: Principal, *, org_id: str) -> tuple[bool, OrgContext | None]:
     """(are the credentials still live?, the principal's context in ``org_id`` as of now)."""
     if isinstance(principal, KeyPrincipal):
-        key = ApiKey.objects.select_related("org").filter(pk=principal.api_key.pk).first()
-        if key is None or not key.is_active():
+        key = ApiKey.objects.select_related("org", "created_by").filter(pk=principal.api_key.pk).first()
+        if key is None or not key.is_active() or (key.created_by is not None and not key.created_by.is_active):
             return False, None
         context = context_for_api_key(key)
         return True, context if str(context.org.pk) == org_id else None

@@ -12,7 +12,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from orgs import login_guard, signals
-from orgs.models import Actor, Organization, User
+from orgs.models import Actor, Membership, Organization, User
+from orgs.revocation import signal_org_on_commit
 from orgs.sessions.services import sessions_revoke_all
 
 SUSPENSION_REASON_MAX_CHARS = 2000
@@ -52,9 +53,10 @@ def org_reactivate(*, org: Organization, actor: Actor) -> Organization:
 
 @transaction.atomic
 def user_disable(*, user: User, actor: Actor) -> int:
-    """Deactivates the account and ends all its sessions (their open streams close within seconds); returns how
-    many sessions ended. The org API keys the person made keep working for their orgs, as when a member leaves
-    with ``revoke_api_keys=False``: revoking them is a separate, deliberate step."""
+    """Deactivates the account and ends all its sessions; returns how many sessions ended. The org API keys the
+    person made stop working while the account is disabled (``api_key_get_active_by_secret`` refuses them) and work
+    again when it is enabled; revoking them for good is a separate, deliberate step. Open streams of either kind
+    close within seconds (revocation signals to the user and to each of their orgs)."""
     if not User.objects.filter(pk=user.pk, is_active=True).exists():
         raise ValidationError("This account is already disabled.", code="already_disabled")
     user.is_active = False
@@ -62,6 +64,8 @@ def user_disable(*, user: User, actor: Actor) -> int:
     # Sessions end after the row changes: a session signed in meanwhile is refused on its next request anyway
     # (every request checks that its user is active).
     ended = sessions_revoke_all(user=user, actor=None, reason=SESSIONS_END_REASON)
+    for membership in Membership.objects.filter(user=user).select_related("org"):
+        signal_org_on_commit(membership.org)  # streams opened with the person's API keys re-check too
     signals.user_disabled.send(sender=User, org=None, actor=actor, user=user, sessions_ended=ended)
     return ended
 

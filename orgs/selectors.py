@@ -19,11 +19,13 @@ def api_key_get_active_by_secret(*, secret: str) -> ApiKey | None:
     prefix = parse_api_key(secret)
     if prefix is None:
         return None
-    api_key = ApiKey.objects.select_related("org").filter(prefix=prefix).first()
+    api_key = ApiKey.objects.select_related("org", "created_by").filter(prefix=prefix).first()
     if api_key is None or not secrets.compare_digest(api_key.digest, api_key_digest(secret)):
         return None
     if not api_key.is_active(timezone.now()):
         return None
+    if api_key.created_by is not None and not api_key.created_by.is_active:
+        return None  # the person behind the key was disabled (by an operator): their keys stop with them
     return api_key
 
 

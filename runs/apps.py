@@ -8,4 +8,18 @@ class RunsConfig(AppConfig):
 
     def ready(self) -> None:
         # Connect the audit trail to the domain signals of orgs (and, later, keys).
+        from keys.sealed import SealedField, register_sealed_field
         from runs import audit  # noqa: F401
+        from runs.models import Project
+        from runs.webhooks.secrets import webhook_secret_aad
+
+        # Key rotation (keys_rewrap, the keyring checks) covers projects' webhook secrets too.
+        for field in ("github_secret_sealed", "github_previous_secret_sealed"):
+            register_sealed_field(
+                SealedField(
+                    "project webhook secrets",
+                    Project,
+                    field,
+                    lambda project: webhook_secret_aad(org_id=project.org_id, project_id=project.pk),
+                )
+            )

@@ -67,7 +67,7 @@ class SessionTokenMiddleware(_DualMiddleware):
         return response
 
     def handle(self, request: HttpRequest, get_response: GetResponse) -> HttpResponseBase:
-        if is_nexus_path(request.path):
+        if is_nexus_path(request.path_info):
             session_bind(request, ANONYMOUS)
             nexus_response: HttpResponseBase = get_response(request)
             return nexus_response
@@ -82,7 +82,7 @@ class SessionTokenMiddleware(_DualMiddleware):
         return self._finish(request, get_response(request), state)
 
     async def ahandle(self, request: HttpRequest, call_next: Any) -> HttpResponseBase:
-        if is_nexus_path(request.path):
+        if is_nexus_path(request.path_info):
             session_bind(request, ANONYMOUS)
             response: HttpResponseBase = await call_next(request)
             return response

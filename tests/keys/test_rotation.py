@@ -164,7 +164,7 @@ def test_check_reports_the_number_of_keys_a_keyring_cannot_read(cast, settings):
     settings.KEYRING = make_ring(3)  # lacks both stored kids
     errors = [m for m in check_stored_kids(databases=["default"]) if m.id == "keys.E004"]
     assert len(errors) == 1
-    assert errors[0].msg.startswith("4 stored provider keys cannot be decrypted")
+    assert errors[0].msg.startswith("4 stored secrets cannot be decrypted")
     assert "kid 1, 2" in errors[0].msg
     assert errors[0].is_serious()
 
@@ -175,7 +175,7 @@ def test_check_runs_through_the_check_framework(cast, settings):
     settings.KEYRING = make_ring(2)
     messages = run_checks(tags=["keys"])
     assert [m.id for m in messages] == ["keys.E004"]
-    assert "1 stored provider key cannot be decrypted" in messages[0].msg
+    assert "1 stored secret cannot be decrypted" in messages[0].msg
 
 
 def test_check_reports_keys_below_min_kid_and_warns_about_stale_kids(cast, settings):
@@ -186,7 +186,7 @@ def test_check_reports_keys_below_min_kid_and_warns_about_stale_kids(cast, setti
     settings.KEYRING = make_ring(3, 2, 1, min_kid=2)
     messages = check_stored_kids()
     assert [m.id for m in messages] == ["keys.E005"]
-    assert messages[0].msg.startswith("2 stored provider keys cannot be decrypted")
+    assert messages[0].msg.startswith("2 stored secrets cannot be decrypted")
 
 
 def test_check_is_quiet_when_every_key_is_on_the_primary(cast, key_a):
@@ -213,3 +213,41 @@ def test_check_flags_a_primary_below_min_kid_and_a_keyring_derived_from_secret_k
     assert [m.id for m in check_keyring_config()] == ["keys.E003"]
     settings.KEYRING = None
     assert [m.id for m in check_keyring_config()] == ["keys.E001"]
+
+
+def test_rotation_covers_operators_totp_and_projects_webhook_secrets(cast, settings):
+    """Other values sealed with the keyring (keys.sealed) move to the new kid with the provider keys, and the check
+    counts them: retiring a kid they still need is refused, not discovered when an operator cannot sign in."""
+    from nexus.models import Operator
+    from nexus.totp import totp_generate_secret, totp_open, totp_seal
+    from runs.models import Project
+    from runs.webhooks.secrets import webhook_secret_generate, webhook_secret_open, webhook_secret_seal
+
+    settings.KEYRING = make_ring(1)
+    operator = Operator.objects.create(email="ops@ops.example")
+    totp = totp_generate_secret()
+    Operator.objects.filter(pk=operator.pk).update(totp_sealed=totp_seal(secret=totp, operator_id=operator.pk))
+    project = Project.objects.create(org=cast.org_a, name="hooked")
+    hook = webhook_secret_generate()
+    sealed = webhook_secret_seal(org_id=cast.org_a.id, project_id=project.id, secret=hook)
+    Project.objects.filter(pk=project.pk).update(github_secret_sealed=sealed)
+
+    settings.KEYRING = make_ring(2, 1)
+    assert any(message.id == "keys.W001" for message in check_stored_kids())
+    output = _rewrap()
+    assert "Other sealed values (operator TOTP secrets, project webhook secrets)" in output
+    assert "2 re-sealed, 0 failed" in output
+
+    settings.KEYRING = make_ring(2)  # kid 1 retired: both still open
+    operator.refresh_from_db()
+    project.refresh_from_db()
+    assert stored_kid(operator.totp_sealed) == 2
+    assert totp_open(sealed=operator.totp_sealed, operator_id=operator.pk) == totp
+    opened = webhook_secret_open(org_id=cast.org_a.id, project_id=project.id, sealed=project.github_secret_sealed)
+    assert opened.reveal() == hook.reveal()
+    assert check_stored_kids() == []
+
+    # A value left on a kid the ring lacks is an error before anyone is locked out.
+    Operator.objects.filter(pk=operator.pk).update(totp_sealed=totp_seal(secret=totp, operator_id=operator.pk))
+    settings.KEYRING = make_ring(3)
+    assert [message.id for message in check_stored_kids()] == ["keys.E004"]

@@ -216,3 +216,45 @@ def test_organizations_show_this_months_runs_and_tokens_once_each(cast, operator
     assert cells[1] == "org-a"
     # members 2, runs 2, tokens 2 x 123 (a join over members would have doubled them)
     assert [cells[3], cells[5], cells[6]] == ["2", "2", "246"], cells
+
+
+@pytest.mark.parametrize(
+    ("model", "lookup"),
+    [
+        (User, "password__regex=^bcrypt"),
+        (User, "password__startswith=b"),
+        (ProviderKey, "sealed_secret__startswith=cf1"),
+        (ApiKey, "digest__startswith=a"),
+        (Run, "objective__icontains=canary"),
+        (Organization, "suspended_reason__icontains=x"),
+    ],
+)
+def test_filters_the_page_does_not_offer_are_refused(world, operator, model, lookup):
+    """Django admin accepts any lookup on a model's own fields unless told otherwise: the row count would answer
+    yes-or-no questions about a secret, one character at a time."""
+    response = _client(operator).get(f"{_url(model, 'changelist')}?{lookup}")
+    assert response.status_code == 400
+
+
+def test_offered_filters_and_the_date_hierarchy_still_work(world, cast, operator):
+    client = _client(operator)
+    assert client.get(f"{_url(Run, 'changelist')}?status__exact=queued").status_code == 200
+    assert client.get(f"{_url(Run, 'changelist')}?org__id__exact={cast.org_a.id}").status_code == 200
+    assert client.get(f"{_url(AuditEvent, 'changelist')}?created_at__year=2026").status_code == 200
+    assert client.get(f"{_url(Organization, 'changelist')}?suspended_at__isempty=1").status_code == 200
+
+
+def test_a_disabled_persons_api_keys_stop_and_start_with_the_account(cast, admin_operator):
+    client = _client(admin_operator)
+    _post_action(client, "user_disable", cast.dev_a.user, confirm="yes", reason="compromised laptop")
+    assert cast.dev_a.api().get("/api/v1/org").status_code == 401
+    _post_action(client, "user_enable", cast.dev_a.user, confirm="yes", reason="new laptop")
+    assert cast.dev_a.api().get("/api/v1/org").status_code == 200
+
+
+def test_select_across_is_kept_through_the_confirmation(cast, admin_operator):
+    confirm = _client(admin_operator).post(
+        _url(Organization, "changelist"),
+        {"action": "org_suspend", "_selected_action": [str(cast.org_a.pk)], "index": "0", "select_across": "1"},
+    )
+    assert b'name="select_across" value="1"' in confirm.content

@@ -167,3 +167,31 @@ def test_next_is_followed_inside_nexus_only(operator):
 
     assert sign_in_with_next(nexus_url("orgs/"), operator.code()) == nexus_url("orgs/")
     assert sign_in_with_next("https://evil.example/", operator.code(offset=1)) == nexus_url()
+
+
+def test_guessing_codes_from_many_addresses_shuts_the_second_factor(operator, settings):
+    """With the password known, one code guess per fresh address would dodge every per-address lock: after
+    TOTP_FAILURE_LIMIT wrong codes the second factor is shut for the lockout period, wherever the guess comes
+    from, and the right code from yet another address is refused too."""
+    from nexus.services import TOTP_FAILURE_LIMIT
+
+    settings.LOGIN_FAILURE_LIMIT_ACCOUNT = 1000  # only the code counter may stop this
+    for n in range(TOTP_FAILURE_LIMIT):
+        guess = post_sign_in(Client(), operator.operator.email, OPERATOR_PASSWORD, "000000", REMOTE_ADDR=f"10.1.0.{n}")
+        assert guess.status_code == 200
+    shut = post_sign_in(Client(), operator.operator.email, OPERATOR_PASSWORD, operator.code(), REMOTE_ADDR="10.2.0.1")
+    assert shut.status_code == 429
+    assert shut["Retry-After"]
+    operator.operator.refresh_from_db()
+    assert operator.operator.totp_last_step == 0  # the right code was not even checked, so not used up
+    assert InstallationEvent.objects.filter(event=audit.LOCKED_OUT, operator=operator.operator).exists()
+
+
+def test_wrong_codes_without_the_password_cannot_lock_an_operator_out(operator, settings):
+    from nexus.services import TOTP_FAILURE_LIMIT
+
+    settings.LOGIN_FAILURE_LIMIT_ACCOUNT = 1000
+    for n in range(TOTP_FAILURE_LIMIT + 2):
+        post_sign_in(Client(), operator.operator.email, "not the password", "000000", REMOTE_ADDR=f"10.3.0.{n}")
+    right = post_sign_in(Client(), operator.operator.email, OPERATOR_PASSWORD, operator.code(), REMOTE_ADDR="10.4.0.1")
+    assert right.status_code == 302

@@ -1,4 +1,5 @@
-"""Re-seal every provider key that is not under the keyring's primary kid (key rotation, README).
+"""Re-seal every provider key (and every other registered sealed value: operators' TOTP secrets, projects'
+webhook secrets, ``keys.sealed``) that is not under the keyring's primary kid (key rotation, README).
 
 One row per transaction with the row locked, so the app keeps serving while it runs and an interrupted run
 loses nothing: run it again and it continues with the rows still on an old kid (idempotent, resumable). Rows
@@ -16,6 +17,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from keys import selectors, services
 from keys.crypto import Keyring
+from keys.sealed import SEALED_FIELDS, sealed_fields_rewrap
 
 
 class Command(BaseCommand):
@@ -34,7 +36,10 @@ class Command(BaseCommand):
             ids = ids[:limit]
         total = len(ids)
         self.stdout.write(f"Primary kid {keyring.primary_kid}: {total} provider key(s) to re-seal.")
-        if dry_run or total == 0:
+        if dry_run:
+            return
+        self._rewrap_other_sealed_values(keyring)
+        if total == 0:
             return
 
         summary = services.RewrapSummary(to_kid=keyring.primary_kid)
@@ -56,6 +61,14 @@ class Command(BaseCommand):
                 f"{summary.failed} provider key(s) could not be decrypted; keep their kid in CESAFLOW_KEYRING "
                 "(see the audit trail: key.decrypt_failed)."
             )
+
+    def _rewrap_other_sealed_values(self, keyring: Keyring) -> None:
+        """Operators' TOTP secrets, projects' webhook secrets: whatever apps registered (keys.sealed)."""
+        rewrapped, failed = sealed_fields_rewrap(keyring)
+        labels = ", ".join(sorted({spec.label for spec in SEALED_FIELDS})) or "none registered"
+        self.stdout.write(f"Other sealed values ({labels}): {rewrapped} re-sealed, {failed} failed.")
+        if failed:
+            raise CommandError(f"{failed} other sealed value(s) could not be decrypted; keep their kid (see the log).")
 
     @staticmethod
     def _bar(done: int, total: int, width: int = 30) -> str:
