@@ -160,6 +160,7 @@ class Harness:
             "CESAFLOW_ALLOWED_HOSTS": HOST,
             "CESAFLOW_SSL_REDIRECT": "false",
             "CESAFLOW_KEYRING": keyring,
+            "CESAFLOW_SESSION_KEYS": "1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
             "CESAFLOW_CHANNEL_LAYER_KEY": secrets.token_urlsafe(32),
             "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
             "CESAFLOW_DB_CONN_MAX_AGE": "0",

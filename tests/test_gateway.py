@@ -1,0 +1,92 @@
+"""The gateway's lean path (``cesaflow.gateway``): the OpenAI-compatible endpoint skips the middleware it never
+uses and keeps the headers every response needs; everything else keeps Django's full chain."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from channels.testing import HttpCommunicator
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from cesaflow.asgi import application
+from cesaflow.gateway import GATEWAY_MIDDLEWARE, GatewayASGIHandler
+from tests.runs.test_execution_support import async_isolation  # noqa: F401 - a fixture, used below
+from tests.signin import cookie_header, session_cookies_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_isolation")]
+
+
+def test_the_gateway_chain_is_an_ordered_subset_of_the_project_middleware():
+    positions = [settings.MIDDLEWARE.index(path) for path in GATEWAY_MIDDLEWARE]
+    assert positions == sorted(positions)
+    skipped = set(settings.MIDDLEWARE) - set(GATEWAY_MIDDLEWARE)
+    assert {
+        "orgs.sessions.middleware.SessionTokenMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.LoginRequiredMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+    } <= skipped
+
+
+async def _get(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    communicator = HttpCommunicator(application, "GET", path, headers=[(b"host", b"testserver"), *headers])
+    try:
+        response: dict[str, Any] = await communicator.get_response(timeout=5)
+        return response
+    finally:
+        await communicator.wait()
+
+
+async def test_gateway_responses_carry_the_security_headers_and_no_session_machinery(cast):
+    response = await _get("/api/v1/models", [(b"authorization", f"Bearer {cast.dev_a.api_secret}".encode())])
+    assert response["status"] == 200
+    headers = {name.decode().lower(): value.decode() for name, value in response["headers"]}
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-xss-protection"] == "0"
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-frame-options"] == "DENY"
+    assert "content-security-policy" in headers
+    assert "cookie" not in headers.get("vary", "").lower()  # nothing here depends on a session
+    assert "set-cookie" not in headers
+    assert json.loads(response["body"])["object"] == "list"
+
+
+async def test_a_dashboard_session_opens_nothing_on_the_gateway(cast):
+    from asgiref.sync import sync_to_async
+
+    cookies = await sync_to_async(session_cookies_for)(cast.dev_a.user)
+    response = await _get("/api/v1/models", [cookie_header(cookies)])
+    assert response["status"] == 401
+    assert json.loads(response["body"])["error"]["code"] == "missing_api_key"
+    # The same session works on the rest of the API, which keeps the full chain.
+    org = await _get("/api/v1/org", [cookie_header(cookies)])
+    assert org["status"] == 200
+
+
+def test_middleware_that_would_need_a_thread_hop_or_view_hooks_cannot_join_the_gateway():
+    class SyncOnly(GatewayASGIHandler):
+        middleware_paths = ("django.contrib.messages.middleware.MessageMiddleware",)  # process_response, sync too
+
+    class WithViewHooks(GatewayASGIHandler):
+        middleware_paths = ("django.middleware.csrf.CsrfViewMiddleware",)
+
+    with pytest.raises(ImproperlyConfigured, match="process_"):
+        WithViewHooks()
+    SyncOnly()  # MessageMiddleware is async-capable and hook-free: allowed (it just is not needed)
+
+    class NotAsync(GatewayASGIHandler):
+        middleware_paths = ("tests.test_gateway.SyncOnlyMiddleware",)
+
+    with pytest.raises(ImproperlyConfigured, match="async-capable"):
+        NotAsync()
+
+
+class SyncOnlyMiddleware:
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: object) -> None:
+        self.get_response = get_response
