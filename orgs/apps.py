@@ -8,4 +8,4 @@ class OrgsConfig(AppConfig):
 
     def ready(self) -> None:
         # Open streams hear about revoked keys, removed members and demotions (orgs.revocation).
-        from orgs import revocation  # noqa: F401
+        from orgs import api_key_cache, revocation  # noqa: F401  # api_key_cache: invalidation on model changes

@@ -27,6 +27,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
+from orgs import api_key_cache
 from orgs.models import ApiKey, User
 from orgs.permissions import RUNS_READ
 from orgs.selectors import api_key_get_active_by_secret
@@ -35,7 +36,7 @@ from orgs.sessions.middleware import session_cookies
 from orgs.sessions.services import session_authenticate, session_is_live
 from orgs.sessions.store import SessionRecord
 from orgs.tenancy import OrgContext, context_for_api_key, context_for_user
-from orgs.tokens import MAX_KEY_LENGTH, PREFIX
+from orgs.tokens import MAX_KEY_LENGTH, PREFIX, api_key_digest, parse_api_key
 
 if TYPE_CHECKING:
     from drf_spectacular.openapi import AutoSchema
@@ -150,13 +151,20 @@ def request_api_key(request: HttpRequest) -> str | None:
 
 
 def api_key_verify(presented: str) -> ApiKey:
-    """The active key for a presented value (DB; sync), its use recorded; ``AuthenticationError`` otherwise."""
-    if not presented or len(presented) > MAX_KEY_LENGTH:
+    """The active key for a presented value (sync), its use recorded; ``AuthenticationError`` otherwise. A key
+    verified recently is answered from ``orgs.api_key_cache`` while nothing about keys, orgs or users changed."""
+    if not presented or len(presented) > MAX_KEY_LENGTH or parse_api_key(presented) is None:
         raise invalid_api_key()
-    api_key = api_key_get_active_by_secret(secret=presented)
-    if api_key is None:
-        raise invalid_api_key()
+    digest = api_key_digest(presented)
+    token = api_key_cache.generation()
+    api_key = api_key_cache.recall(digest=digest, token=token)
+    if api_key is None or not api_key.is_active():
+        api_key = api_key_get_active_by_secret(secret=presented)
+        if api_key is None:
+            raise invalid_api_key()
+        api_key_cache.remember(digest=digest, api_key=api_key, token=token)
     api_key_record_use(api_key=api_key)
+    api_key_cache.touch(digest=digest, api_key=api_key)
     return api_key
 
 
