@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -272,6 +273,10 @@ def _record_decrypt_failure(
     )
 
 
+# ``last_used_at`` moves at most this often (like org API keys): it says "in use lately", not each call.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
 @sensitive_variables(*_SENSITIVE)
 def _open_for_call(*, key_id: uuid.UUID, actor: Actor, purpose: str, reference: str) -> Secret:
     """Decrypt one key and record the opening (or the failure) in its own short transaction."""
@@ -289,8 +294,12 @@ def _open_for_call(*, key_id: uuid.UUID, actor: Actor, purpose: str, reference: 
             _record_decrypt_failure(key=key, actor=actor, exc=exc, purpose=purpose, reference=reference)
         else:
             now = timezone.now()
-            ProviderKey.objects.filter(pk=key.pk).update(last_used_at=now)
-            key.last_used_at = now
+            # At most once a minute per key (the audit row below is the per-call record): one UPDATE less per call.
+            if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+                ProviderKey.objects.filter(pk=key.pk).exclude(last_used_at__gt=now - LAST_USED_RESOLUTION).update(
+                    last_used_at=now
+                )
+                key.last_used_at = now
             signals.provider_key_used.send(
                 sender=ProviderKey, org=key.org, actor=actor, provider_key=key, purpose=purpose, reference=reference
             )

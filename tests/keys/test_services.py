@@ -379,3 +379,26 @@ def test_services_module_reads_the_keyring_at_call_time(cast, settings):
     settings.KEYRING = make_ring(4)
     key = provider_key_create(org=cast.org_a, actor=None, provider=Provider.OPENAI, label="late", secret=fake_secret())
     assert key.kid == 4
+
+
+def test_last_used_moves_at_most_once_a_minute_while_every_opening_is_audited(key_a):
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from freezegun import freeze_time
+
+    start = timezone.now()
+    with freeze_time(start):
+        with provider_key_open(key=key_a, purpose="test"):
+            pass
+        first = ProviderKey.objects.get(pk=key_a.pk).last_used_at
+    assert first is not None
+    with freeze_time(start + timedelta(seconds=30)), provider_key_open(key=key_a, purpose="test"):
+        pass
+    assert ProviderKey.objects.get(pk=key_a.pk).last_used_at == first
+    with freeze_time(start + timedelta(seconds=61)), provider_key_open(key=key_a, purpose="test"):
+        pass
+    later = ProviderKey.objects.get(pk=key_a.pk).last_used_at
+    assert later is not None
+    assert later > first
+    assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, target_id=str(key_a.pk)).count() == 3
