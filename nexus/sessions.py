@@ -14,13 +14,13 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from django.conf import settings
 
 from nexus.models import Operator
-from orgs.sessions.store import SessionStoreUnavailable, session_key
+from orgs.sessions.store import HashRecord, SessionStoreUnavailable, redis_call, session_key
 
 __all__ = ["OperatorSession", "SessionStoreUnavailable", "operator_session_authenticate", "operator_session_start"]
 
@@ -30,7 +30,7 @@ MAX_TOKEN_LENGTH: Final = 128
 
 
 @dataclass(frozen=True)
-class OperatorSession:
+class OperatorSession(HashRecord):
     """One signed-in operator browser. ``key`` is ``session_key(token)``; the token itself is never stored."""
 
     key: str
@@ -46,21 +46,6 @@ class OperatorSession:
 
     def is_live(self, now: float) -> bool:
         return now < self.absolute_expiry and now < self.idle_expiry()
-
-    def to_mapping(self) -> dict[str, str]:
-        return {name: str(value) for name, value in asdict(self).items()}
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, str]) -> OperatorSession | None:
-        """A record from the store, or None if it is incomplete: incomplete means gone."""
-        try:
-            values: dict[str, Any] = {}
-            for field in fields(cls):
-                raw = data[field.name]
-                values[field.name] = float(raw) if field.type == "float" else raw
-        except (KeyError, ValueError):
-            return None
-        return cls(**values)
 
 
 class OperatorSessionStore(Protocol):
@@ -92,13 +77,7 @@ class RedisOperatorSessionStore:
         return f"{self._prefix}:s:{key}"
 
     def _run(self, operation: Any) -> Any:
-        from django_redis import get_redis_connection
-        from redis.exceptions import RedisError
-
-        try:
-            return operation(get_redis_connection("sessions"))
-        except RedisError as exc:
-            raise SessionStoreUnavailable(type(exc).__name__) from None
+        return redis_call(operation)
 
     def create(self, record: OperatorSession, *, ttl: int) -> None:
         def write(client: Any) -> None:
@@ -110,10 +89,10 @@ class RedisOperatorSessionStore:
         self._run(write)
 
     def get(self, key: str) -> OperatorSession | None:
-        data = self._run(lambda client: client.hgetall(self.record_key(key)))
-        if not data:
-            return None
-        return OperatorSession.from_mapping({k.decode(): v.decode() for k, v in data.items()})
+        record: OperatorSession | None = OperatorSession.from_redis(
+            self._run(lambda client: client.hgetall(self.record_key(key)))
+        )
+        return record
 
     def touch(self, key: str, *, last_seen: float) -> bool:
         return bool(self._run(lambda client: client.eval(_TOUCH_IF_EXISTS, 1, self.record_key(key), str(last_seen))))

@@ -28,8 +28,44 @@ def session_key(sid: str) -> str:
     return hashlib.sha256(sid.encode()).hexdigest()
 
 
+class HashRecord:
+    """A frozen dataclass stored as a Redis hash: every field as a string, floats parsed back. Shared by the
+    dashboard's session records and Nexus's operator sessions (``nexus.sessions``)."""
+
+    def to_mapping(self) -> dict[str, str]:
+        return {name: str(value) for name, value in asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, str]) -> Any:
+        """A record from the store, or None if it is incomplete (e.g. half-written): incomplete means gone."""
+        try:
+            values: dict[str, Any] = {}
+            for field in fields(cls):  # type: ignore[arg-type]
+                raw = data[field.name]
+                values[field.name] = float(raw) if field.type == "float" else raw
+        except (KeyError, ValueError):
+            return None
+        return cls(**values)
+
+    @classmethod
+    def from_redis(cls, data: dict[bytes, bytes]) -> Any:
+        return cls.from_mapping({k.decode(): v.decode() for k, v in data.items()}) if data else None
+
+
+def redis_call(operation: Any) -> Any:
+    """Runs ``operation(client)`` on the session store's Redis; any Redis failure is ``SessionStoreUnavailable``
+    (callers fail closed)."""
+    from django_redis import get_redis_connection
+    from redis.exceptions import RedisError
+
+    try:
+        return operation(get_redis_connection("sessions"))
+    except RedisError as exc:
+        raise SessionStoreUnavailable(type(exc).__name__) from None
+
+
 @dataclass(frozen=True)
-class SessionRecord:
+class SessionRecord(HashRecord):
     key: str  # session_key(sid)
     user_id: str
     created: float
@@ -50,21 +86,6 @@ class SessionRecord:
     def ttl(self, now: float) -> int:
         """Seconds the record should stay in the store from ``now`` (at least 1)."""
         return max(1, int(min(self.absolute_expiry, self.idle_expiry()) - now) + 1)
-
-    def to_mapping(self) -> dict[str, str]:
-        return {name: str(value) for name, value in asdict(self).items()}
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, str]) -> SessionRecord | None:
-        """A record from the store, or None if it is incomplete (e.g. half-written): incomplete means gone."""
-        try:
-            values: dict[str, Any] = {}
-            for field in fields(cls):
-                raw = data[field.name]
-                values[field.name] = float(raw) if field.type == "float" else raw
-        except (KeyError, ValueError):
-            return None
-        return cls(**values)
 
 
 class SessionStore(Protocol):
@@ -112,12 +133,7 @@ class RedisSessionStore:
         return f"{self._prefix}:u:{user_id}"
 
     def _run(self, operation: Any) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return operation(self._client())
-        except RedisError as exc:
-            raise SessionStoreUnavailable(type(exc).__name__) from None
+        return redis_call(operation)
 
     def create(self, record: SessionRecord, *, now: float) -> None:
         def write(client: Any) -> None:
@@ -132,10 +148,10 @@ class RedisSessionStore:
         self._run(write)
 
     def get(self, key: str) -> SessionRecord | None:
-        data = self._run(lambda client: client.hgetall(self._record_key(key)))
-        if not data:
-            return None
-        return SessionRecord.from_mapping({k.decode(): v.decode() for k, v in data.items()})
+        record: SessionRecord | None = SessionRecord.from_redis(
+            self._run(lambda client: client.hgetall(self._record_key(key)))
+        )
+        return record
 
     def update(self, key: str, *, now: float, last_seen: float | None = None, org_id: str | None = None) -> bool:
         record = self.get(key)
@@ -171,7 +187,7 @@ class RedisSessionStore:
                 pipe.hgetall(self._record_key(key))
             records, stale = [], []
             for key, data in zip(keys, pipe.execute(), strict=True):
-                record = SessionRecord.from_mapping({k.decode(): v.decode() for k, v in data.items()}) if data else None
+                record = SessionRecord.from_redis(data)
                 if record is None or record.user_id != user_id:
                     stale.append(key)
                 else:
