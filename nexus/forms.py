@@ -24,9 +24,23 @@ class SignInForm(forms.Form):
     )
 
 
+class EnrolUnlockForm(forms.Form):
+    """The enrolment page's first step: the operator's password before the secret is shown (a leaked link alone
+    reveals nothing)."""
+
+    password = forms.CharField(
+        label="Your password (from create_operator)",
+        max_length=4096,
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+    )
+
+
 class EnrolForm(forms.Form):
     code = forms.CharField(
         label="First code from your authenticator",
         max_length=10,
         widget=forms.TextInput(attrs={"autocomplete": "one-time-code", "inputmode": "numeric"}),
     )
+    # Proof that the password was given on this page a moment ago (signed, 15 minutes): nexus.views.enrol.
+    unlock = forms.CharField(widget=forms.HiddenInput, max_length=500)

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.core import signing
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.middleware.csrf import rotate_token
 from django.template.response import TemplateResponse
@@ -19,13 +20,16 @@ from django.utils.safestring import mark_safe
 
 from cesaflow.lib.middleware import client_ip
 from nexus import services
-from nexus.forms import LOCKED_MESSAGE, SIGN_IN_FAILED_MESSAGE, EnrolForm, SignInForm
+from nexus.forms import LOCKED_MESSAGE, SIGN_IN_FAILED_MESSAGE, EnrolForm, EnrolUnlockForm, SignInForm
 from nexus.middleware import issue_cookie, operator_bind
 from nexus.models import Operator
 from nexus.selectors import operator_get_by_email, operator_get_for_enrolment_token
 from nexus.sessions import ENDED, OperatorSession, operator_session_end, operator_session_start
 from nexus.totp import totp_open, totp_qr_svg, totp_uri
 from orgs import login_guard
+
+ENROL_UNLOCK_SALT = "nexus.enrol.unlock"
+ENROL_UNLOCK_SECONDS = 15 * 60
 
 if TYPE_CHECKING:
     from nexus.site import NexusSite
@@ -126,21 +130,23 @@ def sign_out(request: HttpRequest, site: NexusSite) -> HttpResponse:
     return response
 
 
-def enrol(request: HttpRequest, site: NexusSite, token: str) -> HttpResponse:
-    """The one-time enrolment page: the secret as an ``otpauth://`` URI and a QR code, and a first code to
-    confirm. Unknown, used and expired links all get the same 404."""
-    operator = operator_get_for_enrolment_token(token=token)
-    if operator is None or not operator.totp_sealed:
-        raise Http404
-    form = EnrolForm(request.POST if request.method == "POST" else None)
-    if request.method == "POST":
-        if form.is_valid() and services.operator_enrol_confirm(
-            operator=operator, token=token, code=form.cleaned_data["code"]
-        ):
-            return TemplateResponse(request, "nexus/enrolled.html", _context(request, site, title="Enrolled"))
-        form.add_error(None, "That code does not match. Check your device's clock and try the next code.")
-    elif request.method != "GET":
-        return HttpResponseNotAllowed(["GET", "POST"])
+def _unlock_token(operator: Operator) -> str:
+    return signing.dumps(
+        {"operator": str(operator.pk), "link": operator.enrolment_token_hash[:16]}, salt=ENROL_UNLOCK_SALT
+    )
+
+
+def _unlocked(value: str, operator: Operator) -> bool:
+    try:
+        data = signing.loads(value, salt=ENROL_UNLOCK_SALT, max_age=ENROL_UNLOCK_SECONDS)
+    except signing.BadSignature:
+        return False
+    return bool(data == {"operator": str(operator.pk), "link": operator.enrolment_token_hash[:16]})
+
+
+def _enrol_secret_page(
+    request: HttpRequest, site: NexusSite, operator: Operator, form: EnrolForm, *, error: str = ""
+) -> HttpResponse:
     uri = totp_uri(secret=totp_open(sealed=operator.totp_sealed, operator_id=operator.pk), email=operator.email)
     context = _context(
         request,
@@ -150,5 +156,58 @@ def enrol(request: HttpRequest, site: NexusSite, token: str) -> HttpResponse:
         operator_email=operator.email,
         otpauth_uri=uri,
         qr_svg=mark_safe(totp_qr_svg(uri)),  # noqa: S308  # segno's markup of our own URI: no user-controlled HTML
+        error=error,
     )
     return TemplateResponse(request, "nexus/enrol.html", context)
+
+
+def _enrol_unlock_page(
+    request: HttpRequest,
+    site: NexusSite,
+    operator: Operator,
+    form: EnrolUnlockForm,
+    *,
+    status: int = 200,
+    error: str = "",
+) -> HttpResponse:
+    context = _context(
+        request, site, title="Set up your authenticator", unlock_form=form, operator_email=operator.email, error=error
+    )
+    return TemplateResponse(request, "nexus/enrol.html", context, status=status)
+
+
+def enrol(request: HttpRequest, site: NexusSite, token: str) -> HttpResponse:
+    """The one-time enrolment page. First the operator's password (a leaked link alone shows nothing, and guesses
+    count like sign-in failures); then the secret as an ``otpauth://`` URI and a QR code, and a first code to
+    confirm. Unknown, used and expired links all get the same 404."""
+    operator = operator_get_for_enrolment_token(token=token)
+    if operator is None or not operator.totp_sealed:
+        raise Http404
+    if request.method == "GET":
+        return _enrol_unlock_page(request, site, operator, EnrolUnlockForm())
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["GET", "POST"])
+    if "code" in request.POST:  # the second step
+        form = EnrolForm(request.POST)
+        if not form.is_valid() or not _unlocked(form.cleaned_data["unlock"], operator):
+            error = "Enter your password again: the page was open too long."
+            return _enrol_unlock_page(request, site, operator, EnrolUnlockForm(), error=error)
+        if services.operator_enrol_confirm(operator=operator, token=token, code=form.cleaned_data["code"]):
+            return TemplateResponse(request, "nexus/enrolled.html", _context(request, site, title="Enrolled"))
+        retry = EnrolForm(initial={"unlock": form.cleaned_data["unlock"]})
+        error = "That code does not match. Check your device's clock and try the next code."
+        return _enrol_secret_page(request, site, operator, retry, error=error)
+    unlock_form = EnrolUnlockForm(request.POST)
+    ip = client_ip(request)
+    lockout = login_guard.login_lockout(email=operator.email, ip=ip, namespace=login_guard.NEXUS)
+    if lockout is None and unlock_form.is_valid() and operator.check_password(unlock_form.cleaned_data["password"]):
+        return _enrol_secret_page(request, site, operator, EnrolForm(initial={"unlock": _unlock_token(operator)}))
+    if lockout is None:
+        lockout = login_guard.login_failure_record(email=operator.email, ip=ip, namespace=login_guard.NEXUS)
+    if lockout is not None:
+        unlock_form.add_error(None, LOCKED_MESSAGE.format(minutes=lockout.retry_after_minutes))
+        response = _enrol_unlock_page(request, site, operator, unlock_form, status=429)
+        response["Retry-After"] = str(lockout.retry_after)
+        return response
+    unlock_form.add_error(None, "That is not your password.")
+    return _enrol_unlock_page(request, site, operator, unlock_form)

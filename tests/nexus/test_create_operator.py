@@ -46,8 +46,22 @@ def _current_code(operator: Operator, *, offset: int = 0) -> str:
     return totp_code_at(secret, int(timezone.now().timestamp() // STEP_SECONDS) + offset)
 
 
-def _enrol(token: str, code: str, client: Client | None = None):
-    return (client or Client()).post(nexus_url(f"enrol/{token}/"), {"code": code})
+def _password(output: str) -> str:
+    lines = output.splitlines()
+    return lines[lines.index("Password (shown once; store it now):") + 1]
+
+
+def _unlock(token: str, password: str, client: Client | None = None):
+    """The enrolment page's first step: the password, answered with the secret page (or not)."""
+    return (client or Client()).post(nexus_url(f"enrol/{token}/"), {"password": password})
+
+
+def _enrol(token: str, code: str, password: str, client: Client | None = None):
+    client = client or Client()
+    page = _unlock(token, password, client)
+    match = re.search(r'name="unlock" value="([^"]+)"', page.content.decode())
+    unlock = match.group(1) if match else ""
+    return client.post(nexus_url(f"enrol/{token}/"), {"code": code, "unlock": unlock})
 
 
 def test_create_operator_prints_the_password_once_and_the_enrolment_link(monkeypatch):
@@ -90,10 +104,41 @@ def test_operator_passwords_are_hashed_with_bcrypt(monkeypatch):
     assert OPERATOR_PASSWORD not in operator.password
 
 
-def test_the_enrolment_page_shows_the_uri_and_an_inline_qr_code_without_script():
-    token = _token(_create("--email", "ops@example.com"))
+def test_the_enrolment_page_asks_for_the_password_before_showing_the_secret():
+    output = _create("--email", "ops@example.com")
+    token = _token(output)
     operator = Operator.objects.get(email="ops@example.com")
-    response = Client().get(nexus_url(f"enrol/{token}/"))
+    secret = totp_open(sealed=operator.totp_sealed, operator_id=operator.pk)
+    first = Client().get(nexus_url(f"enrol/{token}/"))
+    assert first.status_code == 200
+    assert secret not in first.content.decode()
+    assert "otpauth://" not in first.content.decode()
+    wrong = _unlock(token, "not the password")
+    assert "otpauth://" not in wrong.content.decode()
+    assert b"not your password" in wrong.content
+    # A code posted with a forged or missing unlock value never reaches the check.
+    forged = Client().post(nexus_url(f"enrol/{token}/"), {"code": "123456", "unlock": "forged"})
+    assert b"Enter your password again" in forged.content
+    operator.refresh_from_db()
+    assert operator.totp_enrolled_at is None
+
+
+def test_wrong_passwords_on_the_enrolment_page_lock_like_sign_in(settings):
+    settings.LOGIN_FAILURE_LIMIT_ACCOUNT = 2
+    output = _create("--email", "ops@example.com")
+    token = _token(output)
+    statuses = [_unlock(token, f"guess {n}").status_code for n in range(3)]
+    assert statuses[-1] == 429
+    locked = _unlock(token, _password(output))
+    assert locked.status_code == 429
+    assert "otpauth://" not in locked.content.decode()
+
+
+def test_the_enrolment_page_shows_the_uri_and_an_inline_qr_code_without_script():
+    output = _create("--email", "ops@example.com")
+    token = _token(output)
+    operator = Operator.objects.get(email="ops@example.com")
+    response = _unlock(token, _password(output))
     assert response.status_code == 200
     body = response.content.decode()
     secret = totp_open(sealed=operator.totp_sealed, operator_id=operator.pk)
@@ -111,28 +156,29 @@ def test_enrolment_needs_a_valid_first_code_then_the_link_is_used_up_and_sign_in
     operator = Operator.objects.get(email="ops@example.com")
     # Not enrolled yet: no sign-in.
     assert post_sign_in(Client(), operator.email, OPERATOR_PASSWORD, _current_code(operator)).status_code == 200
-    wrong = _enrol(token, "000000" if _current_code(operator) != "000000" else "111111")
+    wrong = _enrol(token, "000000" if _current_code(operator) != "000000" else "111111", OPERATOR_PASSWORD)
     assert wrong.status_code == 200
     assert b"does not match" in wrong.content
-    assert _enrol(token, _current_code(operator)).status_code == 200
+    assert _enrol(token, _current_code(operator), OPERATOR_PASSWORD).status_code == 200
     operator.refresh_from_db()
     assert operator.totp_enrolled_at is not None
     assert operator.enrolment_token_hash == ""
     assert InstallationEvent.objects.filter(event=audit.ENROLLED, operator=operator).count() == 1
     # Single use: the link is gone, for a look and for a second enrolment alike.
     assert Client().get(nexus_url(f"enrol/{token}/")).status_code == 404
-    assert _enrol(token, _current_code(operator, offset=1)).status_code == 404
+    assert _enrol(token, _current_code(operator, offset=1), OPERATOR_PASSWORD).status_code == 404
     # The enrolment code's step is spent; the next one signs in.
     response = post_sign_in(Client(), operator.email, OPERATOR_PASSWORD, _current_code(operator, offset=1))
     assert response.status_code == 302
 
 
 def test_the_enrolment_link_expires_after_24_hours():
-    token = _token(_create("--email", "ops@example.com"))
+    output = _create("--email", "ops@example.com")
+    token = _token(output)
     operator = Operator.objects.get(email="ops@example.com")
     with freeze_time(timezone.now() + timedelta(hours=24, seconds=1)):
         assert Client().get(nexus_url(f"enrol/{token}/")).status_code == 404
-        assert _enrol(token, _current_code(operator)).status_code == 404
+        assert _enrol(token, _current_code(operator), _password(output)).status_code == 404
     operator.refresh_from_db()
     assert operator.totp_enrolled_at is None
 
@@ -143,9 +189,10 @@ def test_an_unknown_link_is_404():
 
 def test_reset_totp_issues_a_new_link_retires_the_old_secret_and_prints_no_secret(monkeypatch):
     other = make_operator("other@ops.example")
-    first = _token(_create("--email", "ops@example.com"))
+    created = _create("--email", "ops@example.com")
+    first = _token(created)
     operator = Operator.objects.get(email="ops@example.com")
-    _enrol(first, _current_code(operator))
+    _enrol(first, _current_code(operator), _password(created))
     old_secret = totp_open(sealed=Operator.objects.get(pk=operator.pk).totp_sealed, operator_id=operator.pk)
     output = _create("--email", "ops@example.com", "--reset-totp")
     second = _token(output)
