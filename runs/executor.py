@@ -53,6 +53,7 @@ from runs.services import (
     retention_purge,
     run_claim,
     run_heartbeat,
+    runs_cancel_for_suspended_orgs,
     runs_claim_queued,
     runs_expire_unwatched,
     runs_reap_lost,
@@ -337,6 +338,7 @@ class Executor:
         if expired:
             logger.info("executor %s: %d run(s) cancelled, not watched in time", self.worker_id, len(expired))
         lost = await database_sync_to_async(runs_reap_lost)(stale_after=timedelta(seconds=self.config.stale_after_s))
+        await database_sync_to_async(runs_cancel_for_suspended_orgs)()  # what a suspension's own sweep missed
         # Retention (README "Retention"): workspaces past their window or left by a dead run every tick (the first
         # tick after a start is the cleanup after a crash); old audit events and webhook delivery ids hourly.
         await database_sync_to_async(workspaces_purge)()

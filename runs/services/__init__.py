@@ -216,7 +216,11 @@ def _after_create(run: Run, *, publish_status: bool = True) -> None:
 def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
     """Claim a queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise (also
     for a watched run nobody has attached to yet)."""
-    run = Run.objects.select_for_update(skip_locked=True).filter(READY, id=run_id, status=RunStatus.QUEUED).first()
+    run = (
+        Run.objects.select_for_update(skip_locked=True)
+        .filter(READY, id=run_id, status=RunStatus.QUEUED, org__suspended_at__isnull=True)
+        .first()
+    )
     if run is None or not _serialized([run]):
         return None
     now = timezone.now()
@@ -270,7 +274,7 @@ def runs_claim_queued(*, worker_id: str, limit: int) -> list[Run]:
     )
     candidates = list(
         Run.objects.select_for_update(skip_locked=True)
-        .filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+        .filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS, org__suspended_at__isnull=True)
         .exclude(project_busy)
         .order_by("created_at", "id")[: limit * 4]
     )
@@ -392,6 +396,21 @@ def runs_cancel_for_org(*, org: Organization, actor: Actor) -> list[Run]:
     completions are left to end with their client's request, which no executor watches (``NOT_CANCELLABLE``)."""
     active = Run.objects.filter(org=org).exclude(status__in=TERMINAL_STATUSES).exclude(kind=RunKind.COMPLETION)
     return [run_request_cancel(run=run, actor=actor) for run in active.order_by("created_at", "id")]
+
+
+def runs_cancel_for_suspended_orgs() -> list[Run]:
+    """Every executor's sweep: a run of a suspended org that is still queued or running (one created in the
+    instant its org was being suspended, after ``runs_cancel_for_org`` looked) is cancelled too. Claims skip such
+    runs meanwhile, so none of them starts."""
+    active = (
+        Run.objects.filter(org__suspended_at__isnull=False, cancel_requested_at__isnull=True)
+        .exclude(status__in=TERMINAL_STATUSES)
+        .exclude(kind=RunKind.COMPLETION)
+    )
+    return [run_request_cancel(run=run, actor=SUSPENDED_ACTOR) for run in active.order_by("created_at", "id")[:500]]
+
+
+SUSPENDED_ACTOR = "CesaFlow (organization suspended)"
 
 
 def _signal_cancel(run: Run) -> None:

@@ -233,3 +233,26 @@ async def test_websockets_refuse_a_suspended_org_with_4403_and_open_ones_close(c
     await sync_to_async(_reactivate)(cast, operator)
     assert await _close_code(key_headers) is None
     assert await _close_code(session_headers) is None
+
+
+@pytest.mark.django_db
+def test_a_run_created_in_the_instant_of_suspension_never_starts_and_is_cancelled_by_the_sweep(cast, operator):
+    """The race: a request past the gate creates its run just after the suspension's own sweep looked (here: an
+    org object loaded before the suspension). Executors do not claim it, and their sweep cancels it."""
+    from runs.services import run_claim, runs_cancel_for_suspended_orgs, runs_claim_queued
+
+    key = _key(cast.org_a, cast.admin_a.user)
+    stale_org = type(cast.org_a).objects.get(pk=cast.org_a.pk)  # loaded before the suspension
+    _suspend(cast, operator)
+    run = run_create(
+        org=stale_org, actor=cast.admin_a.user, provider_key_id=key.id, model="gpt-4o", objective="Hi.", watch=False
+    )
+    assert run.status == RunStatus.QUEUED
+    assert run_claim(run_id=run.id, worker_id="w1") is None
+    assert run not in runs_claim_queued(worker_id="w1", limit=10)
+    other = _new_run(cast.admin_b, _key(cast.org_b, cast.admin_b.user))
+    assert [r.id for r in runs_claim_queued(worker_id="w1", limit=10)] == [other.id]  # other orgs go on
+    cancelled = runs_cancel_for_suspended_orgs()
+    assert [r.id for r in cancelled] == [run.id]
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED
+    assert runs_cancel_for_suspended_orgs() == []  # idempotent
