@@ -7,13 +7,14 @@ Times are ``time.perf_counter()`` seconds; TTFT is request written -> first SSE 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from bench.client import Connection, Response, build_request, chat_body
-from bench.harness import HOST, PACED_EVENT_MS, SCENARIOS
+from bench.harness import HOST, PACED_EVENT_MS, SCENARIOS, Child
 from bench.tap import Tap
 
 PACED_TOKENS_PER_S = 1000 / PACED_EVENT_MS
@@ -339,3 +340,28 @@ def percentile(samples: list[float], q: float) -> float:
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+@dataclass
+class _Reading:
+    units: int
+
+
+class CpuMeter:
+    """CPU seconds a target's process spends per unit of work (request, chunk), summed over rounds."""
+
+    def __init__(self, processes: dict[str, Child]) -> None:
+        self.processes = processes
+        self.seconds: dict[str, float] = {}
+        self.units: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def measure(self, name: str, units: int = 0) -> Iterator[_Reading]:
+        reading = _Reading(units)
+        before = self.processes[name].cpu_seconds()
+        yield reading
+        self.seconds[name] = self.seconds.get(name, 0.0) + self.processes[name].cpu_seconds() - before
+        self.units[name] = self.units.get(name, 0) + reading.units
+
+    def per_unit(self) -> dict[str, float]:
+        return {name: self.seconds[name] / units for name, units in self.units.items() if units}

@@ -18,7 +18,6 @@ if __package__ in (None, ""):
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -26,14 +25,14 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from bench import measure
 from bench.client import Connection
 from bench.harness import HOST, PRIVATE_POSTGRES, Child, Harness, harness, pin_self
-from bench.measure import Errors, Target, percentile
+from bench.measure import CpuMeter, Errors, Target, percentile
 from bench.report import PROXIES, Figure, markdown_table, save
 from bench.tap import Tap
 
@@ -118,31 +117,6 @@ def rotated(items: Sequence[T], k: int) -> list[T]:
     """Round k starts with a different target, so no target always runs first (or right after another)."""
     k %= len(items)
     return [*items[k:], *items[:k]]
-
-
-@dataclass
-class _Reading:
-    units: int
-
-
-class CpuMeter:
-    """CPU seconds a target's process spends per unit of work (request, chunk), summed over rounds."""
-
-    def __init__(self, processes: dict[str, Child]) -> None:
-        self.processes = processes
-        self.seconds: dict[str, float] = {}
-        self.units: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def measure(self, name: str, units: int = 0) -> Iterator[_Reading]:
-        reading = _Reading(units)
-        before = self.processes[name].cpu_seconds()
-        yield reading
-        self.seconds[name] = self.seconds.get(name, 0.0) + self.processes[name].cpu_seconds() - before
-        self.units[name] = self.units.get(name, 0) + reading.units
-
-    def per_unit(self) -> dict[str, float]:
-        return {name: self.seconds[name] / units for name, units in self.units.items() if units}
 
 
 @dataclass

@@ -2,7 +2,8 @@
 (providers.md §3). Loopback only; scenarios pick the behaviour (text, tool calls, faults, timing)."""
 
 from runs.simulator.scenarios import BUILTINS, Scenario, ScenarioError, load_script, parse_scenario
-from runs.simulator.server import ProviderSimulator, SimulatorState, SimulatorThread
+from runs.simulator.server import ProviderSimulator, SimulatorState
+from runs.simulator.thread import SimulatorThread
 
 __all__ = [
     "BUILTINS",

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from runs.simulator.dialects import (
     StreamContext,
@@ -32,6 +31,17 @@ from runs.simulator.dialects import (
     render_json,
     render_stream,
 )
+from runs.simulator.http1 import (
+    LAST_CHUNK,
+    MAX_HEADER_BYTES,
+    STATUS_TEXT,
+    BadFraming,
+    ClientGone,
+    Connection,
+    Request,
+    chunk,
+    split_points,
+)
 from runs.simulator.scenarios import BUILTINS, FLAVOURS, Scenario, ScenarioError, parse_scenario
 from runs.simulator.validation import (
     Invalid,
@@ -43,56 +53,12 @@ from runs.simulator.validation import (
 )
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-MAX_HEADER_BYTES = 64 * 1024
-MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_LOGGED_REQUESTS = 200
 
 # path prefix -> flavour; the base URL a client configures is prefix + the provider's own base path.
 _PREFIXES = (("/groq/openai/v1", "groq"), ("/openai/v1", "openai"), ("/anthropic", "anthropic"))
 _CHAT_PATHS = {"openai": "/chat/completions", "groq": "/chat/completions", "anthropic": "/v1/messages"}
 _MODELS_PATHS = {"openai": "/models", "groq": "/models", "anthropic": "/v1/models"}
-_STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    411: "Length Required",
-    413: "Payload Too Large",
-    422: "Unprocessable Entity",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    498: "Capacity Exceeded",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    529: "Overloaded",
-}
-
-
-class _ClientGone(Exception):
-    """The client closed its end while we were writing or waiting."""
-
-
-class _BadFraming(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: bytes
-    keep_alive: bool
 
 
 @dataclass
@@ -157,109 +123,8 @@ def _masked_headers(headers: dict[str, str]) -> dict[str, str]:
     return masked
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.buffer = bytearray()
-        self.closed = asyncio.Event()  # the client went away (EOF or a failed write)
-        self.aborted = False
-
-    async def _fill(self) -> bool:
-        data = await self.reader.read(65536)
-        if not data:
-            return False
-        self.buffer += data
-        return True
-
-    async def read_request(self) -> _Request | None:
-        while b"\r\n\r\n" not in self.buffer:
-            if len(self.buffer) > MAX_HEADER_BYTES:
-                raise _BadFraming(431, "Request headers too large.")
-            if not await self._fill():
-                return None
-        head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
-        self.buffer = bytearray(rest)
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _BadFraming(400, "Malformed request line.")
-        method, target, version = parts
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise _BadFraming(400, "Malformed header line.")
-            headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise _BadFraming(411, "Chunked request bodies are not supported; send Content-Length.")
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise _BadFraming(400, "Invalid Content-Length.") from None
-        if length < 0 or length > MAX_BODY_BYTES:
-            raise _BadFraming(413, "Request body too large.")
-        while len(self.buffer) < length:
-            if not await self._fill():
-                return None
-        body = bytes(self.buffer[:length])
-        del self.buffer[:length]
-        connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-        split = urlsplit(target)
-        return _Request(method, split.path, parse_qs(split.query), headers, body, keep_alive)
-
-    async def watch_eof(self) -> None:
-        """While streaming, the client sends nothing (no pipelining): EOF here means it hung up."""
-        try:
-            while await self._fill():
-                pass
-        except (ConnectionError, OSError):
-            pass
-        self.closed.set()
-
-    async def write(self, data: bytes) -> None:
-        if self.closed.is_set():
-            raise _ClientGone
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except (ConnectionError, OSError):
-            self.closed.set()
-            raise _ClientGone from None
-
-    async def pause(self, ms: int) -> None:
-        """Sleep, but wake up (and stop) as soon as the client hangs up."""
-        if ms <= 0:
-            if self.closed.is_set():
-                raise _ClientGone
-            return
-        try:
-            await asyncio.wait_for(self.closed.wait(), ms / 1000)
-        except TimeoutError:
-            return
-        raise _ClientGone
-
-
 def _display_name(model_id: str) -> str:
     return "Fake Claude" if model_id == "fake-claude" else f"Fake: {model_id[5:]}"
-
-
-def _chunk(data: bytes) -> bytes:
-    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
-
-
-_LAST_CHUNK = b"0\r\n\r\n"
-
-
-def _split_points(raw: bytes) -> list[int]:
-    """Two cut points: one inside the first multi-byte UTF-8 character (if any), one in the middle."""
-    cuts = {len(raw) // 2}
-    for i, byte in enumerate(raw):
-        if byte & 0xC0 == 0x80:  # a continuation byte: cutting here splits a character
-            cuts.add(i)
-            break
-    return sorted(c for c in cuts if 0 < c < len(raw))
 
 
 class ProviderSimulator:
@@ -325,12 +190,12 @@ class ProviderSimulator:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        connection = _Connection(reader, writer)
+        connection = Connection(reader, writer)
         try:
             while True:
                 try:
                     request = await connection.read_request()
-                except _BadFraming as exc:
+                except BadFraming as exc:
                     await self._send_json(connection, exc.status, {"error": {"message": str(exc)}}, keep_alive=False)
                     break
                 if request is None:
@@ -338,7 +203,7 @@ class ProviderSimulator:
                 keep_alive = await self._dispatch(connection, request)
                 if not keep_alive or not request.keep_alive:
                     break
-        except (_ClientGone, ConnectionError, OSError):
+        except (ClientGone, ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
             connection.aborted = True
@@ -352,7 +217,7 @@ class ProviderSimulator:
 
     async def _send_json(
         self,
-        connection: _Connection,
+        connection: Connection,
         status: int,
         body: Any,
         *,
@@ -361,7 +226,7 @@ class ProviderSimulator:
     ) -> None:
         payload = body if isinstance(body, bytes) else dumps(body).encode()
         lines = [
-            f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}",
+            f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}",
             "content-type: application/json",
             f"content-length: {len(payload)}",
             f"connection: {'keep-alive' if keep_alive else 'close'}",
@@ -369,7 +234,7 @@ class ProviderSimulator:
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         await connection.write(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
 
-    async def _dispatch(self, connection: _Connection, request: _Request) -> bool:
+    async def _dispatch(self, connection: Connection, request: Request) -> bool:
         if request.path.startswith("/_fake/"):
             return await self._control(connection, request)
         for prefix, flavour in _PREFIXES:
@@ -381,7 +246,7 @@ class ProviderSimulator:
 
     # --- Control API ----------------------------------------------------------------------------------------------
 
-    async def _control(self, connection: _Connection, request: _Request) -> bool:
+    async def _control(self, connection: Connection, request: Request) -> bool:
         routes = {
             "/_fake/scenarios": "POST",
             "/_fake/reset": "POST",
@@ -432,7 +297,7 @@ class ProviderSimulator:
 
     # --- Provider endpoints ---------------------------------------------------------------------------------------
 
-    async def _provider(self, connection: _Connection, request: _Request, flavour: str, subpath: str) -> bool:
+    async def _provider(self, connection: Connection, request: Request, flavour: str, subpath: str) -> bool:
         number = self.state.next_id()
         request_id = f"req_fake_{number}"
         id_header = {"request-id" if flavour == "anthropic" else "x-request-id": request_id}
@@ -541,7 +406,7 @@ class ProviderSimulator:
 
     async def _http_fault(
         self,
-        connection: _Connection,
+        connection: Connection,
         flavour: str,
         fault: dict[str, Any],
         key: str,
@@ -574,9 +439,9 @@ class ProviderSimulator:
 
     async def _models(
         self,
-        connection: _Connection,
+        connection: Connection,
         flavour: str,
-        request: _Request,
+        request: Request,
         headers: dict[str, str],
         entry: dict[str, Any],
     ) -> bool:
@@ -615,7 +480,7 @@ class ProviderSimulator:
 
     async def _stream(
         self,
-        connection: _Connection,
+        connection: Connection,
         flavour: str,
         scenario: Scenario,
         events: list[str],
@@ -649,18 +514,18 @@ class ProviderSimulator:
                 text = f": keep-alive\n{event}" if comments and index % 3 == 0 else event
                 raw = (text.replace("\n", "\r\n") if crlf else text).encode()
                 if split:
-                    cuts = [0, *_split_points(raw), len(raw)]
+                    cuts = [0, *split_points(raw), len(raw)]
                     for start, end in itertools.pairwise(cuts):
-                        await connection.write(_chunk(raw[start:end]))
+                        await connection.write(chunk(raw[start:end]))
                 else:
-                    await connection.write(_chunk(raw))
+                    await connection.write(chunk(raw))
                 self.state.update(entry, events_sent=index + 1)
                 if index < len(events) - 1:
                     await self._wait(connection, flavour, scenario.timing_ms("per_event_ms"), ping_every)
-            await connection.write(_LAST_CHUNK)
+            await connection.write(LAST_CHUNK)
             self.state.update(entry, completed=True)
             return True
-        except _ClientGone:
+        except ClientGone:
             self.state.update(entry, client_closed=True)
             return False
         finally:
@@ -672,7 +537,7 @@ class ProviderSimulator:
             if connection.closed.is_set():
                 self.state.update(entry, client_closed=True)
 
-    async def _wait(self, connection: _Connection, flavour: str, ms: int, ping_every_ms: int) -> None:
+    async def _wait(self, connection: Connection, flavour: str, ms: int, ping_every_ms: int) -> None:
         """Pause ``ms``; with ``ping_every_ms``, keep-alives go out meanwhile (Anthropic ping events)."""
         if ping_every_ms <= 0 or ms < ping_every_ms:
             await connection.pause(ms)
@@ -683,10 +548,10 @@ class ProviderSimulator:
             await connection.pause(step)
             remaining -= step
             if remaining > 0:
-                await connection.write(_chunk(ping_event(flavour).encode()))
+                await connection.write(chunk(ping_event(flavour).encode()))
 
     async def _stream_fault(
-        self, connection: _Connection, flavour: str, fault: dict[str, Any], entry: dict[str, Any]
+        self, connection: Connection, flavour: str, fault: dict[str, Any], entry: dict[str, Any]
     ) -> bool | None:
         """Apply a stream fault. Returns keep-alive for faults that end the response, None to carry on."""
         kind = fault["type"]
@@ -698,13 +563,13 @@ class ProviderSimulator:
             return False
         if kind == "truncate":
             # Clean end of body, but no [DONE] / message_stop: the SDKs accept this silently.
-            await connection.write(_LAST_CHUNK)
+            await connection.write(LAST_CHUNK)
             return True
         if kind == "midstream_error":
             preset = fault.get("error") or ("overloaded" if flavour == "anthropic" else "server")
             event = midstream_error_event(flavour, preset, request_id=f"req_fake_{entry['id']}")
-            await connection.write(_chunk(event.encode()))
-            await connection.write(_LAST_CHUNK)
+            await connection.write(chunk(event.encode()))
+            await connection.write(LAST_CHUNK)
             return True
         stall_ms = int(fault.get("stall_ms", 0))
         if kind == "stall_with_pings":
@@ -712,53 +577,3 @@ class ProviderSimulator:
         else:
             await connection.pause(stall_ms)
         return None
-
-
-class SimulatorThread:
-    """The simulator on its own event loop in a daemon thread (pytest fixture, ``make run`` sidecar)."""
-
-    def __init__(self, **options: Any) -> None:
-        self.simulator = ProviderSimulator(**options)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    @property
-    def state(self) -> SimulatorState:
-        return self.simulator.state
-
-    @property
-    def base_urls(self) -> dict[str, str]:
-        return self.simulator.base_urls
-
-    def start(self, timeout: float = 10.0) -> SimulatorThread:
-        self._thread = threading.Thread(target=self._run, name="provider-simulator", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError("The provider simulator did not start in time.")
-        if self._error is not None:
-            raise RuntimeError("The provider simulator failed to start.") from self._error
-        return self
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self.simulator.start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(self.simulator.close())
-            loop.close()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
