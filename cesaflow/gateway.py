@@ -36,9 +36,22 @@ def is_gateway_path(path: str) -> bool:
 
 
 class GatewayASGIHandler(ASGIHandler):
-    """Django's ASGI handler with ``GATEWAY_MIDDLEWARE`` instead of ``settings.MIDDLEWARE``."""
+    """Django's ASGI handler with ``GATEWAY_MIDDLEWARE`` instead of ``settings.MIDDLEWARE``, and without a
+    per-request ``ThreadSensitiveContext``.
+
+    Django runs each request inside one so that all of its sync code shares one thread, created for that request:
+    a thread start per request. The gateway's views need no such affinity: their database work is whole thread
+    hops (``sync_to_async(thread_sensitive=False)``, each in its own transaction, handing its connection back at
+    the end), so they use the event loop's reusable pool; Django's own small sync steps (the request signals'
+    receivers) run on asgiref's shared thread.
+    """
 
     middleware_paths: tuple[str, ...] = GATEWAY_MIDDLEWARE
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"The gateway serves HTTP only, not {scope['type']}.")
+        await self.handle(scope, receive, send)
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []

@@ -278,6 +278,49 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 @sensitive_variables(*_SENSITIVE)
+def provider_key_unseal(*, key: ProviderKey) -> Secret:
+    """The plaintext of a key row the caller holds, opened in memory with no database access (the gateway: rows
+    from its generation-checked cache, ``runs.api.proxy_keys``). The caller records the use
+    (``provider_key_record_use``) or the failure (``provider_key_record_decrypt_failure``). Raises
+    ``ProviderKeyUnavailable`` (revoked or wiped) or ``ProviderKeyDecryptionError``."""
+    if key.status == KeyStatus.REVOKED or not key.sealed_secret:
+        raise ProviderKeyUnavailable
+    try:
+        return Secret(crypto_open_sealed(_keyring(), key.sealed_secret, _aad(key)))
+    except DecryptionError:
+        raise ProviderKeyDecryptionError from None
+
+
+def provider_key_record_use(*, key: ProviderKey, actor: Actor, purpose: str, reference: str = "") -> None:
+    """Record one opening of ``key``: the ``key.used`` audit row (purpose and run/request id, never the secret) and
+    ``last_used_at`` (at most once a minute per key: it says "in use lately"; the audit row is the per-call record)."""
+    reference = reference or request_context.current().request_id
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+        ProviderKey.objects.filter(pk=key.pk).exclude(last_used_at__gt=now - LAST_USED_RESOLUTION).update(
+            last_used_at=now
+        )
+        key.last_used_at = now
+    signals.provider_key_used.send(
+        sender=ProviderKey, org=key.org, actor=actor, provider_key=key, purpose=purpose, reference=reference
+    )
+
+
+def provider_key_record_decrypt_failure(*, key: ProviderKey, actor: Actor, purpose: str, reference: str = "") -> None:
+    """Audit ``key.decrypt_failed`` for a value ``provider_key_unseal`` could not open (metadata only)."""
+    try:
+        crypto_open_sealed(_keyring(), key.sealed_secret, _aad(key))
+    except DecryptionError as exc:
+        _record_decrypt_failure(
+            key=key,
+            actor=actor,
+            exc=exc,
+            purpose=purpose,
+            reference=reference or request_context.current().request_id,
+        )
+
+
+@sensitive_variables(*_SENSITIVE)
 def _open_for_call(*, key_id: uuid.UUID, actor: Actor, purpose: str, reference: str) -> Secret:
     """Decrypt one key and record the opening (or the failure) in its own short transaction."""
     reference = reference or request_context.current().request_id
@@ -293,16 +336,7 @@ def _open_for_call(*, key_id: uuid.UUID, actor: Actor, purpose: str, reference: 
             failure = exc
             _record_decrypt_failure(key=key, actor=actor, exc=exc, purpose=purpose, reference=reference)
         else:
-            now = timezone.now()
-            # At most once a minute per key (the audit row below is the per-call record): one UPDATE less per call.
-            if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-                ProviderKey.objects.filter(pk=key.pk).exclude(last_used_at__gt=now - LAST_USED_RESOLUTION).update(
-                    last_used_at=now
-                )
-                key.last_used_at = now
-            signals.provider_key_used.send(
-                sender=ProviderKey, org=key.org, actor=actor, provider_key=key, purpose=purpose, reference=reference
-            )
+            provider_key_record_use(key=key, actor=actor, purpose=purpose, reference=reference)
     if failure is not None:
         # Raised after the block so the decrypt_failed event is committed, not rolled back with the error.
         # No fallback of any kind: the provider call does not happen.

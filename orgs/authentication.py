@@ -23,15 +23,18 @@ from urllib.parse import parse_qsl
 
 from django.http import HttpRequest
 from django.http.cookie import parse_cookie
+from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
+from cesaflow.lib import row_cache
+from cesaflow.lib.hops import db_hop
 from orgs import api_key_cache
 from orgs.models import ApiKey, User
 from orgs.permissions import RUNS_READ
 from orgs.selectors import api_key_get_active_by_secret
-from orgs.services import api_key_record_use
+from orgs.services import api_key_record_use, api_key_use_due
 from orgs.sessions.middleware import session_cookies
 from orgs.sessions.services import session_authenticate, session_is_live
 from orgs.sessions.store import SessionRecord
@@ -153,10 +156,8 @@ def request_api_key(request: HttpRequest) -> str | None:
 def api_key_verify(presented: str) -> ApiKey:
     """The active key for a presented value (sync), its use recorded; ``AuthenticationError`` otherwise. A key
     verified recently is answered from ``orgs.api_key_cache`` while nothing about keys, orgs or users changed."""
-    if not presented or len(presented) > MAX_KEY_LENGTH or parse_api_key(presented) is None:
-        raise invalid_api_key()
-    digest = api_key_digest(presented)
-    token = api_key_cache.generation()
+    digest = _presented_digest(presented)
+    token = row_cache.generation()
     api_key = api_key_cache.recall(digest=digest, token=token)
     if api_key is None or not api_key.is_active():
         api_key = api_key_get_active_by_secret(secret=presented)
@@ -166,6 +167,24 @@ def api_key_verify(presented: str) -> ApiKey:
     api_key_record_use(api_key=api_key)
     api_key_cache.touch(digest=digest, api_key=api_key)
     return api_key
+
+
+async def aapi_key_verify(presented: str, *, token: str | None) -> ApiKey:
+    """``api_key_verify`` for the gateway's event loop, given the authorization generation the caller just read
+    (``row_cache.ageneration``): a cached key whose use needs no new record costs no thread hop; anything else
+    takes the sync path."""
+    digest = _presented_digest(presented)
+    api_key = api_key_cache.recall(digest=digest, token=token)
+    now = timezone.now()
+    if api_key is not None and api_key.is_active(now) and not api_key_use_due(api_key=api_key, now=now):
+        return api_key
+    return await db_hop(api_key_verify)(presented)
+
+
+def _presented_digest(presented: str) -> str:
+    if not presented or len(presented) > MAX_KEY_LENGTH or parse_api_key(presented) is None:
+        raise invalid_api_key()
+    return api_key_digest(presented)
 
 
 # --- Principals ------------------------------------------------------------------------------------------------------

@@ -518,10 +518,15 @@ def api_key_revoke(*, api_key: ApiKey, actor: Actor) -> ApiKey:
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
+def api_key_use_due(*, api_key: ApiKey, now: datetime) -> bool:
+    """Whether a use at ``now`` moves ``last_used_at`` (at most once a minute per key)."""
+    return api_key.last_used_at is None or now - api_key.last_used_at >= LAST_USED_RESOLUTION
+
+
 def api_key_record_use(*, api_key: ApiKey) -> None:
     """Updates ``last_used_at`` at most once a minute per key (one UPDATE, no read-modify-write race)."""
     now = timezone.now()
-    if api_key.last_used_at is not None and now - api_key.last_used_at < LAST_USED_RESOLUTION:
+    if not api_key_use_due(api_key=api_key, now=now):
         return
     ApiKey.objects.filter(pk=api_key.pk).exclude(last_used_at__gt=now - LAST_USED_RESOLUTION).update(last_used_at=now)
     api_key.last_used_at = now

@@ -6,6 +6,7 @@ Tests run against real PostgreSQL and Redis (``make test`` points DATABASE_URL /
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -129,3 +130,15 @@ def cast(db) -> Cast:
         dev_b=_member("erin@b.example", org_b, Role.DEVELOPER),
         outsider=_member("oscar@nowhere.example", None, None),
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Before any fixture is torn down (the database flush first of all): let the proxy's run endings, which a live
+    server records just after its answer (``runs.api.proxy_call``), finish writing. Bounded."""
+    from runs.api import proxy_call
+
+    deadline = time.monotonic() + 10
+    while proxy_call._background and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import orjson
+
 from keys.providers import ANTHROPIC_VERSION
 from runs.providers.base import ChatRequest, ProviderAdapter, StreamParser
 from runs.providers.errors import classify_stream_error
@@ -58,7 +60,7 @@ class AnthropicStreamParser(StreamParser):
 
     def on_event(self, sse: SSEEvent) -> list[ProviderEvent]:
         try:
-            payload = json.loads(sse.data) if sse.data else {}
+            payload = orjson.loads(sse.data) if sse.data else {}
         except ValueError:
             self._done = True
             return self._fail(

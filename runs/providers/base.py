@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import httpx
 
 from runs.providers.errors import classify_http_error, classify_transport_error
-from runs.providers.events import CONTENT_EVENTS, ErrorKind, ProviderError, ProviderEvent, Retry, Usage
+from runs.providers.events import CONTENT_EVENTS, ErrorKind, Ping, ProviderError, ProviderEvent, ReadEnd, Retry, Usage
 from runs.providers.sse import SSEDecoder, SSEEvent, SSEProtocolError
 
 logger = logging.getLogger("cesaflow.providers")
@@ -90,6 +90,10 @@ class CallLimits:
     max_retry_after_s: float = 60.0  # a longer retry-after is not waited for: the error surfaces with its value
     error_body_max_bytes: int = 64 * 1024
     drain_timeout_s: float = 0.5  # after the terminal event, wait this long for the body's end (keep-alive reuse)
+    # The longest wait for progress: an event other than a ping (content, usage, the turn's end). Bytes that never
+    # complete an event, SSE comments and pings do not count, so an upstream that trickles (a tarpit) loses the call
+    # here instead of holding a run slot until the deadline.
+    idle_timeout_s: float = 90.0
 
     def httpx_timeout(self) -> httpx.Timeout:
         return httpx.Timeout(
@@ -151,6 +155,8 @@ class ProviderAdapter(ABC):
         self._api_key = api_key
         self._client = client
         self.limits = limits or CallLimits()
+        # Yield ``ReadEnd`` after the events of each upstream read (consumers that batch their writes set this).
+        self.mark_reads = False
         # Usage known when the consumer abandoned the stream mid-attempt (cancel, disconnect): the provider bills
         # what it already counted (Anthropic reports input tokens up front), so the caller can still record it.
         self.abandoned_usage: Usage | None = None
@@ -229,6 +235,14 @@ class ProviderAdapter(ABC):
             message=f"The model call exceeded its {self.limits.deadline_s:g} s deadline.",
         )
 
+    def _idle_error(self) -> ProviderError:
+        # Not retried: an upstream that stalls mid-answer would stall again, holding the slot once more.
+        return ProviderError(
+            kind=ErrorKind.TIMEOUT,
+            retryable=False,
+            message=f"The provider made no progress for {self.limits.idle_timeout_s:g} s.",
+        )
+
     async def _attempt(self, request: ChatRequest, deadline: float) -> AsyncGenerator[ProviderEvent, None]:
         """One HTTP request. Yields normalized events; a ProviderError, if any, is the last one."""
         url, headers, body = self.build_request(request)
@@ -257,28 +271,36 @@ class ProviderAdapter(ABC):
             decoder = SSEDecoder()
             chunks = response.aiter_bytes()
             request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+            loop = asyncio.get_running_loop()
+            progress_by = loop.time() + self.limits.idle_timeout_s
             while not parser.is_done():
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(min(deadline, progress_by)):
                         chunk = await anext(chunks, None)
                     sse_events = decoder.feed(chunk) if chunk is not None else decoder.end()
                 except TimeoutError:
                     for event in _partial(parser):
                         yield event
-                    yield self._deadline_error()
+                    yield self._deadline_error() if loop.time() >= deadline else self._idle_error()
                     return
                 except (httpx.HTTPError, OSError, SSEProtocolError) as exc:
                     for event in _partial(parser):
                         yield event
                     yield _with_request_id(classify_transport_error(exc), request_id)
                     return
+                produced = False
                 for sse in sse_events:
                     for event in parser.on_event(sse):
                         if isinstance(event, ProviderError):
                             event = _with_request_id(event, request_id)
+                        elif not isinstance(event, Ping):
+                            progress_by = loop.time() + self.limits.idle_timeout_s
+                        produced = True
                         yield event
                     if parser.is_done():
                         break
+                if produced and self.mark_reads and not parser.is_done():
+                    yield ReadEnd()  # after the terminal event there is nothing left to batch
                 if chunk is None:
                     break
             if not parser.is_done():

@@ -111,7 +111,22 @@ class Retry:
     error: ProviderError
 
 
+@dataclass(frozen=True, slots=True)
+class ReadEnd:
+    """Every event decoded from one upstream read has been yielded: a consumer forwarding them may write its batch
+    now. Only adapters with ``mark_reads`` set yield it (the proxy's: one client write per upstream read)."""
+
+
 ProviderEvent = (
-    TextDelta | ToolCallStart | ToolCallArgsDelta | ToolCallEnd | TurnEnd | Usage | ProviderError | Ping | Retry
+    TextDelta
+    | ToolCallStart
+    | ToolCallArgsDelta
+    | ToolCallEnd
+    | TurnEnd
+    | Usage
+    | ProviderError
+    | Ping
+    | Retry
+    | ReadEnd
 )
 CONTENT_EVENTS = (TextDelta, ToolCallStart, ToolCallArgsDelta, ToolCallEnd)

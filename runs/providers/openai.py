@@ -3,9 +3,10 @@ servers. One parser; Groq differs only in where usage may arrive (``x_groq.usage
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import orjson
 
 from runs.providers.base import ChatRequest, ProviderAdapter, StreamParser
 from runs.providers.errors import classify_stream_error
@@ -71,7 +72,7 @@ class OpenAIStreamParser(StreamParser):
             self._done = True
             return self._final()
         try:
-            payload = json.loads(data)
+            payload = orjson.loads(data)
         except ValueError:
             self._done = True
             return self._fail(

@@ -3,11 +3,12 @@ carry. Validation failures are ``ProxyError`` 400s in OpenAI's shape; nothing he
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 from runs.providers.base import ChatRequest, Message, ToolCall, ToolSpec
 from runs.proxy.errors import ProxyError
@@ -61,9 +62,10 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             413, f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB.", code="request_too_large"
         )
     try:
-        body = json.loads(raw)
+        body = orjson.loads(raw)
     except (ValueError, RecursionError):
-        # ValueError covers bad UTF-8, bad JSON and absurd integers; RecursionError a pathological nesting depth.
+        # orjson's JSONDecodeError (a ValueError) covers bad UTF-8, lone surrogates, bad JSON, integers beyond 64 bits
+        # and nesting deeper than 1,024 levels (never a RecursionError; kept for safety).
         raise _bad("We could not parse the JSON body of your request. It must be a JSON object.") from None
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object.")

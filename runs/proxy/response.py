@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from runs.providers.events import (
     ProviderError,
@@ -33,7 +34,9 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    # orjson: compact UTF-8 like json.dumps(ensure_ascii=False, separators=(",", ":")), at a fraction of the cost per
+    # chunk (issue #13: about 10 µs less per frame on a long answer).
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 @dataclass

@@ -82,7 +82,8 @@ def test_the_api_refuses_a_suspended_org_with_org_suspended_for_keys_and_session
     assert cast.dev_b.session_api().get("/api/v1/runs").status_code == 200
 
 
-@pytest.mark.django_db
+# Transactional: the gateway's database work runs on pool threads, which see committed rows only.
+@pytest.mark.django_db(transaction=True)
 def test_the_proxy_refuses_a_suspended_org_in_openais_shape(cast, operator):
     _key(cast.org_a, cast.admin_a.user)
     _suspend(cast, operator)
@@ -184,7 +185,8 @@ def test_the_dashboard_shows_a_banner_and_refuses_writes_while_reads_stay(cast, 
     assert cast.org_a.name == "Renamed"
 
 
-@pytest.mark.django_db
+# Transactional: the gateway's database work runs on pool threads, which see committed rows only.
+@pytest.mark.django_db(transaction=True)
 def test_reactivation_restores_the_api(cast, operator):
     _suspend(cast, operator)
     assert cast.admin_a.api().get("/api/v1/runs").status_code == 403

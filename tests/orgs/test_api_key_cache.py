@@ -12,6 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from cesaflow.lib import row_cache
 from orgs import api_key_cache
 from orgs.models import ApiKey
 from orgs.moderation import org_suspend
@@ -49,12 +50,10 @@ def test_expiry_is_checked_on_every_hit(cast):
     _queries(client)
     # An expiry reached while cached (no save involved: time passes) refuses the key.
     entry_key = api_key_digest(cast.dev_a.api_secret)
-    entry = api_key_cache._entries[entry_key]
-    values = list(entry.key_values)
-    values[entry.key_fields.index("expires_at")] = timezone.now() - timedelta(seconds=1)
-    api_key_cache._entries[entry_key] = api_key_cache._Entry(
-        entry.generation, entry.cached_at, entry.key_fields, tuple(values), entry.org_fields, entry.org_values
-    )
+    cached = api_key_cache.recall(digest=entry_key, token=row_cache.generation())
+    assert cached is not None
+    cached.expires_at = timezone.now() - timedelta(seconds=1)
+    api_key_cache.touch(digest=entry_key, api_key=cached)
     # The same expiry in the row, written without a save (so the generation stays): only the check on the hit can
     # notice, since the cached entry is otherwise still trusted.
     ApiKey.objects.filter(pk=cast.dev_a.api_key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
@@ -81,12 +80,12 @@ def test_a_flushed_shared_cache_distrusts_every_entry(cast):
     # Revoked behind the application's back (no signal, no save), then Redis restarts empty: the generation token
     # is gone, so the cached entry is not trusted and the database answers.
     ApiKey.objects.filter(pk=cast.dev_a.api_key.pk).update(revoked_at=timezone.now())
-    cache.delete(api_key_cache.GENERATION_KEY)
+    cache.delete(row_cache.GENERATION_KEY)
     assert client.get(URL).status_code == 401
 
 
 def test_the_cache_holds_digests_and_column_values_never_the_key(cast):
     client = cast.dev_a.api()
     _queries(client)
-    stored = repr(list(api_key_cache._entries.items()))
+    stored = repr(list(api_key_cache.cache.entries.items()))
     assert cast.dev_a.api_secret not in stored

@@ -16,15 +16,20 @@ import httpx
 import openai
 import pytest
 from asgiref.sync import sync_to_async
+from django.core.cache import cache
 from django.db import connections
 from django.test import AsyncRequestFactory
+from django.utils import timezone
 
+from cesaflow.lib import row_cache
 from cesaflow.lib.http import close_http_clients
 from keys.models import KeyStatus, Provider, ProviderKey
 from keys.services import provider_key_create, provider_key_revoke
+from orgs import api_key_cache
+from orgs.models import ApiKey
 from orgs.permissions import RUNS_READ, RUNS_WRITE
 from orgs.services import api_key_create
-from runs.api import proxy_views
+from runs.api import proxy_call, proxy_keys, proxy_views
 from runs.models import AuditEvent, Run, RunKind, RunStatus, UsageRecord
 from runs.providers.base import CallLimits
 from tests.keys import canary
@@ -65,12 +70,12 @@ def server(django_db_blocker):
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Provider retries with tiny backoffs (the server thread reads the limits at call time)."""
-    monkeypatch.setattr(proxy_views, "CALL_LIMITS", CallLimits(backoff_base_s=0.01, backoff_max_s=0.02))
+    monkeypatch.setattr(proxy_call, "CALL_LIMITS", CallLimits(backoff_base_s=0.01, backoff_max_s=0.02))
 
 
 @pytest.fixture
 def no_retries(monkeypatch):
-    monkeypatch.setattr(proxy_views, "CALL_LIMITS", CallLimits(max_retries=0, read_timeout_s=0.3))
+    monkeypatch.setattr(proxy_call, "CALL_LIMITS", CallLimits(max_retries=0, read_timeout_s=0.3))
 
 
 @pytest.fixture
@@ -118,6 +123,8 @@ def collect_tool_calls(chunks: Any) -> list[dict[str, Any]]:
 
 
 def only_run() -> Run:
+    """The one run, once it has ended: the proxy records a run's end off the response path, just after the answer."""
+    wait_until(lambda: Run.objects.exists() and not Run.objects.filter(status=RunStatus.RUNNING).exists())
     runs = list(Run.objects.all())
     assert len(runs) == 1, runs
     return runs[0]
@@ -282,7 +289,7 @@ def test_tool_calls_stream_in_openai_shape_and_results_round_trip(server, cast, 
         assert upstream["tools"][0]["input_schema"] == WRITE_FILE["function"]["parameters"]
     else:
         assert upstream["messages"][2] == {"role": "tool", "tool_call_id": calls[0]["id"], "content": "wrote 9 bytes"}
-    assert Run.objects.filter(status=RunStatus.SUCCEEDED).count() == 2
+    wait_until(lambda: Run.objects.filter(status=RunStatus.SUCCEEDED).count() == 2)
 
 
 def test_parallel_tool_calls_keep_their_indices(server, cast, keys):
@@ -489,6 +496,39 @@ def test_a_revoked_key_label_is_not_found(server, cast, keys):
         sdk(server, cast.admin_a.api_secret).chat.completions.create(
             model="sim-openai/fake/echo", messages=[{"role": "user", "content": "hi"}]
         )
+
+
+def test_revocations_made_anywhere_reach_the_gateways_caches_on_the_next_request(server, cast, keys, simulator):
+    client = sdk(server, cast.admin_a.api_secret)
+
+    def ask() -> Any:
+        return client.chat.completions.create(
+            model="sim-openai/fake/echo", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    ask()
+    ask()
+    # Both lookups are now answered from this server's in-process caches.
+    assert proxy_keys.cache.entries
+    assert api_key_cache.cache.entries
+    calls = len(simulator.requests())
+
+    # Another server process revokes the provider key: the row changes and the shared generation moves, while this
+    # process's cached entries stay in its memory.
+    ProviderKey.objects.filter(pk=keys["openai"].pk).update(
+        status=KeyStatus.REVOKED, sealed_secret="", kid=None, revoked_at=timezone.now()
+    )
+    cache.set(row_cache.GENERATION_KEY, "moved-by-another-process", timeout=None)
+    with pytest.raises(openai.NotFoundError):
+        ask()
+    assert len(simulator.requests()) == calls  # no provider call with the revoked key
+
+    # Same for the org API key.
+    ApiKey.objects.filter(pk=cast.admin_a.api_key.pk).update(revoked_at=timezone.now())
+    cache.set(row_cache.GENERATION_KEY, "moved-again", timeout=None)
+    with pytest.raises(openai.AuthenticationError):
+        ask()
+    assert len(simulator.requests()) == calls
 
 
 def test_labels_match_case_insensitively_and_split_at_the_first_slash(server, cast, keys, simulator):
@@ -712,7 +752,7 @@ def test_prompts_and_answers_leave_no_trace_in_rows_dump_redis_or_logs(server, c
     canary.collect_redis(collected)
     collected.add("logs", logs.text())
     assert canary.scan(collected, [prompt]) == []
-    assert Run.objects.filter(status=RunStatus.SUCCEEDED).count() == 2
+    wait_until(lambda: Run.objects.filter(status=RunStatus.SUCCEEDED).count() == 2)
 
 
 async def test_a_response_dropped_before_its_body_is_read_still_ends_the_run(cast, keys):

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from runs.providers.base import ChatRequest, Message, ToolCall
-from runs.providers.events import ErrorKind, Retry, StopReason, TextDelta, Usage
+from runs.providers.events import ErrorKind, ReadEnd, Retry, StopReason, TextDelta, Usage
 from runs.simulator.scenarios import BUILTINS
 from tests.runs.conftest import FAKE_KEY
 from tests.runs.providers.conftest import ADAPTER_CLASSES, FAST, FLAVOURS, chat, run
@@ -470,3 +470,43 @@ async def test_a_usage_event_precedes_the_turn_end(flavour, make_adapter):
 
     assert isinstance(outcome.events[-2], Usage)
     assert not any(isinstance(e, Retry) for e in outcome.events)
+
+
+# --- The idle-progress policy and read marks (issue #13, #14) ---------------------------------------------------------
+
+
+async def test_an_upstream_that_only_keeps_alive_loses_the_call_at_the_idle_limit(flavour, make_adapter, simulator):
+    # Pings (Anthropic) or SSE comments (OpenAI) every 20 ms keep the read timeout from firing; they are not progress.
+    simulator.enqueue(flavour, {"base": "stall_with_pings", "fault": {"stall_ms": 60000, "ping_every_ms": 20}})
+    limits = replace(FAST, read_timeout_s=5.0, deadline_s=30.0, idle_timeout_s=0.3)
+    outcome = await run(make_adapter(flavour, limits), chat())
+
+    assert outcome.error.kind is ErrorKind.TIMEOUT  # not DEADLINE: cut long before the 30 s deadline
+    assert outcome.error.retryable is False  # a tarpit gets no second attempt
+    assert "no progress" in outcome.error.message
+    assert outcome.retries == []
+
+
+async def test_steady_progress_is_never_cut_by_the_idle_limit(flavour, make_adapter):
+    # Paced tokens: each event is progress, so a limit shorter than the whole answer never fires.
+    limits = replace(FAST, idle_timeout_s=0.5)
+    outcome = await run(make_adapter(flavour, limits), chat("fake/echo"))
+
+    assert outcome.succeeded
+
+
+async def test_read_marks_follow_the_events_of_each_upstream_read_only_when_asked(flavour, make_adapter, simulator):
+    simulator.enqueue(flavour, {"base": "echo", "timing": {"per_event_ms": 5}})
+    plain = await run(make_adapter(flavour), chat())
+    assert not any(isinstance(event, ReadEnd) for event in plain.events)
+
+    adapter = make_adapter(flavour)
+    adapter.mark_reads = True
+    # Paced, so the events arrive in several reads (an unpaced answer may come in one read: then no mark at all).
+    simulator.enqueue(flavour, {"base": "echo", "timing": {"per_event_ms": 5}})
+    marked = await run(adapter, chat())
+    marks = [i for i, event in enumerate(marked.events) if isinstance(event, ReadEnd)]
+    assert marks, "no read marks"
+    assert marked.text == plain.text  # the marks add nothing else
+    assert not isinstance(marked.events[0], ReadEnd)  # a mark always follows at least one event
+    assert all(not isinstance(marked.events[i - 1], ReadEnd) for i in marks)  # never two marks in a row

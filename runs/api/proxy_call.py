@@ -1,0 +1,338 @@
+"""One proxied completion (``runs.api.proxy_views``): the opened key, the provider stream, the run's bookkeeping.
+
+The provider call starts as soon as the request is authenticated and its key found (``begin``), concurrently with
+the thread hop that writes the run row and the ``key.used`` audit row; the view waits for both before the first
+byte goes out, so a refused run (cap, suspension) is still a real HTTP status and every answered call has its run
+and audit rows. The run's end is recorded off the response path (``finish``): the last frames go out at once and
+the run row, the usage ledger and the finished event follow in a background task of this process that a client's
+hang-up cannot cancel.
+
+Nothing here logs a body, a prompt or an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+from django.http import JsonResponse
+
+from cesaflow.lib.hops import db_hop
+from cesaflow.lib.http import get_http_client
+from keys.crypto import Secret
+from keys.egress import egress_policy
+from keys.models import ProviderKey
+from orgs.tenancy import OrgContext
+from runs import events as run_events
+from runs.models import Run, RunStatus
+from runs.providers.base import CallLimits, StreamParser
+from runs.providers.events import ErrorKind, Ping, ProviderError, ProviderEvent, ReadEnd, Retry, TurnEnd, Usage
+from runs.proxy import (
+    DONE_FRAME,
+    ERROR_SUMMARIES,
+    CompletionRequest,
+    CompletionTranslator,
+    ProxyAdapter,
+    UsageTotals,
+    error_for_provider,
+    proxy_adapter_for,
+    sse,
+    stream_error_frame,
+)
+from runs.services import UsageEntry, run_finish
+
+logger = logging.getLogger("cesaflow.proxy")
+
+# Timeouts and the retry budget of one proxied call; read at call time, so a deployment or a test can tune it.
+CALL_LIMITS = CallLimits()
+
+# Run endings recorded off the response path, and clean-ups scheduled from finalizers: referenced here until they
+# end (asyncio keeps only weak references to tasks). ``drain_background`` waits for them (graceful shutdown).
+_background: set[asyncio.Task[None]] = set()
+
+
+def log_failure(exc: BaseException, where: str) -> None:
+    # The class and the innermost frame only: an exception's text could quote the request.
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    logger.error("proxy failure in %s: %s at %s", where, type(exc).__name__, at)
+
+
+def in_background(coroutine: Any) -> asyncio.Task[None]:
+    task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+async def drain_background(timeout_s: float) -> int:
+    """Wait (bounded) for the run endings still being recorded; returns how many did not finish in time."""
+    pending = set(_background)
+    if not pending:
+        return 0
+    _done, left = await asyncio.wait(pending, timeout=timeout_s)
+    return len(left)
+
+
+class ProxyCall:
+    """One completion. ``finish`` runs exactly once, whatever ends the call (the turn's end, a provider error, the
+    client hanging up); ``attach`` gives it its run once the bookkeeping hop has written it."""
+
+    def __init__(self, *, context: OrgContext, completion: CompletionRequest, key: ProviderKey) -> None:
+        self.context = context
+        self.completion = completion
+        self.key = key
+        self.run: Run | None = None
+        self.translator: CompletionTranslator | None = None
+        self.usage: list[UsageEntry] = []
+        self.totals = UsageTotals()  # the client's usage figures (they may start before the run is attached)
+        self.finished = False
+        self._stack = AsyncExitStack()
+        self._adapter: ProxyAdapter | None = None
+        self._events: AsyncGenerator[ProviderEvent, None] | None = None
+        self._parser_with_usage: StreamParser | None = None
+        self._terminal_seen = False  # the adapter said its last word (TurnEnd or ProviderError)
+        self._status_published: asyncio.Future[None] | None = None
+        self._secret: Secret | None = None
+
+    def __repr__(self) -> str:
+        run_id = self.run.id if self.run is not None else None
+        return f"<ProxyCall run={run_id} finished={self.finished}>"
+
+    def attach(self, run: Run) -> None:
+        """The run row exists: name the completion after it and publish its first status event (concurrently with
+        the provider call; the finished event waits for it, so live views see them in order)."""
+        self.run = run
+        self.translator = CompletionTranslator(
+            completion_id=f"chatcmpl-{run.id.hex}", created=int(time.time()), model=self.completion.requested_model
+        )
+        self.translator.usage = self.totals
+        self._status_published = asyncio.ensure_future(self._publish(run_events.status_event(run)))
+
+    def hold(self, secret: Secret) -> None:
+        """The opened key, for ``begin``; dropped when the call ends, whichever way."""
+        self._secret = secret
+        self._stack.callback(secret.drop)
+
+    async def begin(self) -> list[ProviderEvent]:
+        """Start the provider call with the held key and read up to its first decisive event: content, the end of
+        the turn or an error (retries, pings, usage and read marks are consumed on the way). That event decides the
+        status code."""
+        if self._secret is None:
+            raise RuntimeError("no key held for the call")
+        secret = self._secret
+        self._adapter = proxy_adapter_for(
+            self.key.provider,
+            base_url=self.key.base_url or None,
+            api_key=secret.reveal(),
+            client=get_http_client(egress_policy()),
+            options=self.completion.options,
+            limits=CALL_LIMITS,
+        )
+        self._adapter.mark_reads = True
+        self._events = self._adapter.stream_chat(self.completion.chat)
+        while True:
+            event = await self.next_event()
+            if not isinstance(event, Usage | Ping | Retry | ReadEnd):
+                return [event]
+
+    async def _publish(self, event: run_events.RunEvent) -> None:
+        if self.run is None:
+            return
+        try:
+            await run_events.apublish(self.run, event)
+        except Exception as exc:  # live views miss one update; the run row is already right
+            log_failure(exc, "publish")
+
+    async def next_event(self) -> ProviderEvent:
+        if self._events is None:
+            raise RuntimeError("the provider call has not started")
+        try:
+            event = await anext(self._events)
+        except StopAsyncIteration:
+            # The adapters always end with TurnEnd or ProviderError; treat a silent end as what it would be.
+            event = ProviderError(kind=ErrorKind.INCOMPLETE, retryable=False, message="The provider call ended early.")
+        if isinstance(event, Usage):
+            self._take_usage(event)
+        elif isinstance(event, TurnEnd | ProviderError):
+            self._terminal_seen = True
+        return event
+
+    def _take_usage(self, usage: Usage) -> None:
+        """Usage is taken here, as it arrives (the callers skip Usage events): for the client's totals and for the
+        ledger, one entry per attempt that reported any count."""
+        self.totals.add(usage)
+        if self._adapter is not None:
+            self._parser_with_usage = self._adapter.current_parser
+        if usage.input_tokens is not None or usage.output_tokens is not None:
+            self.usage.append(
+                UsageEntry(
+                    provider=self.key.provider,
+                    model=self.completion.model,
+                    input_tokens=usage.input_tokens or 0,
+                    output_tokens=usage.output_tokens or 0,
+                    complete=usage.complete,
+                )
+            )
+
+    async def _close_upstream(self) -> None:
+        events, self._events = self._events, None
+        try:
+            if events is not None and self._terminal_seen:
+                # After its terminal event the adapter reads the body's last bytes (bounded), so the connection
+                # goes back to the pool for the next call.
+                async for _ in events:
+                    pass
+            elif events is not None:
+                # Mid-call (the client left, or we failed): drop the connection, not drained, so the provider
+                # stops generating and billing at once.
+                await events.aclose()
+        finally:
+            await self._stack.aclose()  # the secret is dropped here
+        parser = self._adapter.current_parser if self._adapter is not None else None
+        if not self._terminal_seen and parser is not None and parser is not self._parser_with_usage:
+            # The attempt in flight never reported usage; keep what it knew (Anthropic: the input tokens).
+            partial = parser.partial_usage()
+            if partial is not None:
+                self._take_usage(partial)
+        self._adapter = None
+
+    async def finish(
+        self,
+        status: str,
+        *,
+        error: ProviderError | None = None,
+        error_kind: str = "",
+        error_message: str = "",
+        wait: bool = True,
+    ) -> None:
+        """Close the upstream, drop the key, then record the run's end, in a background task that a cancellation
+        of the caller cannot stop (the usage the provider bills for must not be lost). ``wait=False``: return at
+        once (the end of a successful answer: its last frames need not wait for the database)."""
+        if self.finished:
+            return
+        self.finished = True
+        if error is not None:
+            error_kind, error_message = error.kind.value, ERROR_SUMMARIES.get(error.kind, "")
+        elif status == RunStatus.CANCELLED and not error_kind:
+            error_kind, error_message = "cancelled", "The client disconnected."
+        task = in_background(self._end(status, error_kind, error_message))
+        if wait:
+            await asyncio.shield(task)
+
+    async def _end(self, status: str, error_kind: str, error_message: str) -> None:
+        try:
+            await self._close_upstream()
+        finally:
+            if self.run is not None:
+                try:
+                    await self._record(self.run, status, error_kind, error_message)
+                except Exception as exc:
+                    log_failure(exc, "record")
+
+    async def _record(self, run: Run, status: str, error_kind: str, error_message: str) -> None:
+        self.run = await db_hop(run_finish)(
+            run_id=run.id, status=status, usage=self.usage, error_kind=error_kind, error_message=error_message
+        )
+        if self._status_published is not None:
+            await self._status_published  # never raises: ``_publish`` logs failures
+        await self._publish(run_events.finished_event(self.run, seq=1))
+
+    def finish_when_dropped(self, stream: AsyncIterator[bytes]) -> None:
+        """If the response is dropped before its body is ever iterated (the client left right after the view
+        returned), the generator's own ``finally`` never runs; this finalizer ends the call instead."""
+        loop = asyncio.get_running_loop()
+
+        def schedule() -> None:
+            if not self.finished:
+                in_background(self.finish(RunStatus.CANCELLED))
+
+        weakref.finalize(stream, lambda: loop.call_soon_threadsafe(schedule) if not loop.is_closed() else None)
+
+    async def stream(self, head: list[ProviderEvent]) -> AsyncIterator[bytes]:
+        """The SSE body: role chunk, deltas, finish chunk, usage chunk (if asked for), ``[DONE]``. The frames
+        decoded from one upstream read go out as one write. The run's end is recorded off the response path."""
+        translator = self._translator()
+        try:
+            pending = [sse(translator.role_chunk())]
+            queued = list(head)
+            while True:
+                event = queued.pop(0) if queued else await self.next_event()
+                if isinstance(event, ProviderError):
+                    await self.finish(RunStatus.FAILED, error=event)
+                    pending.append(stream_error_frame(event, key_label=self.key.label))
+                    yield b"".join(pending)
+                    return
+                if isinstance(event, ReadEnd):
+                    if pending:
+                        yield b"".join(pending)
+                        pending = []
+                    continue
+                if isinstance(event, Usage):
+                    continue
+                pending.extend(sse(frame) for frame in translator.feed(event))
+                if isinstance(event, TurnEnd):
+                    break
+            await self.finish(RunStatus.SUCCEEDED, wait=False)
+            if self.completion.include_usage:
+                pending.append(sse(translator.usage_chunk()))
+            pending.append(DONE_FRAME)
+            yield b"".join(pending)
+        finally:
+            # Reached with the run still open only when the client went away (Django cancels or closes us).
+            await self.finish(RunStatus.CANCELLED)
+
+    async def collect(self, head: list[ProviderEvent]) -> JsonResponse:
+        """The non-streaming answer: the whole turn as one ``chat.completion``."""
+        translator = self._translator()
+        status: str = RunStatus.CANCELLED
+        error: ProviderError | None = None
+        try:
+            queued = list(head)
+            while True:
+                event = queued.pop(0) if queued else await self.next_event()
+                if isinstance(event, ProviderError):
+                    status, error = RunStatus.FAILED, event
+                    break
+                if not isinstance(event, Usage | ReadEnd):
+                    translator.feed(event)
+                if isinstance(event, TurnEnd):
+                    status = RunStatus.SUCCEEDED
+                    break
+        finally:
+            await self.finish(status, error=error, wait=status != RunStatus.SUCCEEDED)
+        if error is not None:
+            raise error_for_provider(error, key_label=self.key.label)
+        response = JsonResponse(translator.completion())
+        response["x-cesaflow-run-id"] = str(self.attached_run().id)
+        return response
+
+    def attached_run(self) -> Run:
+        if self.run is None:
+            raise RuntimeError("the call has no run yet")
+        return self.run
+
+    def _translator(self) -> CompletionTranslator:
+        if self.translator is None:
+            raise RuntimeError("the call has no run yet")
+        return self.translator
+
+
+@contextlib.asynccontextmanager
+async def ended_on_failure(call: ProxyCall) -> AsyncIterator[None]:
+    """End ``call`` (awaited) if the block fails or is cancelled before the call is handed to the response."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        await call.finish(RunStatus.CANCELLED)
+        raise
+    except BaseException:
+        await call.finish(RunStatus.FAILED, error_kind="internal", error_message="The proxy failed unexpectedly.")
+        raise
