@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # A chat.completion.chunk whose delta carries non-empty text: `"content":"x` or `"content": "x`.
-_CONTENT_RE = re.compile(rb'"content":\s*"(?!")')
+CHUNK_CONTENT_RE = re.compile(rb'"content":\s*"(?!")')
+# A run's SSE event carrying text (``runs.api.sse``: compact JSON, so no space after the colon).
+RUN_TEXT_RE = re.compile(rb'"type":"text\.delta"')
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Response:
 
     status: int = 0
     sent_at: float = 0.0
+    first_event_at: float | None = None  # first SSE event of any kind
     first_content_at: float | None = None  # first SSE event with non-empty delta text
     last_event_at: float | None = None
     events: int = 0  # SSE events (data lines ending in a blank line), [DONE] included
@@ -56,13 +59,22 @@ def chat_body(model: str, *, prompt: str = "Say something.") -> bytes:
     ).encode()
 
 
-def build_request(method: str, host: str, port: int, path: str, *, token: str, body: bytes = b"") -> bytes:
+def build_request(
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    *,
+    token: str,
+    body: bytes = b"",
+    accept: str = "text/event-stream, application/json",
+) -> bytes:
     """The full request bytes, built once per scenario and written as is (no per-request formatting cost)."""
     lines = [
         f"{method} {path} HTTP/1.1",
         f"host: {host}:{port}",
         f"authorization: Bearer {token}",
-        "accept: text/event-stream, application/json",
+        f"accept: {accept}",
         "user-agent: cesaflow-bench",
     ]
     if body or method == "POST":
@@ -85,8 +97,10 @@ class _Parser:
         stop_after_content: int | None,
         record_content_times: bool,
         on_first_content: Callable[[], None] | None,
+        content_re: re.Pattern[bytes],
     ) -> None:
         self.result = result
+        self.content_re = content_re
         self.done = done
         self.stop_after_content = stop_after_content
         self.record_content_times = record_content_times
@@ -209,7 +223,9 @@ class _Parser:
                 continue  # a comment or keep-alive, not an event
             result.events += 1
             result.last_event_at = now
-            if _CONTENT_RE.search(event) is None:
+            if result.first_event_at is None:
+                result.first_event_at = now
+            if self.content_re.search(event) is None:
                 continue
             result.content_events += 1
             if result.first_content_at is None:
@@ -280,9 +296,11 @@ class Connection:
         stop_after_content: int | None = None,
         record_content_times: bool = False,
         on_first_content: Callable[[], None] | None = None,
+        content_re: re.Pattern[bytes] = CHUNK_CONTENT_RE,
         timeout: float = 30.0,
     ) -> Response:
         """Send ``raw`` and read the whole response (or stop after N content events, leaving it unread).
+        ``content_re`` tells a content event (an OpenAI chunk with text; ``RUN_TEXT_RE`` for a run's stream).
 
         Errors (and timeouts) are returned in ``Response.error``, never raised: a load loop counts them and
         carries on. Every request is bounded by ``timeout`` seconds.
@@ -302,6 +320,7 @@ class Connection:
                         stop_after_content=stop_after_content,
                         record_content_times=record_content_times,
                         on_first_content=on_first_content,
+                        content_re=content_re,
                     )
                     result.sent_at = time.perf_counter()
                     self.transport.write(raw)

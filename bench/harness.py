@@ -163,7 +163,6 @@ class Harness:
             "CESAFLOW_SESSION_KEYS": "1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
             "CESAFLOW_CHANNEL_LAYER_KEY": secrets.token_urlsafe(32),
             "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
-            "CESAFLOW_DB_CONN_MAX_AGE": "0",
             "CESAFLOW_VAR_DIR": str(self.workdir / "var"),
             "CESAFLOW_CACHE_PREFIX": "cfbench",
             "DATABASE_URL": self.database_url,
@@ -201,7 +200,7 @@ class Harness:
         # Run in the foreground as our child (not pg_ctl's daemon), so it dies with the benchmark like the rest.
         argv = [*run_as, str(bindir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(port), "-k", str(data)]
         argv += ["-c", "max_connections=1000", "-c", "shared_buffers=128MB"]
-        child = self._spawn("postgres", argv, port, {"PATH": self.env_path, "LANG": "C.UTF-8"}, None)
+        child = self.spawn("postgres", argv, port, {"PATH": self.env_path, "LANG": "C.UTF-8"}, None)
         wait_for_port(child, timeout=60)
         return f"postgres://postgres@{HOST}:{port}/cesaflow_bench"
 
@@ -257,12 +256,22 @@ class Harness:
 
     # --- Children -------------------------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], port: int, env: dict[str, str], cpus: set[int] | None) -> Child:
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        cpus: set[int] | None,
+        *,
+        cwd: Path = ROOT,
+    ) -> Child:
+        """Start a child (its output in ``<workdir>/<name>.log``) that dies with the benchmark."""
         log_path = self.workdir / f"{name}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -280,15 +289,24 @@ class Harness:
         script.write_text(json.dumps({"scenarios": list(SCENARIOS.values())}))
         port = free_port()
         argv = [sys.executable, "-m", "bench.simulator", "--port", str(port)]
-        child = self._spawn("simulator", [*argv, "--script", str(script)], port, self.env, LOAD_CPUS)
+        child = self.spawn("simulator", [*argv, "--script", str(script)], port, self.env, LOAD_CPUS)
         wait_for_port(child, timeout=30)
         return child
 
-    def start_server(self, *, app: str, server: str, name: str, floor_env: dict[str, str] | None = None) -> Child:
-        """``app`` is ``cesaflow`` or ``floor``; ``server`` is ``daphne`` or ``uvicorn``; one process, no workers."""
+    def start_server(
+        self,
+        *,
+        app: str,
+        server: str,
+        name: str,
+        floor_env: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Child:
+        """``app`` is ``cesaflow`` or ``floor``; ``server`` is ``daphne`` or ``uvicorn``; one process, no workers.
+        ``extra_env``: more CesaFlow settings (``CESAFLOW_EXECUTOR=worker``)."""
         port = free_port()
         if app == "cesaflow":
-            env, target = self.env, "cesaflow.asgi:application"
+            env, target = self.env | (extra_env or {}), "cesaflow.asgi:application"
         else:
             env = {k: v for k, v in self.env.items() if not k.startswith(("CESAFLOW_", "DATABASE_", "REDIS_"))} | (
                 floor_env or {}
@@ -314,8 +332,23 @@ class Harness:
             ]
         else:
             raise ValueError(server)
-        child = self._spawn(name, argv, port, env, SERVER_CPUS)
+        child = self.spawn(name, argv, port, env, SERVER_CPUS)
         wait_for_port(child, timeout=60)
+        return child
+
+    def start_run_worker(self, *, name: str, ready: str = "ready", timeout: float = 60) -> Child:
+        """``manage.py run_worker`` (``CESAFLOW_EXECUTOR=worker``) on the server's core; returns once it is ready."""
+        argv = [sys.executable, str(ROOT / "manage.py"), "run_worker"]
+        # Unbuffered: its "ready" line must reach the log file now, not when a buffer fills.
+        env = self.env | {"CESAFLOW_EXECUTOR": "worker", "PYTHONUNBUFFERED": "1"}
+        child = self.spawn(name, argv, 0, env, SERVER_CPUS)
+        deadline = time.monotonic() + timeout
+        while ready not in child.log_tail(50):
+            if child.process.poll() is not None:
+                raise SystemExit(f"{name} exited with {child.process.returncode}:\n{child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} was not ready within {timeout:.0f} s:\n{child.log_tail()}")
+            time.sleep(0.1)
         return child
 
     def close(self) -> None:

@@ -59,6 +59,11 @@ class Errors:
             detail = response.error or f"HTTP {response.status}: {response.body[:160]!r}"
             self.examples.append(detail)
 
+    def note(self, message: str) -> None:
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(message[:200])
+
     def check(self, response: Response, *, content_expected: bool = True) -> bool:
         if not response.ok or (content_expected and response.first_content_at is None):
             self.add(response)

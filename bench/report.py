@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 TIMES = "\N{MULTIPLICATION SIGN}"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROXIES = ("cesaflow-daphne", "cesaflow-uvicorn", "floor-daphne", "floor-uvicorn")
+LITELLM = "litellm"
+COLUMNS = (*PROXIES, LITELLM)
 SERVERS = ("daphne", "uvicorn")
 
 
@@ -26,80 +27,110 @@ class Figure:
 
 
 @dataclass(frozen=True)
+class Goal:
+    """A target as issue #13 states it (or, for figures it does not name, the earlier gateway targets): an absolute
+    limit and/or a factor of the floor's and of LiteLLM's figure from the same run, on the same server."""
+
+    limit: float | None = None
+    floor: float | None = None  # CesaFlow at most (or at least) this times the floor's
+    litellm: float | None = None  # ... and this times LiteLLM's
+    higher_is_better: bool = False
+    # A ratio against a floor of (nearly) zero is meaningless: within this much of the floor counts as met.
+    floor_slack: float = 0.0
+    unit: str = ""
+
+    def text(self) -> str:
+        sign = "≥" if self.higher_is_better else "≤"
+        parts = []
+        if self.limit is not None:
+            parts.append(f"{sign} {self.limit:,.0f}{f' {self.unit}' if self.unit else ''}")
+        if self.floor is not None:
+            parts.append(f"{sign} {self.floor:g}{TIMES} floor")
+        if self.litellm is not None:
+            parts.append(f"{sign} {self.litellm:g}{TIMES} LiteLLM")
+        return ", ".join(parts)
+
+    def verdict(self, value: float, floor: float | None, litellm: float | None) -> str:
+        """Met ("yes") or not ("**no**"), naming what could not be judged: "yes (no LiteLLM)" without LiteLLM."""
+
+        def ok(bound: float, *, slack: float = 0.0) -> bool:
+            return value >= bound - slack if self.higher_is_better else value <= bound + slack
+
+        met = True
+        missing = []
+        if self.limit is not None:
+            met &= ok(self.limit)
+        if self.floor is not None:
+            if floor is None:
+                missing.append("floor")
+            else:
+                met &= ok(floor * self.floor, slack=self.floor_slack)
+        if self.litellm is not None:
+            if litellm is None:
+                missing.append("LiteLLM")
+            else:
+                met &= ok(litellm * self.litellm)
+        word = "yes" if met else "**no**"
+        return f"{word} (no {' or '.join(missing)})" if missing else word
+
+
+@dataclass(frozen=True)
 class Metric:
     key: str
     label: str
     unit: str
     digits: int
-    target: str  # as the issue states it
-    check: Callable[[float, float | None], bool] | None  # (cesaflow value, floor value) -> met?
-    lower_is_better: bool = True
-
-
-def _within(limit: float, floor_factor: float | None = None) -> Callable[[float, float | None], bool]:
-    def check(value: float, floor: float | None) -> bool:
-        if value > limit:
-            return False
-        # A ratio against a floor of (nearly) zero is meaningless: within 1 ms of the floor counts as met.
-        return floor_factor is None or floor is None or value <= max(floor * floor_factor, floor + 1.0)
-
-    return check
-
-
-def _at_least(limit: float) -> Callable[[float, float | None], bool]:
-    return lambda value, _floor: value >= limit
+    goal: Goal | None = None
 
 
 METRICS = (
-    Metric("cpu_ms_per_stream", "CPU per 10-token streamed request", "ms", 2, "—", None),
-    Metric(
-        "seq_added_ttft_p50", "Added TTFT p50, sequential", "ms", 2, f"≤ 5 ms and ≤ 1.3{TIMES} floor", _within(5, 1.3)
-    ),
-    Metric("seq_added_ttft_p95", "Added TTFT p95, sequential", "ms", 2, "—", None),
-    Metric(
-        "seq_added_ttft_p99", "Added TTFT p99, sequential", "ms", 2, f"≤ 10 ms and ≤ 1.3{TIMES} floor", _within(10, 1.3)
-    ),
-    Metric("load_added_ttft_p50", "Added TTFT p50, 50 paced streams", "ms", 2, "≤ 8 ms", _within(8)),
-    Metric("load_added_ttft_p95", "Added TTFT p95, 50 paced streams", "ms", 2, "—", None),
-    Metric("load_added_ttft_p99", "Added TTFT p99, 50 paced streams", "ms", 2, "≤ 30 ms", _within(30)),
-    Metric("cpu_share_50_paced", "CPU of the process with 50 paced streams", "% of a core", 0, "—", None),
+    Metric("cpu_ms_per_stream", "CPU per 10-token streamed request", "ms", 2, Goal(floor=1.5)),
+    Metric("seq_added_ttft_p50", "Added TTFT p50, sequential", "ms", 2, Goal(floor=1.3, litellm=0.5, floor_slack=1)),
+    Metric("seq_added_ttft_p95", "Added TTFT p95, sequential", "ms", 2),
+    Metric("seq_added_ttft_p99", "Added TTFT p99, sequential", "ms", 2, Goal(floor=1.3, litellm=0.5, floor_slack=1)),
+    Metric("load_added_ttft_p50", "Added TTFT p50, 50 paced streams", "ms", 2, Goal(limit=8, unit="ms")),
+    Metric("load_added_ttft_p95", "Added TTFT p95, 50 paced streams", "ms", 2),
+    Metric("load_added_ttft_p99", "Added TTFT p99, 50 paced streams", "ms", 2, Goal(limit=30, unit="ms")),
+    Metric("cpu_share_50_paced", "CPU of the process with 50 paced streams", "% of a core", 0),
     Metric(
         "paced_streams_cpu",
         "Paced streams per process, CPU-bound estimate (50 / CPU share)",
         "streams",
         0,
-        "≥ 75",
-        _at_least(75),
-        lower_is_better=False,
+        Goal(limit=75, higher_is_better=True),
     ),
     Metric(
         "paced_streams_max",
         "Paced streams sustained, measured ladder",
         "streams",
         0,
-        "≥ 75",
-        _at_least(75),
-        lower_is_better=False,
+        Goal(limit=75, higher_is_better=True),
     ),
-    Metric("saturation_streams_per_s", "Streams/s at saturation (100 tokens)", "/s", 0, "—", None, False),
-    Metric("saturation_chunks_per_s", "Chunks/s at saturation", "/s", 0, "—", None, False),
+    Metric(
+        "saturation_streams_per_s",
+        "Streams/s at saturation (100 tokens)",
+        "/s",
+        0,
+        Goal(floor=0.7, litellm=4, higher_is_better=True),
+    ),
+    Metric("saturation_chunks_per_s", "Chunks/s at saturation", "/s", 0),
     Metric(
         "one_stream_chunks_per_s",
         "Chunks/s on one 2,000-token stream",
         "/s",
         0,
-        "≥ 15,000",
-        _at_least(15_000),
-        lower_is_better=False,
+        Goal(floor=0.7, higher_is_better=True),
     ),
-    Metric("cpu_us_per_chunk", "CPU per chunk, one unpaced stream", "µs", 0, "—", None),
-    Metric("rss_idle_mb", "RSS idle (after warm-up)", "MB", 1, "≤ 120 MB", _within(120)),
-    Metric("rss_per_stream_kb", "RSS per open stream", "KB", 1, "≤ 100 KB", _within(100)),
-    Metric("api_rps", "Plain API requests/s", "/s", 0, "≥ 250", _at_least(250), lower_is_better=False),
-    Metric("cpu_ms_per_api_request", "CPU per plain API request", "ms", 2, "—", None),
-    Metric("close_p50_ms", "Upstream closed after disconnect, p50", "ms", 1, "—", None),
-    Metric("close_max_ms", "Upstream closed after disconnect, max", "ms", 1, "≤ 100 ms", _within(100)),
+    Metric("cpu_us_per_chunk", "CPU per chunk, one unpaced stream", "µs", 0),
+    Metric("rss_idle_mb", "RSS idle (after warm-up)", "MB", 1, Goal(limit=120, unit="MB")),
+    Metric("rss_per_stream_kb", "RSS per open stream", "KB", 1, Goal(limit=100, unit="KB")),
+    Metric("api_rps", "Plain API requests/s", "/s", 0, Goal(limit=250, higher_is_better=True)),
+    Metric("cpu_ms_per_api_request", "CPU per plain API request", "ms", 2),
+    Metric("close_p50_ms", "Upstream closed after disconnect, p50", "ms", 1),
+    Metric("close_max_ms", "Upstream closed after disconnect, max", "ms", 1, Goal(limit=100, unit="ms")),
 )
+# Figures LiteLLM has no counterpart for: its column says so instead of "n/a".
+NOT_APPLICABLE = {LITELLM: {"api_rps": "no such endpoint", "cpu_ms_per_api_request": "no such endpoint"}}
 
 
 def _format(figure: Figure | None, metric: Metric) -> str:
@@ -108,41 +139,131 @@ def _format(figure: Figure | None, metric: Metric) -> str:
     return f"{figure.prefix}{figure.value:,.{metric.digits}f}"
 
 
-def _ratio(cf: Figure | None, floor: Figure | None) -> str:
-    if cf is None or floor is None or cf.value is None or floor.value is None or floor.value == 0:
+def _value(figure: Figure | None) -> float | None:
+    return None if figure is None or figure.value is None or math.isnan(figure.value) else figure.value
+
+
+def _ratio(cf: Figure | None, other: Figure | None) -> str:
+    top, bottom = _value(cf), _value(other)
+    if top is None or bottom is None or bottom == 0:
         return "n/a"
-    return f"{cf.value / floor.value:.2f}{TIMES}"
+    return f"{top / bottom:.2f}{TIMES}"
 
 
-def markdown_table(figures: dict[str, dict[str, Figure]]) -> str:
-    """Rows: metrics; columns: the four proxies, then CesaFlow/floor per server, the target and whether it is
-    met (per server, "daphne / uvicorn")."""
+def markdown_table(figures: dict[str, dict[str, Figure]], *, unavailable: dict[str, str] | None = None) -> str:
+    """Rows: metrics; columns: the four proxies and LiteLLM, then CesaFlow ÷ floor and CesaFlow ÷ LiteLLM per
+    server (same run), the target and whether it is met per server ("daphne / uvicorn")."""
+    unavailable = unavailable or {}
     head = (
-        "| metric | CesaFlow daphne | CesaFlow uvicorn | floor daphne | floor uvicorn "
-        "| ratio vs floor (d / u) | target | met? (d / u) |"
+        "| metric | CesaFlow daphne | CesaFlow uvicorn | floor daphne | floor uvicorn | LiteLLM "
+        "| CesaFlow ÷ floor (d / u) | CesaFlow ÷ LiteLLM (d / u) | target | met? (d / u) |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 10]
     for metric in METRICS:
         by_target = figures.get(metric.key, {})
-        cells = [_format(by_target.get(name), metric) for name in PROXIES]
-        ratios = " / ".join(
-            _ratio(by_target.get(f"cesaflow-{server}"), by_target.get(f"floor-{server}")) for server in SERVERS
-        )
+        cells = []
+        for name in COLUMNS:
+            figure = by_target.get(name)
+            if figure is None and metric.key in NOT_APPLICABLE.get(name, {}):
+                cells.append(f"n/a ({NOT_APPLICABLE[name][metric.key]})")
+            elif _value(figure) is None and name in unavailable:
+                cells.append("unavailable")
+            else:
+                cells.append(_format(figure, metric))
+        vs_floor = " / ".join(_ratio(by_target.get(f"cesaflow-{s}"), by_target.get(f"floor-{s}")) for s in SERVERS)
+        vs_litellm = " / ".join(_ratio(by_target.get(f"cesaflow-{s}"), by_target.get(LITELLM)) for s in SERVERS)
         met = []
         for server in SERVERS:
-            cf, floor = by_target.get(f"cesaflow-{server}"), by_target.get(f"floor-{server}")
-            if metric.check is None:
+            cf = by_target.get(f"cesaflow-{server}")
+            if metric.goal is None:
                 met.append("—")
-            elif cf is None or cf.value is None:
+            elif _value(cf) is None or cf is None or cf.value is None:
                 met.append("n/a")
-            elif metric.check(cf.value, floor.value if floor else None):
-                met.append("yes")
-            else:
+            elif cf.prefix.startswith("≥") and metric.goal.higher_is_better:
                 # "≥ N": the harness ran out before the proxy did, so a miss cannot be claimed.
-                met.append("inconclusive" if cf.prefix.startswith("≥") else "**no**")
+                verdict = metric.goal.verdict(cf.value, _value(by_target.get(f"floor-{server}")), None)
+                met.append("yes" if verdict.startswith("yes") else "inconclusive")
+            else:
+                floor, litellm = _value(by_target.get(f"floor-{server}")), _value(by_target.get(LITELLM))
+                met.append(metric.goal.verdict(cf.value, floor, litellm))
+        target = metric.goal.text() if metric.goal else "—"
         label = f"{metric.label} ({metric.unit})"
-        lines.append(f"| {label} | {' | '.join(cells)} | {ratios} | {metric.target} | {' / '.join(met)} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {vs_floor} | {vs_litellm} | {target} | {' / '.join(met)} |")
     return "\n".join(lines)
+
+
+RUN_STREAM_GOAL = Goal(limit=15, unit="ms")
+TRANSPORT_LABELS = {
+    "sse": "SSE (`GET /runs/<id>/events`)",
+    "ws": "websocket (`/ws/runs/<id>/`)",
+    "sse-create": "SSE created streaming (`POST /runs`, `stream: true`)",
+}
+
+
+def run_stream_table(
+    figures: dict[str, dict[str, Figure]], *, executors: tuple[str, ...] = ("inline", "worker")
+) -> str:
+    """The run stream (daphne): first ``text.delta`` after the stream is opened, minus the simulator's TTFT."""
+    lines = [
+        "| run stream (daphne) | executor | first event p50 (ms) | first text.delta p50 / p95 (ms) "
+        "| simulator TTFT p50 / p95 (ms) | added p50 / p95 (ms) | first event → text.delta p50 (ms) "
+        "| of which until `running` p50 (ms) | target (added p50) | met? |",
+        "|" + "---|" * 10,
+    ]
+
+    def ms(metric: str, name: str) -> str:
+        figure = figures.get(metric, {}).get(name)
+        return "n/a" if _value(figure) is None or figure is None else f"{figure.value:,.1f}"
+
+    for executor in executors:
+        direct = f"direct-{executor}"
+        for transport, label in TRANSPORT_LABELS.items():
+            name = f"{executor}-{transport}"
+            added = _value(figures.get("run_added_p50", {}).get(name))
+            met = "n/a" if added is None else RUN_STREAM_GOAL.verdict(added, None, None)
+            lines.append(
+                f"| {label} | {executor} | {ms('run_first_event_p50', name)} "
+                f"| {ms('run_first_text_p50', name)} / {ms('run_first_text_p95', name)} "
+                f"| {ms('run_direct_ttft_p50', direct)} / {ms('run_direct_ttft_p95', direct)} "
+                f"| {ms('run_added_p50', name)} / {ms('run_added_p95', name)} "
+                f"| {ms('run_event_to_text_p50', name)} | {ms('run_event_to_running_p50', name)} "
+                f"| {RUN_STREAM_GOAL.text()} | {met} |"
+            )
+    return "\n".join(lines)
+
+
+def report_notes(
+    figures: dict[str, dict[str, Figure]],
+    *,
+    unavailable: dict[str, str],
+    litellm: dict[str, str],
+    raw: dict[str, Any],
+    errors: dict[str, dict[str, Any]],
+) -> list[str]:
+    """What is not measured and why, the simulator's own figures (what every "added" figure is relative to, and
+    the harness's ceiling), and the errors of each phase."""
+
+    def value(metric: str) -> str:
+        figure = figures.get(metric, {}).get("direct")
+        return "n/a" if figure is None or figure.value is None else f"{figure.value:,.1f}"
+
+    notes = [f"- {name}: {reason}" for name, reason in unavailable.items()]
+    notes.append(
+        f"- simulator alone: TTFT p50/p99 sequential {value('seq_direct_ttft_p50')}/{value('seq_direct_ttft_p99')} ms, "
+        f"under 50 paced streams {value('load_direct_ttft_p50')}/{value('load_direct_ttft_p99')} ms; "
+        f"one stream {value('one_stream_chunks_per_s')} chunks/s; saturation {value('saturation_chunks_per_s')} "
+        f"chunks/s; CPU with 50 paced streams {value('cpu_share_50_paced')} % of a core",
+    )
+    if litellm.get("install"):
+        notes.append(f"- LiteLLM: {litellm['requirement']}, {litellm['install']}")
+    limit = raw.get("capacity_harness_limit")
+    if limit is not None:
+        notes.append(f"- the harness (simulator + load generator on one core) fell behind at {limit} paced streams")
+    for phase, by_target in errors.items():
+        for name, entry in by_target.items():
+            if entry["count"]:
+                notes.append(f"- {phase} / {name}: {entry['count']} errors, e.g. {entry['examples'][:1]}")
+    return notes
 
 
 def save(document: dict[str, Any], *, quick: bool) -> Path:

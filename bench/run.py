@@ -1,10 +1,11 @@
-"""CesaFlow's proxy against the bare-Django floor, under daphne and uvicorn: ``make bench`` (or ``--quick``).
+"""CesaFlow's proxy against the bare-Django floor and LiteLLM: ``make bench`` (or ``--quick``).
 
 Starts the provider simulator, a fresh PostgreSQL database and Redis db for CesaFlow in production mode, the four
-proxies (CesaFlow and the floor, each under daphne and under uvicorn, one process each) and measures them
-interleaved round by round against the simulator reached directly. Prints a markdown table and writes the raw
-samples and figures to ``bench/results/``. Every loop is bounded; the whole run has a hard deadline.
-See bench/README.md for what each figure means.
+proxies (CesaFlow and the floor, each under daphne and under uvicorn, one process each) and LiteLLM's proxy
+(``bench/litellm.py``: its own throwaway venv, left out with a note when it cannot be installed), and measures them
+interleaved round by round against the simulator reached directly; then the run stream (``bench/runstream.py``).
+Prints two markdown tables and writes the raw samples and figures to ``bench/results/``. Every loop is bounded;
+the whole run has a hard deadline. See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
@@ -25,98 +26,21 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-from bench import measure
+from bench import litellm, measure, runstream
 from bench.client import Connection
-from bench.harness import HOST, PRIVATE_POSTGRES, Child, Harness, harness, pin_self
+from bench.harness import HOST, Child, Harness, harness, pin_self
 from bench.measure import CpuMeter, Errors, Target, percentile
-from bench.report import PROXIES, Figure, markdown_table, save
+from bench.plan import FULL, PHASES, QUICK, STARTED, Plan, parse_args, rotated, say
+from bench.report import LITELLM, PROXIES, Figure, markdown_table, report_notes, run_stream_table, save
 from bench.tap import Tap
 
-T = TypeVar("T")
 CHAT_PATH = "/api/v1/chat/completions"
 LOAD_STREAMS = 50
 API_PATH = "/api/v1/org"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How much of each measurement to do. Full: 7-10 minutes on 2 cores; quick: about 3 minutes."""
-
-    seq_rounds: int
-    seq_requests: int
-    load_rounds: int
-    load_ramp_s: float
-    load_window_s: float
-    sat_rounds: int
-    sat_concurrency: int
-    sat_window_s: float
-    long_rounds: int
-    api_rounds: int
-    api_concurrency: int
-    api_window_s: float
-    close_trials: int
-    capacity_steps: tuple[int, ...]
-    capacity_window_s: float
-    rss_counts: tuple[int, int]
-    deadline_s: float
-
-
-FULL = Plan(
-    seq_rounds=10,
-    seq_requests=30,
-    load_rounds=3,
-    load_ramp_s=1.0,
-    load_window_s=5.0,
-    sat_rounds=2,
-    sat_concurrency=32,
-    sat_window_s=3.0,
-    long_rounds=5,
-    api_rounds=2,
-    api_concurrency=16,
-    api_window_s=3.0,
-    close_trials=15,
-    capacity_steps=(50, 75, 100, 125, 150, 200, 300),
-    capacity_window_s=2.0,
-    rss_counts=(50, 250),
-    deadline_s=20 * 60,
-)
-QUICK = Plan(
-    seq_rounds=2,
-    seq_requests=25,
-    load_rounds=1,
-    load_ramp_s=1.0,
-    load_window_s=2.0,
-    sat_rounds=1,
-    sat_concurrency=16,
-    sat_window_s=1.5,
-    long_rounds=1,
-    api_rounds=1,
-    api_concurrency=8,
-    api_window_s=1.5,
-    close_trials=3,
-    capacity_steps=(25, 50, 75),
-    capacity_window_s=1.0,
-    rss_counts=(20, 80),
-    deadline_s=6 * 60,
-)
-
-STARTED = time.monotonic()
-
-
-def say(message: str) -> None:
-    # The load average is printed because this machine may be shared: a busy neighbour shows up here first.
-    load = os.getloadavg()[0]
-    print(f"[{time.monotonic() - STARTED:6.1f}s load {load:4.1f}] {message}", file=sys.stderr, flush=True)
-
-
-def rotated(items: Sequence[T], k: int) -> list[T]:
-    """Round k starts with a different target, so no target always runs first (or right after another)."""
-    k %= len(items)
-    return [*items[k:], *items[:k]]
 
 
 @dataclass
@@ -132,9 +56,16 @@ class Bench:
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # phase -> target -> errors
     floor_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, Child] = field(default_factory=dict)  # target name -> its process (CPU readings)
+    # target name -> starts a fresh process of it under the given child name (the memory figures)
+    starters: dict[str, Callable[[str], Child]] = field(default_factory=dict)
+    # LiteLLM's installed executable and how it got there, or why it is not available (see main)
+    litellm_install: tuple[Path, str] | str = "left out (--no-litellm)"
+    litellm_info: dict[str, str] = field(default_factory=dict)
+    provider_key_id: str = ""
 
-    def record_errors(self, phase: str, target: Target, errors: Errors) -> None:
-        entry = self.errors.setdefault(phase, {}).setdefault(target.name, {"count": 0, "examples": []})
+    def record_errors(self, phase: str, target: Target | str, errors: Errors) -> None:
+        name = target if isinstance(target, str) else target.name
+        entry = self.errors.setdefault(phase, {}).setdefault(name, {"count": 0, "examples": []})
         entry["count"] += errors.count
         entry["examples"] = (entry["examples"] + errors.examples)[:3]
 
@@ -170,21 +101,48 @@ class Bench:
             ),
         }
         self.direct = Target("direct", simulator.port, "/openai/v1/chat/completions", "fake-bench-direct", None)
+        self.provider_key_id = seeded["provider_key_id"]
         self.processes["direct"] = simulator
         for name in PROXIES:
             app, server = name.split("-")
             say(f"starting {name}")
-            child = h.start_server(app=app, server=server, name=name, floor_env=self.floor_env)
-            self.processes[name] = child
+
+            def starter(child_name: str, app: str = app, server: str = server) -> Child:
+                return h.start_server(app=app, server=server, name=child_name, floor_env=self.floor_env)
+
+            self.starters[name] = starter
+            child = self.processes[name] = starter(name)
             token = self.api_key if app == "cesaflow" else floor_token
             self.proxies.append(
                 Target(name, child.port, CHAT_PATH, token, "bench", tap_label="benchtap", api_path=API_PATH)
             )
+        self._start_litellm(simulator_url=f"http://{HOST}:{simulator.port}", tap_url=f"http://{HOST}:{tap.port}")
         for target in self.proxies:
             await self._probe(target)
         for target in self.everyone:
             errors = await measure.warm_up(target, streams=0 if target.name in self.unavailable else 10)
             self.record_errors("warm_up", target, errors)
+
+    def _start_litellm(self, *, simulator_url: str, tap_url: str) -> None:
+        """LiteLLM's proxy from its throwaway venv (installed on first use); left out with the reason if it
+        cannot be installed or started."""
+        try:
+            if isinstance(self.litellm_install, str):
+                raise litellm.Unavailable(self.litellm_install)
+            setup = litellm.configure(self.harness, self.litellm_install, simulator_url=simulator_url, tap_url=tap_url)
+            say(f"starting LiteLLM ({litellm.REQUIREMENT}, {setup.how})")
+            child = litellm.start(self.harness, setup)
+        except litellm.Unavailable as exc:
+            self.unavailable[LITELLM] = str(exc)
+            self.litellm_info = {"requirement": litellm.REQUIREMENT, "unavailable": str(exc)}
+            say(f"LiteLLM not measured: {exc}")
+            return
+        self.litellm_info = {"requirement": litellm.REQUIREMENT, "venv": str(litellm.VENV), "install": setup.how}
+        self.starters[LITELLM] = lambda child_name: litellm.start(self.harness, setup, name=child_name)
+        self.processes[LITELLM] = child
+        self.proxies.append(
+            Target(LITELLM, child.port, litellm.CHAT_PATH, setup.master_key, "bench", tap_label="benchtap")
+        )
 
     async def _probe(self, target: Target) -> None:
         """A proxy without a working chat endpoint (not built yet, or failing) is reported, not measured."""
@@ -314,10 +272,11 @@ class Bench:
     async def api_rps(self) -> None:
         plan = self.plan
         say(f"plain API requests/s: {plan.api_concurrency} clients, {plan.api_rounds} rounds")
-        rates: dict[str, list[float]] = {t.name: [] for t in self.proxies}
+        targets = [t for t in self.proxies if t.api_path is not None]  # LiteLLM has no such endpoint
+        rates: dict[str, list[float]] = {t.name: [] for t in targets}
         cpu = CpuMeter(self.processes)
         for round_no in range(plan.api_rounds):
-            for target in rotated(self.proxies, round_no):
+            for target in rotated(targets, round_no):
                 with cpu.measure(target.name) as meter:
                     result = await measure.api_requests(
                         target, concurrency=plan.api_concurrency, window_s=plan.api_window_s
@@ -328,7 +287,7 @@ class Bench:
         self.raw["api_rps"] = rates
         for name, per_request in cpu.per_unit().items():
             self.put("cpu_ms_per_api_request", name, Figure(per_request * 1000))
-        for target in self.proxies:
+        for target in targets:
             self.put("api_rps", target.name, Figure(measure.median(rates[target.name])))
 
     async def close_latency(self, tap: Tap) -> None:
@@ -419,6 +378,49 @@ class Bench:
             else:
                 self.put("paced_streams_max", target.name, Figure(value, prefix="≥ " if capped else ""))
 
+    async def run_streams(self) -> None:
+        """First ``text.delta`` of runs started through the REST API, on SSE and the websocket (bench/runstream.py):
+        the inline executor (in the long-running CesaFlow daphne), then ``run_worker`` behind a fresh daphne."""
+        plan = self.plan
+        assert self.direct is not None
+        h = self.harness
+        say(f"run stream: {plan.run_rounds} rounds x {plan.run_samples} runs per transport and executor")
+        for executor in runstream.EXECUTORS:
+            extra: list[Child] = []
+            if executor == "inline":
+                port = self.processes["cesaflow-daphne"].port
+            else:
+                # Inline executors also poll the queue (recovery after a restart) and could claim a worker's run:
+                # the long-running CesaFlow processes stop first (the memory phase starts fresh ones anyway).
+                for name in PROXIES:
+                    if name.startswith("cesaflow-") and name in self.processes:
+                        h.discard(self.processes[name])
+                worker_env = {"CESAFLOW_EXECUTOR": "worker"}
+                server = h.start_server(app="cesaflow", server="daphne", name="runs-daphne", extra_env=worker_env)
+                extra = [server, h.start_run_worker(name="runs-worker")]
+                port = server.port
+            say(f"  {executor} executor")
+            target = runstream.RunTarget(executor, port, self.api_key, self.provider_key_id)
+            result = await runstream.measure_executor(
+                target, self.direct, rounds=plan.run_rounds, samples_per_round=plan.run_samples
+            )
+            for child in extra:
+                h.discard(child)
+            for metric, values in runstream.figures(executor, result).items():
+                for name, value in values.items():
+                    self.put(metric, name, Figure(value))
+            raw = self.raw.setdefault("run_stream", {})
+            raw[f"direct-{executor}_ttft_s"] = result.direct_ttft
+            for transport, samples in result.samples.items():
+                raw[f"{executor}-{transport}"] = {
+                    "first_event_s": samples.first_event,
+                    "first_text_s": samples.first_text,
+                    "running_s": samples.running,
+                }
+                self.record_errors("run_stream", f"{executor}-{transport}", samples.errors)
+            self.record_errors("run_stream", f"direct-{executor}", result.direct_errors)
+            self.record_errors("run_stream", f"{executor}-warm-up", result.warm_up_errors)
+
     async def memory(self) -> None:
         """Fresh processes: RSS idle (after warm-up) and the slope of RSS over open slow streams."""
         plan = self.plan
@@ -427,9 +429,14 @@ class Bench:
         h = self.harness
         details: dict[str, dict[str, float]] = {}
         for existing in self.proxies:
-            app, server = existing.name.split("-")
-            child = h.start_server(app=app, server=server, name=f"rss-{existing.name}", floor_env=self.floor_env)
-            target = Target(existing.name, child.port, CHAT_PATH, existing.token, "bench", api_path=API_PATH)
+            if existing.name not in self.starters:
+                continue
+            try:
+                child = self.starters[existing.name](f"rss-{existing.name}")
+            except litellm.Unavailable as exc:  # started once, but not twice: reported, not fatal
+                self.record_errors("memory", existing, Errors(1, [str(exc)[:200]]))
+                continue
+            target = replace(existing, port=child.port)
             await asyncio.sleep(1.0)
             started_kb = child.rss_kb()
             streams_ok = existing.name not in self.unavailable
@@ -462,7 +469,9 @@ class Bench:
         self.raw["memory"] = details
 
 
-async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path) -> Bench:
+async def main_async(
+    args: argparse.Namespace, plan: Plan, workdir: Path, litellm_install: tuple[Path, str] | str
+) -> Bench:
     with harness(workdir, database_url=args.database_url, redis_url=args.redis_url, pin=not args.no_pin) as h:
         say(f"fresh database {h.database_url} (drop, create, migrate), Redis {args.redis_url}")
         h.reset_database()
@@ -471,7 +480,7 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path) -> Ben
         simulator = h.start_simulator()
         tap = Tap(HOST, simulator.port)
         await tap.start()
-        bench = Bench(plan=plan, harness=h)
+        bench = Bench(plan=plan, harness=h, litellm_install=litellm_install)
         try:
             await bench.start(tap, simulator)
             phases = args.only or PHASES
@@ -484,9 +493,10 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path) -> Ben
                         await getattr(bench, PHASE_METHODS[phase])()
             # Memory needs fresh processes; the long-running ones go first so they use no CPU meanwhile.
             for child in list(h.children):
-                if child.name in PROXIES:
+                if child.name in (*PROXIES, LITELLM):
                     h.discard(child)
             if "memory" in phases:
+                bench.raw.setdefault("loadavg_at_start", {})["memory"] = os.getloadavg()[0]
                 await bench.memory()
         finally:
             await tap.stop()
@@ -501,67 +511,40 @@ PHASE_METHODS = {
     "api": "api_rps",
     "close": "close_latency",
     "capacity": "capacity",
+    "runs": "run_streams",  # stops the long-running CesaFlow processes: the last phase before memory
 }
-PHASES = (*PHASE_METHODS, "memory")
-
-
-def direct_notes(bench: Bench) -> list[str]:
-    """The simulator's own figures: what every "added" figure is relative to, and the harness's ceiling."""
-    figures = bench.figures
-
-    def value(metric: str) -> str:
-        figure = figures.get(metric, {}).get("direct")
-        return "n/a" if figure is None or figure.value is None else f"{figure.value:,.1f}"
-
-    notes = [
-        f"- simulator alone: TTFT p50/p99 sequential {value('seq_direct_ttft_p50')}/{value('seq_direct_ttft_p99')} ms, "
-        f"under 50 paced streams {value('load_direct_ttft_p50')}/{value('load_direct_ttft_p99')} ms; "
-        f"one stream {value('one_stream_chunks_per_s')} chunks/s; saturation {value('saturation_chunks_per_s')} "
-        f"chunks/s; CPU with 50 paced streams {value('cpu_share_50_paced')} % of a core",
-    ]
-    limit = bench.raw.get("capacity_harness_limit")
-    if limit is not None:
-        notes.append(f"- the harness (simulator + load generator on one core) fell behind at {limit} paced streams")
-    return notes
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="A few seconds per measurement (smoke run).")
-    parser.add_argument(
-        "--database-url",
-        default=PRIVATE_POSTGRES,
-        help="PostgreSQL database for CesaFlow, DROPPED and recreated (its name must contain 'bench'); the "
-        "default 'private' starts a throwaway cluster for the run (needs initdb; see bench/README.md).",
-    )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="Redis db for CesaFlow; flushed.")
-    parser.add_argument("--no-pin", action="store_true", help="Do not pin the server and the load to separate cores.")
-    parser.add_argument("--only", nargs="+", choices=PHASES, help="Run only these phases (debugging).")
-    parser.add_argument("--keep-workdir", action="store_true", help="Keep the logs of the processes under test.")
-    return parser.parse_args(argv)
+assert (*PHASE_METHODS, "memory") == PHASES
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, description=__doc__.split("\n\n")[0] if __doc__ else None)
     plan = QUICK if args.quick else FULL
     pin_self(not args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="cesaflow-bench-"))
     say(f"{'quick' if args.quick else 'full'} run; logs in {workdir}")
+    litellm_install: tuple[Path, str] | str = "left out (--no-litellm)"
+    if not args.no_litellm:
+        # Before the run's deadline starts: a first install takes a minute or more (bounded at 10).
+        say(f"LiteLLM {litellm.REQUIREMENT} in {litellm.VENV} (installed on first use)")
+        try:
+            litellm_install = litellm.ensure_installed()
+        except litellm.Unavailable as exc:
+            litellm_install = str(exc)
     try:
-        bench = asyncio.run(asyncio.wait_for(main_async(args, plan, workdir), plan.deadline_s))
+        run = main_async(args, plan, workdir, litellm_install)
+        bench = asyncio.run(asyncio.wait_for(run, plan.deadline_s))
     except TimeoutError:
         print(f"The benchmark exceeded its {plan.deadline_s:.0f} s deadline; logs in {workdir}", file=sys.stderr)
         return 1
-    table = markdown_table(bench.figures)
+    table = markdown_table(bench.figures, unavailable=bench.unavailable)
     print(table)
-    notes = [f"- {name}: {reason}" for name, reason in bench.unavailable.items()]
-    notes += direct_notes(bench)
-    for phase, by_target in bench.errors.items():
-        for name, entry in by_target.items():
-            if entry["count"]:
-                notes.append(f"- {phase} / {name}: {entry['count']} errors, e.g. {entry['examples'][:1]}")
-    if notes:
-        print("\nNotes:\n" + "\n".join(notes))
+    runs_table = run_stream_table(bench.figures) if "run_stream" in bench.raw else ""
+    if runs_table:
+        print("\n" + runs_table)
+    notes = report_notes(
+        bench.figures, unavailable=bench.unavailable, litellm=bench.litellm_info, raw=bench.raw, errors=bench.errors
+    )
+    print("\nNotes:\n" + "\n".join(notes))
     document = {
         "meta": {
             "mode": "quick" if args.quick else "full",
@@ -572,12 +555,14 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "machine": platform.machine(),
             "plan": asdict(plan),
+            "litellm": bench.litellm_info,
         },
         "unavailable": bench.unavailable,
         "figures": bench.figures,
         "errors": bench.errors,
         "raw": bench.raw,
         "table": table,
+        "run_stream_table": runs_table,
     }
     path = save(document, quick=args.quick)
     say(f"saved {path}")

@@ -1,0 +1,182 @@
+"""The LiteLLM target: LiteLLM's own proxy in a throwaway virtualenv, routed to the benchmark's simulator.
+
+Never a project dependency: the benchmark installs ``litellm[proxy]`` (one pinned version) into
+``var/bench-litellm/`` (git-ignored) on its first run and reuses it while the pin is unchanged. When it cannot be
+installed (no registry, pip fails, the install takes longer than ``INSTALL_TIMEOUT_S``) the target is reported
+unavailable, with the reason, and the rest of the benchmark runs.
+
+It runs as LiteLLM documents it, one process: ``litellm --config <generated> --num_workers 1`` (uvicorn, uvloop),
+no database, no Redis, quiet logs, with every benchmark scenario as a model of the same name CesaFlow's clients
+use (``bench/fake/<scenario>``, and ``benchtap/...`` through the tap) routed to the simulator's OpenAI dialect
+with a generated provider key. Clients authenticate with a generated master key. LiteLLM has no ``GET
+/api/v1/org``: the plain API figures are n/a for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import HOST, ROOT, SCENARIOS, SERVER_CPUS, Child, Harness, free_port, wait_for_port
+
+# 1.82.6: the last release before the March 2026 compromise of LiteLLM's PyPI account (1.82.7 and 1.82.8 carried
+# a credential stealer; later 1.107.x releases were pulled too). Its proxy's SQL injection (CVE-2026-42208) needs
+# the proxy's database, which the benchmark never gives it. Change the pin deliberately, never to "latest".
+PIN = "1.82.6"
+REQUIREMENT = f"litellm[proxy]=={PIN}"
+VENV = ROOT / "var" / "bench-litellm"
+MARKER = VENV / "bench-requirement.txt"  # written once an install succeeded: what is in the venv
+INSTALL_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 120.0
+CHAT_PATH = "/v1/chat/completions"
+NAME = "litellm"
+# The malicious release's start-up hook: an install that has it is refused (and the venv deleted).
+_KNOWN_BAD_FILES = ("litellm_init.pth",)
+
+
+class Unavailable(Exception):
+    """LiteLLM cannot be measured in this run; the message says why (it goes to the table's notes and the JSON)."""
+
+
+def _pip_env() -> dict[str, str]:
+    # The registry settings (PIP_* variables) stay; nothing of the benchmark's own Python path leaks in.
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+
+def _site_packages() -> list[Path]:
+    return list(VENV.glob("lib/python*/site-packages"))
+
+
+def ensure_installed() -> tuple[Path, str]:
+    """The ``litellm`` executable of the venv, and how it got there ("reused" or "installed in N s")."""
+    executable = VENV / "bin" / "litellm"
+    try:
+        if MARKER.read_text().strip() == REQUIREMENT and executable.exists():
+            return executable, "reused"
+    except OSError:
+        pass
+    started = time.monotonic()
+    shutil.rmtree(VENV, ignore_errors=True)
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # The base interpreter of the project's venv: same Python version, none of the project's packages.
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(VENV)], check=True, capture_output=True, timeout=120, env=_pip_env()
+        )
+        subprocess.run(
+            [
+                str(VENV / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--quiet",
+                REQUIREMENT,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=INSTALL_TIMEOUT_S,
+            env=_pip_env(),
+        )
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(VENV, ignore_errors=True)
+        raise Unavailable(f"pip install {REQUIREMENT} took longer than {INSTALL_TIMEOUT_S:.0f} s") from None
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(VENV, ignore_errors=True)
+        detail = getattr(exc, "stderr", b"") or b""
+        lines = [line for line in detail.decode(errors="replace").splitlines() if line.strip()]
+        reason = lines[-1][:200] if lines else str(exc)[:200]
+        raise Unavailable(f"pip install {REQUIREMENT} failed: {reason}") from None
+    for site in _site_packages():
+        for bad in _KNOWN_BAD_FILES:
+            if (site / bad).exists():
+                shutil.rmtree(VENV, ignore_errors=True)
+                raise Unavailable(f"the installed {REQUIREMENT} contains {bad} (a known malicious file); removed")
+    if not executable.exists():
+        raise Unavailable(f"{REQUIREMENT} installed no 'litellm' command")
+    MARKER.write_text(REQUIREMENT + "\n")
+    return executable, f"installed in {time.monotonic() - started:.0f} s"
+
+
+@dataclass(frozen=True)
+class Setup:
+    executable: Path
+    master_key: str
+    config_path: Path
+    log_config_path: Path
+    how: str  # "reused" / "installed in N s"
+
+
+def configure(harness: Harness, installed: tuple[Path, str], *, simulator_url: str, tap_url: str) -> Setup:
+    """Write LiteLLM's config for this run (``installed``: what ``ensure_installed`` returned): every scenario
+    under the benchmark's model names."""
+    executable, how = installed
+    master_key = "sk-bench-" + secrets.token_urlsafe(24)  # LiteLLM wants master keys to start with "sk-"
+    provider_key = f"fake-bench-{secrets.token_urlsafe(16)}"
+    models = [
+        {
+            "model_name": f"{label}/fake/{scenario['name']}",
+            "litellm_params": {"model": f"openai/fake/{scenario['name']}", "api_base": f"{base}/openai/v1"}
+            | {"api_key": provider_key},
+        }
+        for label, base in (("bench", simulator_url), ("benchtap", tap_url))
+        for scenario in SCENARIOS.values()
+    ]
+    config = {
+        "model_list": models,
+        "general_settings": {"master_key": master_key},
+        "litellm_settings": {"set_verbose": False, "json_logs": False},
+    }
+    directory = harness.workdir / "litellm"
+    directory.mkdir(exist_ok=True)
+    # JSON is YAML: LiteLLM reads it with yaml.safe_load, and the benchmark needs no YAML writer.
+    config_path = directory / "config.yaml"
+    config_path.write_text(json.dumps(config, indent=1))
+    config_path.chmod(0o600)  # holds the generated keys (throwaway, but still keys)
+    # uvicorn's access log off and its other loggers at WARNING, like the other servers (an access line per
+    # request is CPU the other targets do not spend).
+    log_config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["stderr"], "level": "WARNING"},
+            "uvicorn.error": {"level": "WARNING"},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+    }
+    log_config_path = directory / "logging.json"
+    log_config_path.write_text(json.dumps(log_config))
+    return Setup(executable, master_key, config_path, log_config_path, how)
+
+
+def start(harness: Harness, setup: Setup, *, name: str = NAME) -> Child:
+    """One LiteLLM proxy process on the server's core; returns once it listens."""
+    port = free_port()
+    env = {
+        "PATH": harness.env_path,
+        "LANG": "C.UTF-8",
+        "HOME": str(harness.workdir),
+        # The model price map from the package, not fetched from GitHub at start-up (loopback only, and it would
+        # fail here anyway); production mode, so no .env file is read from the working directory.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_MODE": "PRODUCTION",
+        "LITELLM_LOG": "ERROR",
+        "DISABLE_ADMIN_UI": "True",
+    }
+    argv = [str(setup.executable), "--config", str(setup.config_path), "--host", HOST, "--port", str(port)]
+    argv += ["--num_workers", "1", "--log_config", str(setup.log_config_path), "--telemetry", "False"]
+    child = harness.spawn(name, argv, port, env, SERVER_CPUS, cwd=setup.config_path.parent)
+    try:
+        wait_for_port(child, timeout=START_TIMEOUT_S)
+    except SystemExit as exc:  # exited or never listened: LiteLLM is left out, the benchmark goes on
+        harness.discard(child)
+        raise Unavailable(f"the LiteLLM proxy did not start: {str(exc)[-300:]}") from None
+    return child
