@@ -57,7 +57,8 @@ from orgs.tenancy import OrgContext
 from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
-from runs.services import run_attach, run_request_cancel
+from runs.services import run_request_cancel
+from runs.watching import WatchStart, watch_start
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -74,6 +75,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
 
     org_context: OrgContext | None = None
     principal: Principal | None = None
+    run: Run | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -85,12 +87,13 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         await self.accept()
         await self.close(code=code)
 
-    async def authorize(self) -> OrgContext | None:
-        """The caller's org context if it may read runs; otherwise the socket is refused and None returned."""
+    async def authorize(self, run_id: uuid.UUID | None = None) -> OrgContext | None:
+        """The caller's org context if it may read runs; otherwise the socket is refused and None returned. With
+        ``run_id``, the run is looked up in the same hop (``self.run``; None: refused 4404 by the caller)."""
         principal: Principal | None
         context: OrgContext | None
         try:
-            principal, context = await database_sync_to_async(_authorize)(self.scope)
+            principal, context, self.run = await database_sync_to_async(_authorize)(self.scope, run_id)
         except AuthenticationError:
             await self.refuse(CLOSE_UNAUTHENTICATED)
             return None
@@ -110,16 +113,23 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         self.principal, self.org_context = principal, context
         return context
 
-    async def watch_credentials(self) -> None:
-        """After accepting: listen for revocation signals and re-check on a timer."""
+    async def join_revocations(self) -> None:
+        """Listen for revocation signals (before the check that follows ``connect``'s, so none is missed)."""
         if self.principal is None or self.org_context is None:
             return
         await self.join(revocation.org_group(self.org_context.org.pk))
         if isinstance(self.principal, SessionPrincipal):
             await self.join(revocation.user_group(self.principal.user.pk))
-        self._recheck = asyncio.create_task(self._recheck_periodically())
+
+    async def watch_credentials(self) -> None:
+        """After accepting: listen for revocation signals, check once more, then re-check on a timer."""
+        await self.join_revocations()
         # A revocation committed between the check in connect and joining the groups was not heard: look once more.
-        await self.credentials_revoked()
+        if not await self.credentials_revoked():
+            self.recheck_periodically()
+
+    def recheck_periodically(self) -> None:
+        self._recheck = asyncio.create_task(self._recheck_periodically())
 
     async def _recheck_periodically(self) -> None:
         while True:
@@ -183,27 +193,36 @@ class RunConsumer(_RunEventsConsumer):
     run_id: uuid.UUID | None = None
 
     async def connect(self) -> None:
-        context = await self.authorize()
-        if context is None:
+        context = await self.authorize(run_id=self.scope["url_route"]["kwargs"]["run_id"])
+        if context is None or self.principal is None:
             return
-        run_id = self.scope["url_route"]["kwargs"]["run_id"]
-        run = await database_sync_to_async(run_get_for_org)(org=context.org, run_id=run_id)
-        if run is None:
+        if self.run is None:
             await self.refuse(CLOSE_NOT_FOUND)
             return
-        self.run_id = run.id
+        self.run_id = self.run.id
         # Join before taking the snapshot: an event published in between is then queued for us, not missed.
-        await self.join(events.run_group(run.id))
+        await self.join(events.run_group(self.run.id))
+        await self.join_revocations()
         await self.accept()
-        await self.watch_credentials()
-        snapshot = await database_sync_to_async(run_get_for_org)(org=context.org, run_id=run.id) or run
+        # One hop: the credentials once more, the snapshot, and start on attach (now that this socket receives the
+        # run's events, a waiting run may call the provider, and an unwatched one is recorded as watched).
+        try:
+            start = await database_sync_to_async(watch_start)(
+                principal=self.principal, context=context, run_id=self.run.id
+            )
+        except Exception:
+            logger.warning("websocket credentials could not be re-checked; closing", exc_info=True)
+            start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed
+        if start.refused is not None:
+            logger.info("websocket closed with %s: credentials revoked", start.refused)
+            self.principal = None
+            await self.close(code=start.refused)
+            return
+        self.recheck_periodically()
+        snapshot = start.run or self.run
         await self.send_event(events.status_event(snapshot))
         if snapshot.is_terminal:
             await self.send_event(events.finished_event(snapshot, seq=0))
-        elif snapshot.attached_at is None:
-            # Start on attach: now that this socket receives the run's events, a waiting run may call the provider
-            # (and an unwatched one is recorded as watched).
-            await database_sync_to_async(run_attach)(run=snapshot)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
@@ -230,9 +249,14 @@ class RunConsumer(_RunEventsConsumer):
         )
 
 
-def _authorize(scope: dict[str, Any]) -> tuple[Principal | None, OrgContext | None]:
+def _authorize(
+    scope: dict[str, Any], run_id: uuid.UUID | None
+) -> tuple[Principal | None, OrgContext | None, Run | None]:
     principal = principal_for_scope(scope)
-    return principal, org_context_for(principal) if principal is not None else None
+    context = org_context_for(principal) if principal is not None else None
+    readable = context is not None and not context.org.is_suspended and context.can(RUNS_READ)
+    run = run_get_for_org(org=context.org, run_id=run_id) if readable and run_id is not None and context else None
+    return principal, context, run
 
 
 def _cancel_run(*, principal: Principal, org_id: str, run_id: uuid.UUID) -> Run | None:

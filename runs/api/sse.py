@@ -50,14 +50,15 @@ from rest_framework.request import Request
 from cesaflow.lib.api import error_responses
 from orgs import revocation
 from orgs.api.base import OrgAPIView
-from orgs.authentication import Principal, SessionPrincipal, revalidate
+from orgs.authentication import CLOSE_UNAUTHENTICATED, Principal, SessionPrincipal, revalidate
 from orgs.models import Actor, Organization
 from orgs.permissions import RUNS_READ
 from orgs.tenancy import OrgContext
 from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
-from runs.services import run_attach, run_request_cancel
+from runs.services import run_request_cancel
+from runs.watching import WatchStart, watch_start
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -117,22 +118,26 @@ async def run_event_stream(
     loop = asyncio.get_running_loop()
     next_check = loop.time() + recheck_s
     try:
-        run: Run | None = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
-        if run is None:  # deleted in the instant since the gate looked
-            ended = True
-            return
-        # A revocation committed between the gate's check and subscribing was not heard: look once more.
-        if not await _still_allowed(principal, context):
+        # One hop: the credentials once more (a revocation committed before subscribing was not heard), the
+        # snapshot, and start on attach.
+        try:
+            start = await database_sync_to_async(watch_start)(principal=principal, context=context, run_id=run_id)
+        except Exception:
+            logger.warning("stream credentials could not be re-checked; ending the stream", exc_info=True)
+            start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed
+        if start.refused is not None:
             ended = True
             yield _revoked_frame(run_id)
+            return
+        run: Run | None = start.run
+        if run is None:  # deleted in the instant since the gate looked
+            ended = True
             return
         yield sse_frame(events.status_event(run))
         if run.is_terminal:
             ended = True
             yield sse_frame(events.finished_event(run, seq=0))
             return
-        if run.attached_at is None:
-            await database_sync_to_async(run_attach)(run=run)
         last_sent = loop.time()
         while True:
             if receiver is None:
