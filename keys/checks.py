@@ -2,7 +2,9 @@
 
 Settings already refuse a malformed keyring at load time. These checks add what settings cannot know: whether
 every kid that sealed a stored key is still in the ring. A missing kid means keys that can no longer be
-opened, which must stop a deploy rather than surface later as failing runs.
+opened, which must stop a deploy rather than surface later as failing runs. And whether provider keys sealed with
+an older associated data (before the destination joined it) are waiting to be re-sealed: a warning, not an
+error, because ``migrate`` itself runs these checks and is what re-seals them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from django.db import DatabaseError, connections
 from keys.crypto import Keyring
 from keys.models import ProviderKey
 from keys.sealed import sealed_field_counts_by_kid
-from keys.selectors import unscoped_provider_key_counts_by_kid
+from keys.selectors import unscoped_provider_key_count_on_old_aad, unscoped_provider_key_counts_by_kid
 
 TAG = "keys"
 
@@ -135,3 +137,33 @@ def check_stored_kids(
             )
         )
     return messages
+
+
+@register(TAG)
+def check_provider_key_aad(
+    app_configs: Sequence[AppConfig] | None = None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Provider keys still sealed with an older AAD version cannot be used for calls until re-sealed.
+
+    Silent when the database is unreachable or the column does not exist yet (``migrate`` runs the checks before
+    it adds it).
+    """
+    if databases is not None and "default" not in databases:
+        return []
+    try:
+        if not _table_exists():
+            return []
+        old = unscoped_provider_key_count_on_old_aad()
+    except DatabaseError:
+        return []
+    if not old:
+        return []
+    return [
+        Warning(
+            f"{_plural(old, 'provider key')} sealed with an older associated data version cannot be used for calls.",
+            hint="Run manage.py migrate (migration keys.0003) or manage.py keys_rewrap to re-seal them. A key that "
+            "still fails is listed as key.decrypt_failed in its organization's audit trail: revoke it and add it "
+            "again.",
+            id="keys.W002",
+        )
+    ]

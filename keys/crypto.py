@@ -8,9 +8,13 @@ Stored format (security.md §1.2)::
     cf1.<kid>.<b64url nonce (12 bytes)>.<b64url ciphertext || tag (16 bytes)>
 
 The associated data (AAD) binds a sealed value to its place: for provider keys it is the canonical,
-length-prefixed encoding of (purpose, org id, key id, provider), so a ciphertext copied onto another org's row,
-another key's row or another provider does not open. Every failure to open raises one generic
-``DecryptionError``; there is no "return the value as it is" path.
+length-prefixed encoding of (purpose, org id, key id, provider, destination), so a ciphertext copied onto another
+org's row, another key's row or another provider does not open, and neither does a key whose ``base_url`` was
+changed behind the application's back (the destination is where the plaintext is sent). Every failure to open
+raises one generic ``DecryptionError``; there is no "return the value as it is" path.
+
+AAD versions of provider keys: 1 = (purpose v1, org, key, provider), before the destination joined; 2 = the
+current one. Version 1 remains only so that ``keys.services.provider_key_rewrap`` can re-seal old rows.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12  # 96-bit random nonce (NIST SP 800-38D §8.2.2)
 TAG_BYTES: Final = 16  # 128-bit tag (SP 800-38D §5.2.1.2); cryptography's AESGCM always uses 16
 FORMAT_VERSION: Final = "cf1"
-PROVIDER_KEY_PURPOSE: Final = "cesaflow/provider-key/v1"
+PROVIDER_KEY_PURPOSE: Final = "cesaflow/provider-key/v2"
+PROVIDER_KEY_PURPOSE_V1: Final = "cesaflow/provider-key/v1"
+# The AAD version new provider keys are sealed with (``ProviderKey.aad_version`` records each row's).
+PROVIDER_KEY_AAD_VERSION: Final = 2
 # A sealed secret stays far below this; anything longer is not ours and is refused before any base64 work.
 MAX_STORED_LENGTH: Final = 16_384
 
@@ -174,9 +181,18 @@ def canonical_aad(*fields: str) -> bytes:
     return bytes(out)
 
 
-def provider_key_aad(*, org_id: uuid.UUID | str, key_id: uuid.UUID | str, provider: str) -> bytes:
-    """The AAD of a provider key: purpose, org, key and provider (UUIDs in their canonical lowercase form)."""
-    return canonical_aad(PROVIDER_KEY_PURPOSE, str(uuid.UUID(str(org_id))), str(uuid.UUID(str(key_id))), provider)
+def provider_key_aad(*, org_id: uuid.UUID | str, key_id: uuid.UUID | str, provider: str, destination: str) -> bytes:
+    """The AAD of a provider key: purpose, org, key, provider and destination (UUIDs in their canonical lowercase
+    form; ``destination`` is the normalized base URL calls go to, ``keys.providers.provider_destination``)."""
+    return canonical_aad(
+        PROVIDER_KEY_PURPOSE, str(uuid.UUID(str(org_id))), str(uuid.UUID(str(key_id))), provider, destination
+    )
+
+
+def provider_key_aad_v1(*, org_id: uuid.UUID | str, key_id: uuid.UUID | str, provider: str) -> bytes:
+    """The AAD of a provider key sealed before the destination joined it (version 1). Only for re-sealing such
+    keys under the current AAD: a key is never opened for a call with it."""
+    return canonical_aad(PROVIDER_KEY_PURPOSE_V1, str(uuid.UUID(str(org_id))), str(uuid.UUID(str(key_id))), provider)
 
 
 # --- Sealing and opening ------------------------------------------------------------------------------------
@@ -268,6 +284,7 @@ def open_sealed(keyring: Keyring, stored: str, aad: bytes) -> str:
         raise DecryptionError from None
 
 
-def reseal(keyring: Keyring, stored: str, aad: bytes) -> str:
-    """Open with whatever kid sealed the value and seal again under the primary (the rewrap step)."""
-    return seal_bytes(keyring, open_bytes(keyring, stored, aad), aad)
+def reseal(keyring: Keyring, stored: str, aad: bytes, *, new_aad: bytes | None = None) -> str:
+    """Open with whatever kid sealed the value and seal again under the primary (the rewrap step), bound to
+    ``new_aad`` if given (moving a value to a new AAD version), else to the same ``aad``."""
+    return seal_bytes(keyring, open_bytes(keyring, stored, aad), aad if new_aad is None else new_aad)

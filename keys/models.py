@@ -9,6 +9,8 @@ from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 
+from keys.crypto import PROVIDER_KEY_AAD_VERSION
+
 
 class Provider(models.TextChoices):
     OPENAI = "openai", "OpenAI"
@@ -28,11 +30,12 @@ class KeyStatus(models.TextChoices):
 class ProviderKey(models.Model):
     """One provider key of one organization.
 
-    The secret exists here only as ``sealed_secret``: AES-256-GCM ciphertext bound to this row's org, id and
-    provider (``keys.crypto``), written by ``keys.services`` before the INSERT, so the plaintext never reaches
-    SQL. There is deliberately no field, property or method that returns the plaintext: the one way to use a
-    key is ``keys.services.provider_key_open``, for one provider call, audited. Revoking wipes the ciphertext
-    and keeps the row for the audit trail and usage history.
+    The secret exists here only as ``sealed_secret``: AES-256-GCM ciphertext bound to this row's org, id, provider
+    and destination (the normalized ``base_url``; ``keys.crypto``), written by ``keys.services`` before the
+    INSERT, so the plaintext never reaches SQL and a ``base_url`` changed in the database makes the key unusable.
+    There is deliberately no field, property or method that returns the plaintext: the one way to use a key is
+    ``keys.services.provider_key_open``, for one provider call, audited. Revoking wipes the ciphertext and keeps
+    the row for the audit trail and usage history.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -45,6 +48,11 @@ class ProviderKey(models.Model):
     # The keyring kid in the sealed value's header, as a column so the system check and keys_rewrap can find
     # rows by kid without parsing every ciphertext. Null once revoked.
     kid = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # Which associated data sealed the value (keys.crypto: 1 = before the destination joined it, 2 = now), so the
+    # re-seal finds old rows without trying to open every ciphertext. Only a hint: the GCM tag decides, and calls
+    # always use the current version. The database default 1 marks rows inserted by code that predates the column
+    # (a process still running during an upgrade); the application writes 2.
+    aad_version = models.PositiveSmallIntegerField(default=PROVIDER_KEY_AAD_VERSION, db_default=1, editable=False)
     last_four = models.CharField(max_length=4, blank=True, editable=False)
     status = models.CharField(max_length=16, choices=KeyStatus.choices, default=KeyStatus.UNCHECKED)
     created_by = models.ForeignKey(

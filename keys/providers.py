@@ -7,6 +7,7 @@ the check is the caller's. The secret is used for one request and never logged, 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +17,9 @@ import httpx
 
 from cesaflow.lib.http import EgressDenied
 from cesaflow.lib.redact import redact
+from keys.urlguard import NOT_ALLOWED_MESSAGE, UrlRejected, normalize_base_url
+
+logger = logging.getLogger(__name__)
 
 ANTHROPIC_VERSION = "2023-06-01"  # pinned: documented, widely accepted, allows sampling parameters (§1.4)
 PROBE_TIMEOUT = httpx.Timeout(connect=5.0, read=10.0, write=10.0, pool=10.0)
@@ -51,6 +55,8 @@ class ProviderSpec:
         return url.rstrip("/")
 
 
+# A key with an empty base_url is bound (AAD) to its provider's default_base_url: changing one of these URLs needs a
+# migration that re-seals those keys, or they no longer open.
 PROVIDERS: dict[ProviderName, ProviderSpec] = {
     ProviderName.OPENAI: ProviderSpec(ProviderName.OPENAI, "OpenAI", "openai", "https://api.openai.com/v1", "/models"),
     ProviderName.ANTHROPIC: ProviderSpec(
@@ -66,6 +72,26 @@ PROVIDERS: dict[ProviderName, ProviderSpec] = {
 def provider_spec(provider: str | ProviderName) -> ProviderSpec:
     """The catalog entry; ValueError for an unknown provider name."""
     return PROVIDERS[ProviderName(provider)]
+
+
+# Never the output of normalize_base_url (which always starts with a scheme), so it cannot match a sealed key.
+_UNUSABLE_DESTINATION = "unusable:"
+
+
+def provider_destination(provider: str | ProviderName, base_url: str | None) -> str:
+    """Where calls with a key of ``provider`` and this stored ``base_url`` go, in the one normalized form
+    (``keys.urlguard.normalize_base_url``); empty means the provider's default endpoint, normalized the same way.
+
+    A provider key's ciphertext is bound to this value (AAD), so a key whose destination changed does not open.
+    A stored value that is not a usable URL (only a row written outside the application holds one) maps to a
+    text no usable URL normalizes to: it never matches. ValueError for an unknown provider.
+    """
+    spec = provider_spec(provider)
+    url = (base_url or "").strip() or spec.default_base_url or ""
+    try:
+        return normalize_base_url(url)
+    except UrlRejected:
+        return _UNUSABLE_DESTINATION + url
 
 
 class ProbeStatus(StrEnum):
@@ -142,7 +168,9 @@ async def probe_models(
             raw = await _read_capped(response)
             status = response.status_code
     except EgressDenied as exc:
-        return ProbeResult(ProbeStatus.UNREACHABLE, message=str(exc))
+        # The refusal names the host and what it resolved to: the operator's log gets it, the user the generic words.
+        logger.warning("key check to %s refused by the egress policy: %s", spec.label, exc)
+        return ProbeResult(ProbeStatus.UNREACHABLE, message=NOT_ALLOWED_MESSAGE)
     except httpx.HTTPError as exc:
         return ProbeResult(ProbeStatus.UNREACHABLE, message=f"Could not reach {spec.label} ({type(exc).__name__}).")
     except ValueError:

@@ -2,6 +2,11 @@
 here by their apps so that key rotation covers them like provider keys. ``keys_rewrap`` re-seals them under the
 primary kid and the keyring check (``keys.E004``/``E005``/``W001``) counts their kids, so a kid is never retired
 while something still needs it. keys knows nothing of those apps: they register in their ``AppConfig.ready``.
+
+Provider keys are not registered here: their associated data has versions (it grew the key's destination) and
+their failures are audited per organization, so ``keys.services.provider_key_rewrap`` re-seals them. A registered
+value has one AAD, computed from its row by ``SealedField.aad``, which must cover every column that decides where
+the opened value is used or sent: a column left out can be changed without the value noticing.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class SealedField:
     label: str  # for people: "operator TOTP secrets"
     model: type[Model]
     field: str
-    aad: Callable[[Any], bytes]  # the row -> the associated data the value is bound to
+    aad: Callable[[Any], bytes]  # the row -> the associated data the value is bound to (one version, never changes)
 
 
 SEALED_FIELDS: list[SealedField] = []

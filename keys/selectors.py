@@ -6,8 +6,9 @@ from __future__ import annotations
 import uuid
 
 from django.core.exceptions import ValidationError
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 
+from keys.crypto import PROVIDER_KEY_AAD_VERSION
 from keys.models import KeyStatus, ProviderKey
 from orgs.models import Organization
 
@@ -44,10 +45,26 @@ def unscoped_provider_key_counts_by_kid() -> dict[int, int]:
 
 
 def unscoped_provider_key_ids_to_rewrap(*, primary_kid: int) -> list[uuid.UUID]:
-    """Ids of live keys sealed under a kid other than the primary, in a stable order (resumable runs)."""
+    """Ids of live keys sealed under a kid other than the primary or with an older AAD version, in a stable order
+    (resumable runs)."""
     return list(
         ProviderKey.objects.exclude(kid__isnull=True)
-        .exclude(kid=primary_kid)
+        .filter(~Q(kid=primary_kid) | ~Q(aad_version=PROVIDER_KEY_AAD_VERSION))
         .order_by("id")
         .values_list("id", flat=True)
     )
+
+
+def unscoped_provider_key_ids_not_on_aad_version(*, aad_version: int) -> list[uuid.UUID]:
+    """Ids of live keys sealed with another AAD version than ``aad_version``, in a stable order."""
+    return list(
+        ProviderKey.objects.exclude(kid__isnull=True)
+        .exclude(aad_version=aad_version)
+        .order_by("id")
+        .values_list("id", flat=True)
+    )
+
+
+def unscoped_provider_key_count_on_old_aad() -> int:
+    """How many live keys are still sealed with an older AAD version (unusable until re-sealed)."""
+    return ProviderKey.objects.exclude(kid__isnull=True).exclude(aad_version=PROVIDER_KEY_AAD_VERSION).count()

@@ -15,7 +15,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -28,10 +28,21 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from cesaflow.lib import request_context
-from keys import signals, urlguard
-from keys.crypto import DecryptionError, Keyring, Secret, provider_key_aad, reseal, seal, stored_kid
+from keys import selectors, signals, urlguard
+from keys.crypto import (
+    PROVIDER_KEY_AAD_VERSION,
+    DecryptionError,
+    Keyring,
+    Secret,
+    provider_key_aad,
+    provider_key_aad_v1,
+    reseal,
+    seal,
+    stored_kid,
+)
 from keys.crypto import open_sealed as crypto_open_sealed
 from keys.models import KeyStatus, Provider, ProviderKey
+from keys.providers import provider_destination
 from orgs.models import Actor, Organization, User, actor_label
 
 logger = logging.getLogger(__name__)
@@ -70,8 +81,18 @@ def _keyring() -> Keyring:
     return keyring
 
 
-def _aad(key: ProviderKey) -> bytes:
-    return provider_key_aad(org_id=key.org_id, key_id=key.id, provider=key.provider)
+def _destination(key: ProviderKey) -> str:
+    return provider_destination(key.provider, key.base_url)
+
+
+def _aad(key: ProviderKey, version: int = PROVIDER_KEY_AAD_VERSION) -> bytes:
+    """The associated data ``key`` is bound to under AAD ``version`` (the current one unless re-sealing).
+    An unknown version raises ``DecryptionError``: there is nothing it could open."""
+    if version == PROVIDER_KEY_AAD_VERSION:
+        return provider_key_aad(org_id=key.org_id, key_id=key.id, provider=key.provider, destination=_destination(key))
+    if version == 1:
+        return provider_key_aad_v1(org_id=key.org_id, key_id=key.id, provider=key.provider)
+    raise DecryptionError
 
 
 # --- Validation ---------------------------------------------------------------------------------------------
@@ -321,8 +342,9 @@ def provider_key_record_decrypt_failure(*, key: ProviderKey, actor: Actor, purpo
 
 
 @sensitive_variables(*_SENSITIVE)
-def _open_for_call(*, key_id: uuid.UUID, actor: Actor, purpose: str, reference: str) -> Secret:
-    """Decrypt one key and record the opening (or the failure) in its own short transaction."""
+def _open_for_call(*, key_id: uuid.UUID, destination: str, actor: Actor, purpose: str, reference: str) -> Secret:
+    """Decrypt one key for a call to ``destination`` and record the opening (or the failure) in its own short
+    transaction."""
     reference = reference or request_context.current().request_id
     failure: DecryptionError | None = None
     with transaction.atomic():
@@ -331,6 +353,10 @@ def _open_for_call(*, key_id: uuid.UUID, actor: Actor, purpose: str, reference: 
         if key is None or key.status == KeyStatus.REVOKED or not key.sealed_secret:
             raise ProviderKeyUnavailable
         try:
+            # The caller sends the key where its own copy of the row says. The ciphertext vouches for the row read
+            # here: a caller's copy that says otherwise (stale, or altered under it) gets nothing.
+            if destination != _destination(key):
+                raise DecryptionError
             opened = Secret(crypto_open_sealed(_keyring(), key.sealed_secret, _aad(key)))
         except DecryptionError as exc:
             failure = exc
@@ -352,13 +378,18 @@ def provider_key_open(*, key: ProviderKey, actor: Actor = None, purpose: str, re
             headers = {"Authorization": f"Bearer {secret.reveal()}"}
             ...
 
+    The key opens only for its sealed destination: ``key.provider`` and ``key.base_url`` (where the caller will
+    send it) must be those the ciphertext is bound to, and so must the stored row's.
+
     Records ``key.used`` (purpose and run/request id, never the secret) and updates ``last_used_at`` in a
     short transaction of its own, committed before the call starts: call it outside ``transaction.atomic`` so
     a long provider call holds no transaction open. The secret is dropped when the block ends; revealing it
     afterwards raises. Raises ``ProviderKeyUnavailable`` (revoked or gone) or ``ProviderKeyDecryptionError``
     (audited as ``key.decrypt_failed``).
     """
-    secret = _open_for_call(key_id=key.pk, actor=actor, purpose=purpose, reference=reference)
+    secret = _open_for_call(
+        key_id=key.pk, destination=_destination(key), actor=actor, purpose=purpose, reference=reference
+    )
     try:
         yield secret
     finally:
@@ -370,7 +401,9 @@ async def aprovider_key_open(
     *, key: ProviderKey, actor: Actor = None, purpose: str, reference: str = ""
 ) -> AsyncIterator[Secret]:
     """``provider_key_open`` for async code (the inline executor, SSE and websocket paths)."""
-    secret = await sync_to_async(_open_for_call)(key_id=key.pk, actor=actor, purpose=purpose, reference=reference)
+    secret = await sync_to_async(_open_for_call)(
+        key_id=key.pk, destination=_destination(key), actor=actor, purpose=purpose, reference=reference
+    )
     try:
         yield secret
     finally:
@@ -399,36 +432,73 @@ class RewrapSummary:
 
 
 @sensitive_variables(*_SENSITIVE)
-def provider_key_rewrap(*, key_id: uuid.UUID, summary: RewrapSummary | None = None) -> bool:
-    """Re-seal one key under the primary kid, in its own transaction with the row locked.
+def provider_key_rewrap(
+    *,
+    key_id: uuid.UUID,
+    summary: RewrapSummary | None = None,
+    purpose: str = "rewrap",
+    aad_version: int = PROVIDER_KEY_AAD_VERSION,
+) -> bool:
+    """Re-seal one key under the primary kid and AAD ``aad_version`` (the current one: org, id, provider and
+    destination), in its own transaction with the row locked.
 
-    Returns True if the row was re-sealed, False if there was nothing to do (revoked meanwhile, or already on
-    the primary: that is what makes ``keys_rewrap`` idempotent and resumable). A value that cannot be opened is
-    left untouched, audited as ``key.decrypt_failed`` and raises ``ProviderKeyDecryptionError``.
+    Returns True if the row was re-sealed, False if there was nothing to do (revoked meanwhile, or already on the
+    primary kid and that AAD version: that is what makes ``keys_rewrap`` and the re-seal migration idempotent and
+    resumable). A value that cannot be opened with the AAD its row records is left untouched, audited as
+    ``key.decrypt_failed`` (with ``purpose``) and raises ``ProviderKeyDecryptionError``. Another AAD version than
+    the current one is only for reversing the re-seal migration.
     """
     keyring = _keyring()
     failure: DecryptionError | None = None
     with transaction.atomic():
         key = ProviderKey.objects.select_for_update().select_related("org").filter(pk=key_id).first()
-        if key is None or key.kid is None or key.kid == keyring.primary_kid:
+        if key is None or key.kid is None or (key.kid, key.aad_version) == (keyring.primary_kid, aad_version):
             if summary is not None and key is not None:
                 summary.skipped += 1
             return False
         old_kid = key.kid
         try:
-            key.sealed_secret = reseal(keyring, key.sealed_secret, _aad(key))
+            key.sealed_secret = reseal(
+                keyring, key.sealed_secret, _aad(key, key.aad_version), new_aad=_aad(key, aad_version)
+            )
         except DecryptionError as exc:
             failure = exc
-            _record_decrypt_failure(key=key, actor=None, exc=exc, purpose="rewrap", reference="")
+            _record_decrypt_failure(key=key, actor=None, exc=exc, purpose=purpose, reference="")
         else:
             key.kid = keyring.primary_kid
-            key.save(update_fields=["sealed_secret", "kid"])
+            key.aad_version = aad_version
+            key.save(update_fields=["sealed_secret", "kid", "aad_version"])
     if summary is not None:
         summary.from_kids.add(old_kid)
         summary.count(key.org_id, "failed" if failure is not None else "rewrapped")
     if failure is not None:
         raise ProviderKeyDecryptionError from None
     return True
+
+
+def provider_keys_reseal(*, aad_version: int = PROVIDER_KEY_AAD_VERSION) -> RewrapSummary:
+    """Bring every live key sealed with another AAD version to ``aad_version``: what migration ``keys.0003`` runs
+    (forward: the current AAD, which binds the destination; backward: version 1).
+
+    One row per transaction (``provider_key_rewrap``), so it is resumable and idempotent: run again, it picks up
+    the rows still on another version. A key that does not open is left as it is and audited
+    (``key.decrypt_failed``, purpose ``reseal``); it was unusable already. Keys are also moved to the primary
+    kid on the way (a rewrap, recorded as ``key.rewrapped`` like ``keys_rewrap``'s). Returns the counts.
+    """
+    summary = RewrapSummary(to_kid=_keyring().primary_kid)
+    for key_id in selectors.unscoped_provider_key_ids_not_on_aad_version(aad_version=aad_version):
+        # A failure is already logged, audited and counted; the row stays as it was.
+        with suppress(ProviderKeyDecryptionError):
+            provider_key_rewrap(key_id=key_id, summary=summary, purpose="reseal", aad_version=aad_version)
+    if summary.rewrapped or summary.failed:
+        provider_keys_rewrap_record(summary=summary)
+        logger.info(
+            "provider keys re-sealed to AAD version %s: %s re-sealed, %s failed",
+            aad_version,
+            summary.rewrapped,
+            summary.failed,
+        )
+    return summary
 
 
 @transaction.atomic

@@ -21,6 +21,7 @@ from keys.crypto import (
     open_bytes,
     open_sealed,
     provider_key_aad,
+    provider_key_aad_v1,
     reseal,
     seal,
     seal_bytes,
@@ -32,7 +33,8 @@ ORG = uuid.UUID("0b9f0a52-8c1e-4a57-9a39-3b1f6a8d2c11")
 OTHER_ORG = uuid.UUID("7d2c4e10-55b1-4f0e-8f43-2a9c1b7e6d90")
 KEY = uuid.UUID("c3a1e6f2-1d4b-4c8e-b5a7-9e0f2d3c4b5a")
 OTHER_KEY = uuid.UUID("e8b7a6c5-d4e3-4f21-8a9b-0c1d2e3f4a5b")
-AAD = provider_key_aad(org_id=ORG, key_id=KEY, provider="openai")
+DEST = "https://api.openai.com/v1"
+AAD = provider_key_aad(org_id=ORG, key_id=KEY, provider="openai", destination=DEST)
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -89,7 +91,7 @@ def test_canonical_aad_encoding_is_pinned():
     """Changing this encoding would make every stored key unreadable: it must never change silently."""
     assert canonical_aad("ab", "c") != canonical_aad("a", "bc")
     assert canonical_aad("ab", "c") == bytes.fromhex("000000020000000261620000000163")
-    expected = (
+    v1 = (
         b"\x00\x00\x00\x04"
         + b"\x00\x00\x00\x18cesaflow/provider-key/v1"
         + b"\x00\x00\x00\x24"
@@ -98,21 +100,35 @@ def test_canonical_aad_encoding_is_pinned():
         + str(KEY).encode()
         + b"\x00\x00\x00\x06openai"
     )
-    assert expected == AAD
+    # Version 1 is what every key sealed before the destination joined the AAD was bound to: the re-seal needs it.
+    assert provider_key_aad_v1(org_id=ORG, key_id=KEY, provider="openai") == v1
+    v2 = (
+        b"\x00\x00\x00\x05"
+        + b"\x00\x00\x00\x18cesaflow/provider-key/v2"
+        + b"\x00\x00\x00\x24"
+        + str(ORG).encode()
+        + b"\x00\x00\x00\x24"
+        + str(KEY).encode()
+        + b"\x00\x00\x00\x06openai"
+        + b"\x00\x00\x00\x19https://api.openai.com/v1"
+    )
+    assert v2 == AAD
     # UUIDs are canonicalised, so an uppercase or hyphen-less id names the same row.
-    assert provider_key_aad(org_id=str(ORG).upper(), key_id=KEY.hex, provider="openai") == AAD
+    assert provider_key_aad(org_id=str(ORG).upper(), key_id=KEY.hex, provider="openai", destination=DEST) == AAD
 
 
 # --- Round trip and tamper (property tests) ----------------------------------------------------------------
 
-_aad_fields = st.tuples(st.uuids(), st.uuids(), st.sampled_from(["openai", "anthropic", "groq", "openai_compatible"]))
+_aad_fields = st.tuples(
+    st.uuids(), st.uuids(), st.sampled_from(["openai", "anthropic", "groq", "openai_compatible"]), st.text(max_size=80)
+)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plaintext=st.binary(max_size=4096), fields=_aad_fields)
 def test_seal_then_open_round_trips(plaintext, fields):
     ring = make_ring(2, 1)
-    aad = provider_key_aad(org_id=fields[0], key_id=fields[1], provider=fields[2])
+    aad = provider_key_aad(org_id=fields[0], key_id=fields[1], provider=fields[2], destination=fields[3])
     assert open_bytes(ring, seal_bytes(ring, plaintext, aad), aad) == plaintext
 
 
@@ -203,13 +219,15 @@ def test_garbage_fails_closed_and_is_never_returned(stored):
     assert not info.value.retired_kid
 
 
-def test_ciphertext_moved_to_another_org_key_or_provider_does_not_open():
+def test_ciphertext_moved_to_another_org_key_provider_or_destination_does_not_open():
     ring = make_ring(1)
     stored = seal(ring, "sk-proj-bound-to-its-row", AAD)
     for other in (
-        provider_key_aad(org_id=OTHER_ORG, key_id=KEY, provider="openai"),
-        provider_key_aad(org_id=ORG, key_id=OTHER_KEY, provider="openai"),
-        provider_key_aad(org_id=ORG, key_id=KEY, provider="groq"),
+        provider_key_aad(org_id=OTHER_ORG, key_id=KEY, provider="openai", destination=DEST),
+        provider_key_aad(org_id=ORG, key_id=OTHER_KEY, provider="openai", destination=DEST),
+        provider_key_aad(org_id=ORG, key_id=KEY, provider="groq", destination=DEST),
+        provider_key_aad(org_id=ORG, key_id=KEY, provider="openai", destination="https://attacker.example/v1"),
+        provider_key_aad_v1(org_id=ORG, key_id=KEY, provider="openai"),
         b"",
     ):
         with pytest.raises(DecryptionError):
@@ -268,7 +286,22 @@ def test_needs_rewrap_and_reseal_move_a_value_to_the_primary_kid():
 def test_reseal_keeps_the_binding():
     old = seal(make_ring(1), "sk-proj-rotate", AAD)
     with pytest.raises(DecryptionError):
-        reseal(make_ring(2, 1), old, provider_key_aad(org_id=OTHER_ORG, key_id=KEY, provider="openai"))
+        reseal(
+            make_ring(2, 1), old, provider_key_aad(org_id=OTHER_ORG, key_id=KEY, provider="openai", destination=DEST)
+        )
+
+
+def test_reseal_can_move_a_value_to_new_associated_data():
+    v1 = provider_key_aad_v1(org_id=ORG, key_id=KEY, provider="openai")
+    old = seal(make_ring(1), "sk-proj-upgrade", v1)
+    ring = make_ring(2, 1)
+    new = reseal(ring, old, v1, new_aad=AAD)
+    assert stored_kid(new) == 2
+    assert open_sealed(ring, new, AAD) == "sk-proj-upgrade"
+    with pytest.raises(DecryptionError):
+        open_sealed(ring, new, v1)
+    with pytest.raises(DecryptionError):  # the old binding is checked on the way: a moved value does not open
+        reseal(ring, old, provider_key_aad_v1(org_id=OTHER_ORG, key_id=KEY, provider="openai"), new_aad=AAD)
 
 
 # --- Keyring and Secret -------------------------------------------------------------------------------------

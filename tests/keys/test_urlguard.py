@@ -3,9 +3,18 @@ development, unless the operator allow-lists the host. Pure: a fake resolver sta
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from keys.urlguard import UrlRejected, address_refusal, check_host, parse_allowlist, validate_base_url
+from keys.urlguard import (
+    NOT_ALLOWED_MESSAGE,
+    UrlRejected,
+    address_refusal,
+    check_host,
+    parse_allowlist,
+    validate_base_url,
+)
 
 PUBLIC = "93.184.216.34"
 
@@ -47,7 +56,7 @@ def test_public_https_url_is_accepted_and_normalized():
 @pytest.mark.parametrize(
     ("url", "words"),
     [
-        ("http://127.0.0.1:11434/v1", "loopback"),
+        ("https://127.0.0.1:11434/v1", "loopback"),
         ("https://localhost/v1", "loopback"),
         ("https://[::1]/v1", "loopback"),
         ("https://10.0.0.1/v1", "private"),
@@ -71,11 +80,13 @@ def test_public_https_url_is_accepted_and_normalized():
         ("https://vllm.internal/v1", "private"),
     ],
 )
-def test_production_refuses_internal_addresses(url, words):
-    with pytest.raises(UrlRejected) as info:
+def test_production_refuses_internal_addresses(url, words, caplog):
+    with caplog.at_level(logging.INFO, logger="keys.urlguard"), pytest.raises(UrlRejected) as info:
         prod(url)
-    assert words in str(info.value)
+    # The user gets the one generic message; why (and what the name resolved to) is in the operator's log.
+    assert str(info.value) == NOT_ALLOWED_MESSAGE
     assert "CESAFLOW_PROVIDER_HOST_ALLOWLIST" in str(info.value)
+    assert words in caplog.text
 
 
 def test_development_allows_loopback_but_nothing_else_internal():
@@ -97,8 +108,9 @@ def test_allowlisted_hosts_pass_in_production():
 
 
 def test_production_refuses_plain_http_to_hosts_not_on_the_allowlist():
-    with pytest.raises(UrlRejected, match="https"):
+    with pytest.raises(UrlRejected) as info:
         prod("http://api.example.com/v1")
+    assert str(info.value) == NOT_ALLOWED_MESSAGE  # which says: public HTTPS endpoints only
     assert dev("http://api.example.com/v1") == "http://api.example.com/v1"
 
 
@@ -149,3 +161,18 @@ def test_address_refusal_names_each_category():
     assert address_refusal(ip_address("127.0.0.1"), allow_loopback=True) is None
     assert address_refusal(ip_address("127.0.0.1"), allow_loopback=False) == "a loopback address"
     assert address_refusal(ip_address("fd00:ec2::254"), allow_loopback=True) == "a cloud metadata address"
+
+
+def test_an_internal_name_gets_the_generic_message_and_the_log_gets_the_answer(caplog):
+    with caplog.at_level(logging.INFO, logger="keys.urlguard"):
+        with pytest.raises(UrlRejected) as internal:
+            prod("https://vllm.internal/v1")
+        with pytest.raises(UrlRejected) as missing:
+            prod("https://nowhere.internal/v1")
+    # Nothing of what the resolver said: no address, no category, and no telling a name that resolves internally
+    # from one that does not resolve at all (that difference alone maps the internal DNS).
+    assert str(internal.value) == str(missing.value) == NOT_ALLOWED_MESSAGE
+    for leak in ("10.1.2.3", "resolve", "private"):
+        assert leak not in str(internal.value)
+    assert "'vllm.internal' resolves to 10.1.2.3, which is a private address" in caplog.text
+    assert "'nowhere.internal' could not be resolved" in caplog.text

@@ -1,8 +1,10 @@
 """Re-seal every provider key (and every other registered sealed value: operators' TOTP secrets, projects'
-webhook secrets, ``keys.sealed``) that is not under the keyring's primary kid (key rotation, README).
+webhook secrets, ``keys.sealed``) that is not under the keyring's primary kid (key rotation, README). Provider keys
+still sealed with an older associated data version (before the destination joined it) are re-sealed too: every
+key this command writes is under the primary kid and the current AAD.
 
 One row per transaction with the row locked, so the app keeps serving while it runs and an interrupted run
-loses nothing: run it again and it continues with the rows still on an old kid (idempotent, resumable). Rows
+loses nothing: run it again and it continues with the rows still on an old kid or AAD (idempotent, resumable). Rows
 that cannot be opened are left as they are, counted, and audited as ``key.decrypt_failed``; the command then
 exits non-zero. A summary ``key.rewrapped`` event goes to each affected org's audit trail, plus one
 installation-wide event (org=None) with the totals.
@@ -21,7 +23,10 @@ from keys.sealed import SEALED_FIELDS, sealed_fields_rewrap
 
 
 class Command(BaseCommand):
-    help = "Re-seal provider keys under the primary keyring kid, one row per transaction (safe to re-run)."
+    help = (
+        "Re-seal provider keys under the primary keyring kid and the current associated data, one row per "
+        "transaction (safe to re-run)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--dry-run", action="store_true", help="Only count the keys that need re-sealing.")
@@ -58,8 +63,8 @@ class Command(BaseCommand):
         )
         if summary.failed:
             raise CommandError(
-                f"{summary.failed} provider key(s) could not be decrypted; keep their kid in CESAFLOW_KEYRING "
-                "(see the audit trail: key.decrypt_failed)."
+                f"{summary.failed} provider key(s) could not be decrypted; keep their kid in CESAFLOW_KEYRING, or "
+                "revoke and add again a key whose row was changed (see the audit trail: key.decrypt_failed)."
             )
 
     def _rewrap_other_sealed_values(self, keyring: Keyring) -> None:
