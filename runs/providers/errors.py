@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,8 +16,11 @@ import httpx
 
 from cesaflow.lib.http import EgressDenied
 from cesaflow.lib.redact import redact
+from keys.urlguard import NOT_ALLOWED_MESSAGE
 from runs.providers.events import ErrorKind, ProviderError
 from runs.providers.sse import SSEProtocolError
+
+logger = logging.getLogger("cesaflow.providers")
 
 MAX_MESSAGE_CHARS = 500
 
@@ -227,7 +231,9 @@ def classify_stream_error(payload: Any, *, request_id: str | None = None, secret
 def classify_transport_error(exc: BaseException) -> ProviderError:
     """httpx / decoder exceptions. Messages are ours: exception text can carry URLs and socket details."""
     if isinstance(exc, EgressDenied):
-        return ProviderError(kind=ErrorKind.BLOCKED, retryable=False, message=str(exc))
+        # The refusal says what the host resolved to: the operator's log gets it, the user the generic words.
+        logger.warning("provider call refused by the egress policy: %s", exc)
+        return ProviderError(kind=ErrorKind.BLOCKED, retryable=False, message=NOT_ALLOWED_MESSAGE)
     if isinstance(exc, httpx.ConnectTimeout):
         return ProviderError(kind=ErrorKind.TIMEOUT, retryable=True, message="Connecting to the provider timed out.")
     if isinstance(exc, httpx.ReadTimeout):

@@ -15,6 +15,8 @@ from cesaflow.lib.http import (
     get_http_client,
     is_forbidden_address,
 )
+from keys.urlguard import NOT_ALLOWED_MESSAGE
+from runs.providers.errors import classify_transport_error
 from runs.providers.events import ErrorKind
 from runs.providers.openai import OpenAIAdapter
 from tests.runs.conftest import FAKE_KEY
@@ -147,3 +149,13 @@ def test_one_client_per_event_loop_and_policy():
     assert a is not c
     d, _, _ = asyncio.run(same_loop())
     assert d is not a  # another loop gets its own client (httpx connections are bound to a loop)
+
+
+def test_a_refused_destination_reaches_the_user_as_the_generic_message_and_the_log_keeps_the_details(caplog):
+    refused = EgressDenied("Connections to intranet.example are not allowed (it resolves to 10.1.2.3).")
+    with caplog.at_level("WARNING", logger="cesaflow.providers"):
+        error = classify_transport_error(refused)
+    assert error.kind is ErrorKind.BLOCKED
+    assert error.message == NOT_ALLOWED_MESSAGE
+    assert "10.1.2.3" not in error.message
+    assert "10.1.2.3" in caplog.text
