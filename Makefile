@@ -35,7 +35,7 @@ run: $(VENV)/.runtime
 	@$(BIN)/python manage.py provider_simulator --port $(SIMULATOR_PORT) > var/provider-simulator.log 2>&1 & \
 	  sim=$$!; trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
 	  $(BIN)/python manage.py ensure_demo --simulator-url http://127.0.0.1:$(SIMULATOR_PORT) && \
-	  $(BIN)/python manage.py runserver $(HOST):$(PORT)
+	  $(BIN)/python -m cesaflow.serve runserver $(HOST):$(PORT)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -314,8 +314,10 @@ class Harness:
             env["DJANGO_SETTINGS_MODULE"] = "bench.floor.settings"
             target = "bench.floor.asgi:application"
         if server == "daphne":
-            # Verbosity 0: at 1 (the default) daphne writes an access log to stdout.
-            argv = [str(BIN / "daphne"), "-v", "0", "-b", HOST, "-p", str(port), target]
+            # CesaFlow's production server (daphne with bounded, in-memory request bodies); the floor stays on plain
+            # daphne. Verbosity 0: at 1 (the default) daphne writes an access log to stdout.
+            command = [str(BIN / "python"), "-m", "cesaflow.serve"] if app == "cesaflow" else [str(BIN / "daphne")]
+            argv = [*command, "-v", "0", "-b", HOST, "-p", str(port), target]
         elif server == "uvicorn":
             argv = [
                 str(BIN / "uvicorn"),

@@ -1,6 +1,10 @@
 """ASGI entry point: HTTP through Django, websockets through Channels (Origin checked; the consumers authenticate
 through ``orgs.authentication``, the same path as every HTTP request). The OpenAI-compatible endpoint takes the
-gateway's lean path (``cesaflow.gateway``): the same Django views with only the middleware they need."""
+gateway's lean path (``cesaflow.gateway``): the same Django views with only the middleware they need.
+
+Every HTTP request passes the request-body limit table first (``cesaflow.lib.body_limit``): this is the limit's
+enforcement point under any ASGI server; ``cesaflow.serve``, the production server, enforces the same table before
+the body reaches the application, and answers with the same ``too_large_answer``."""
 
 import os
 from typing import Any
@@ -16,10 +20,25 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from cesaflow.gateway import GatewayASGIHandler, is_gateway_path  # noqa: E402
+from cesaflow.lib.api import error_body  # noqa: E402
+from cesaflow.lib.body_limit import BodyLimitMiddleware, TooLarge, too_large_message  # noqa: E402
 from cesaflow.routing import websocket_urlpatterns  # noqa: E402
 from runs.executor import asgi_wrapper  # noqa: E402
+from runs.proxy.errors import ProxyError  # noqa: E402
 
 gateway_asgi_app = GatewayASGIHandler()
+
+
+def too_large_answer(path: str, limit: int) -> TooLarge:
+    """The 413 for a body over ``limit`` on ``path``, in the shape its clients read: OpenAI's on the gateway (SDKs
+    parse it), the one API error shape under ``/api/`` and for webhooks (GitHub shows it in the hook's recent
+    deliveries), a short page everywhere else."""
+    message = too_large_message(limit)
+    if is_gateway_path(path):
+        return TooLarge.json(ProxyError(413, message, code="request_too_large").body())
+    if path.startswith(("/api/", "/hooks/")):
+        return TooLarge.json(error_body("request_too_large", message))
+    return TooLarge.page(message)
 
 
 async def http_app(scope: Any, receive: Any, send: Any) -> None:
@@ -32,7 +51,7 @@ async def http_app(scope: Any, receive: Any, send: Any) -> None:
 application = asgi_wrapper(
     ProtocolTypeRouter(
         {
-            "http": http_app,
+            "http": BodyLimitMiddleware(http_app, answer=too_large_answer),
             "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
         }
     )

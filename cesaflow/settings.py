@@ -505,6 +505,21 @@ CONTENT_SECURITY_POLICY = {
     }
 }
 
+# --- Request bodies: one limit per route (cesaflow/lib/body_limit.py) -------------------------------
+
+# The largest request body per path prefix (the longest match wins), counted as it arrives: past it the server
+# (cesaflow.serve) answers 413 and reads no more, and so does the ASGI app under any other server. Bodies are held in
+# memory only, so these bound each connection's memory too. The TLS proxy's limits must match (README: deployment).
+REQUEST_BODY_LIMITS: dict[str, int] = {
+    "/": DATA_UPLOAD_MAX_MEMORY_SIZE,  # pages and forms (Django refuses larger form bodies anyway)
+    "/api/": _env_int("CESAFLOW_API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+    # An IDE prompt with its context: 2 MiB is about 500k tokens of text (images and audio are not supported).
+    "/api/v1/chat/completions": _env_int("CESAFLOW_GATEWAY_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024),
+    "/hooks/github/": WEBHOOK_MAX_BODY_BYTES,
+}
+# Django spools a body larger than this to a temporary file: never one we accept.
+FILE_UPLOAD_MAX_MEMORY_SIZE = max(REQUEST_BODY_LIMITS.values())
+
 # --- Static files -----------------------------------------------------------------------------------
 
 STATIC_URL = "/static/"

@@ -38,6 +38,7 @@ from django.db.models.functions import Lower
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from cesaflow.lib.body_limit import too_large_message
 from cesaflow.lib.hops import db_hop
 from cesaflow.lib.row_cache import ageneration
 from keys.checking import aprovider_key_models, models_cache_key
@@ -61,10 +62,10 @@ from runs.api.proxy_keys import akey_for_label
 from runs.models import Run, RunKind, RunStatus
 from runs.providers.events import ErrorKind, ProviderError, ProviderEvent
 from runs.proxy import (
-    MAX_BODY_BYTES,
     CompletionRequest,
     ProxyError,
     error_for_provider,
+    max_body_bytes,
     parse_completion_request,
     parse_json_body,
 )
@@ -158,13 +159,16 @@ def _model_not_found(requested: str) -> ProxyError:
 
 
 def _read_body(request: HttpRequest) -> bytes:
+    # The server (cesaflow.serve) and the ASGI middleware refuse a larger body before it arrives; this covers the
+    # test client and any other way in. A chunked body read past the limit is refused by parse_json_body.
+    limit = max_body_bytes()
     declared = request.META.get("CONTENT_LENGTH") or ""
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ProxyError(413, "The request body is too large.", code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise ProxyError(413, too_large_message(limit), code="request_too_large")
     if hasattr(request, "_body"):
         return request.body
     # request.body would apply DATA_UPLOAD_MAX_MEMORY_SIZE (1 MiB, sized for forms); the proxy has its own cap.
-    return request.read(MAX_BODY_BYTES + 1)
+    return request.read(limit + 1)
 
 
 # --- The run's bookkeeping (sync, one thread hop each) ----------------------------------------------------------

@@ -22,9 +22,9 @@ Request fields honoured: ``model`` (``<provider key label>/<model>``, split at t
 from runs.proxy.adapters import ProxyAdapter, apply_options, proxy_adapter_for
 from runs.proxy.errors import ERROR_SUMMARIES, ProxyError, error_for_provider
 from runs.proxy.request import (
-    MAX_BODY_BYTES,
     CallOptions,
     CompletionRequest,
+    max_body_bytes,
     parse_completion_request,
     parse_json_body,
     split_model,
@@ -34,7 +34,6 @@ from runs.proxy.response import DONE_FRAME, CompletionTranslator, UsageTotals, s
 __all__ = [
     "DONE_FRAME",
     "ERROR_SUMMARIES",
-    "MAX_BODY_BYTES",
     "CallOptions",
     "CompletionRequest",
     "CompletionTranslator",
@@ -43,6 +42,7 @@ __all__ = [
     "UsageTotals",
     "apply_options",
     "error_for_provider",
+    "max_body_bytes",
     "parse_completion_request",
     "parse_json_body",
     "proxy_adapter_for",

@@ -10,13 +10,12 @@ from typing import Any, Literal
 
 import orjson
 
+from cesaflow.lib.body_limit import body_limit, too_large_message
 from runs.providers.base import ChatRequest, Message, ToolCall, ToolSpec
 from runs.proxy.errors import ProxyError
 from runs.proxy.errors import bad_request as _bad
 
-# Below Django's FILE_UPLOAD_MAX_MEMORY_SIZE (2.5 MiB): an accepted body is never spooled to a temporary file, so
-# prompts stay in memory. About 500k tokens of text; images and audio are not supported anyway.
-MAX_BODY_BYTES = 2 * 1024 * 1024
+COMPLETIONS_PATH = "/api/v1/chat/completions"
 DEFAULT_MAX_TOKENS = 4096  # the adapters always send a limit (Anthropic requires one)
 MAX_TOKENS_LIMIT = 2**31 - 1
 MAX_STOP_SEQUENCES = 4
@@ -56,11 +55,17 @@ class CompletionRequest:
         )
 
 
+def max_body_bytes() -> int:
+    """The gateway's body cap: the request-body limit table's entry for its path (``settings.REQUEST_BODY_LIMITS``,
+    ``CESAFLOW_GATEWAY_MAX_BODY_BYTES``), the one the server enforces before the body arrives; read at call time.
+    Never above Django's FILE_UPLOAD_MAX_MEMORY_SIZE (settings), so an accepted body is never spooled to a file."""
+    return body_limit(COMPLETIONS_PATH)
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_BODY_BYTES:
-        raise ProxyError(
-            413, f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB.", code="request_too_large"
-        )
+    limit = max_body_bytes()
+    if len(raw) > limit:
+        raise ProxyError(413, too_large_message(limit), code="request_too_large")
     try:
         body = orjson.loads(raw)
     except (ValueError, RecursionError):

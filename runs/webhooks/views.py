@@ -30,6 +30,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 
 from cesaflow.lib.api import error_body
+from cesaflow.lib.body_limit import too_large_message
 from keys.crypto import Secret
 from runs.models import Project
 from runs.projects.selectors import unscoped_project_for_webhook
@@ -120,16 +121,18 @@ async def github_webhook(request: HttpRequest, project_id: uuid.UUID) -> JsonRes
         return _json(error_body("method_not_allowed", "Only POST is accepted."), 405, Allow="POST")
     if request.content_type != "application/json":
         return _error(415, "unsupported_media_type", "Send the delivery as application/json.")
+    # The server refuses an oversized delivery before reading its body (the request-body limit table's /hooks/github/
+    # entry is this same setting, answered with the same message); this check covers any other way in.
     cap = webhook_max_body_bytes()
     declared = _declared_length(request)
     if declared is not None and declared > cap:
-        return _error(413, "request_too_large", f"Deliveries are limited to {cap:,} bytes.")
+        return _error(413, "request_too_large", too_large_message(cap))
     # Never read more than declared (what is verified is what was declared), nor one byte past the cap when nothing
     # was declared (chunked): an oversized body is refused without being held in memory. Not request.body: it
     # would read up to DATA_UPLOAD_MAX_MEMORY_SIZE instead of this cap.
     body = request.read(cap + 1 if declared is None else declared)
     if len(body) > cap:
-        return _error(413, "request_too_large", f"Deliveries are limited to {cap:,} bytes.")
+        return _error(413, "request_too_large", too_large_message(cap))
 
     try:
         project, candidates = await sync_to_async(_load)(project_id)

@@ -89,7 +89,7 @@ def asgi_server(request, transactional_db, tmp_path) -> Iterator[str]:
     log = tmp_path / "daphne.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tests.e2e.asgi:application"],
+            [sys.executable, "-m", "cesaflow.serve", "-b", "127.0.0.1", "-p", str(port), "tests.e2e.asgi:application"],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -25,13 +25,13 @@ from runs.proxy import (
     ProxyError,
     apply_options,
     error_for_provider,
+    max_body_bytes,
     parse_completion_request,
     parse_json_body,
     split_model,
     sse,
     stream_error_frame,
 )
-from runs.proxy.request import MAX_BODY_BYTES
 
 
 def _request(**overrides):
@@ -146,7 +146,7 @@ def test_bad_shapes_are_400_naming_the_parameter(overrides, param):
 
 def test_body_parsing_refuses_what_is_not_a_json_object():
     with pytest.raises(ProxyError) as too_big:
-        parse_json_body(b" " * (MAX_BODY_BYTES + 1))
+        parse_json_body(b" " * (max_body_bytes() + 1))
     assert too_big.value.status == 413
     for raw in (b"\xff\xfe", b"1e999999", b'"text"', b"[" * 50_000):
         with pytest.raises(ProxyError) as raised:
