@@ -346,6 +346,9 @@ SSE_KEEPALIVE_SECONDS = 15.0
 # A watched run (chat runs by default) calls the provider only once its stream is attached (the run page's
 # websocket, an SSE request, or a streaming create). Nobody within this window: cancelled `not_watched`, no tokens.
 RUN_ATTACH_WINDOW_SECONDS = float(_env_int("CESAFLOW_RUN_ATTACH_WINDOW_SECONDS", 30, minimum=1))
+# Per-organization run caps (in slots: agent runs weigh more) and the token cap's reservations: a block of these
+# settings in its own module, read here because it uses the helpers above.
+from cesaflow.settings_limits import *  # noqa: E402, F403
 
 # --- Agent runs: workspaces and the command sandbox ------------------------------------------------------
 

@@ -57,7 +57,9 @@ from runs.models import Run, RunKind, RunStatus
 from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter
 from runs.providers.events import ErrorKind, ProviderError, Retry, TextDelta, TurnEnd, Usage
 from runs.selectors import unscoped_run_for_execution
-from runs.services import EXECUTABLE_KINDS, run_finish
+from runs.services import run_finish
+from runs.services.claiming import EXECUTABLE_KINDS
+from runs.services.tokens import CALL_MAX_OUTPUT_TOKENS
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -67,7 +69,8 @@ SYSTEM_PROMPT = (
     "You are a helpful assistant working for a CesaFlow user. Answer the request directly and clearly; "
     "use Markdown only where it helps."
 )
-MAX_OUTPUT_TOKENS = 4096
+# What a chat run's call may produce at most; the token cap reserves this much output for it.
+MAX_OUTPUT_TOKENS = CALL_MAX_OUTPUT_TOKENS
 
 
 async def execute_run(

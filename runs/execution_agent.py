@@ -41,18 +41,24 @@ from runs.execution_common import (
     usage_entry,
     usage_event,
 )
-from runs.models import Run, RunStatus
+from runs.models import Run, RunKind, RunStatus
 from runs.projects.services import project_record_run
 from runs.providers import CallLimits, ChatRequest
 from runs.providers.events import ErrorKind, ProviderEvent, Retry, Usage
-from runs.selectors import tokens_used_this_month
 from runs.services import run_usage_add
+from runs.services.tokens import (
+    CALL_MAX_OUTPUT_TOKENS,
+    TOKEN_CAP_REACHED,
+    agent_step_estimate,
+    run_first_call_estimate,
+    run_tokens_top_up,
+)
 from runs.services.workspaces import run_workspace_closed, run_workspace_opened
 from runs.workspaces import FileChange, project_workspace_create, sandbox_status, tree, workspace_create
 
 logger = logging.getLogger("cesaflow.runs")
 
-MAX_OUTPUT_TOKENS = 4096
+MAX_OUTPUT_TOKENS = CALL_MAX_OUTPUT_TOKENS
 # Command output after this much per run is no longer forwarded live (the model still gets its truncated copy).
 COMMAND_OUTPUT_LIVE_MAX_CHARS = 1_000_000
 
@@ -214,14 +220,17 @@ async def call_agent(
                     tally.usages.append(dataclasses.replace(adapter.abandoned_usage, complete=False))
 
     async def between_steps() -> str | None:
-        cap = run.org.monthly_token_cap
-        if cap is None:
-            return None
-        used: int = await database_sync_to_async(tokens_used_this_month)(org=run.org)
-        # The ledger has every call recorded so far (this run's and other runs'); add what is not in it yet (the
-        # usage of a call abandoned mid-stream, recorded when the run ends).
-        pending = sum((u.input_tokens or 0) + (u.output_tokens or 0) for u in tally.usages[tally.recorded :])
-        return "token_cap_reached" if used + pending >= cap else None
+        # Each model call reserves what it can cost against the org's monthly cap before it starts
+        # (runs.services.tokens): no room, no call.
+        if tally.usages:
+            last = tally.usages[-1]
+            estimate = agent_step_estimate(
+                last_input_tokens=last.input_tokens or 0, last_output_tokens=last.output_tokens or 0
+            )
+        else:  # what run_create reserved
+            estimate = run_first_call_estimate(kind=RunKind.AGENT, objective=run.objective)
+        reserved: bool = await database_sync_to_async(run_tokens_top_up)(run_id=run.id, estimate=estimate)
+        return None if reserved else TOKEN_CAP_REACHED
 
     try:
         outcome = await run_agent(

@@ -284,11 +284,21 @@ class Run(models.Model):
     # While ``downloading``: until when the download holds the workspace (renewed as it streams; a download whose
     # client vanished without a trace lets go when this passes).
     workspace_lease_until = models.DateTimeField(null=True, blank=True)
+    # Tokens this run holds against its org's monthly cap until its calls report what they really used
+    # (``TokenBudget``), and the month (its first day) whose budget holds them.
+    tokens_reserved = models.PositiveBigIntegerField(default=0)
+    tokens_reserved_month = models.DateField(null=True, blank=True)
 
     class Meta:
         indexes = [
             models.Index(fields=["org", "-created_at"], name="runs_run_org_created"),
             models.Index(fields=["status", "created_at"], name="runs_run_status_created"),
+            # Per-org counts of queued and running runs (caps, fair claiming) read only this small part of the table.
+            models.Index(
+                fields=["org", "status"],
+                condition=models.Q(status__in=[RunStatus.QUEUED, RunStatus.RUNNING]),
+                name="runs_run_org_active",
+            ),
         ]
         constraints = [
             models.CheckConstraint(condition=models.Q(status__in=RunStatus.values), name="runs_run_status_valid"),
@@ -330,3 +340,24 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"usage {self.input_tokens}+{self.output_tokens} for run {self.run_id}"
+
+
+class TokenBudget(models.Model):
+    """An org's tokens in one calendar month (UTC): what its provider calls used (the ledger's total, kept in step
+    by ``run_finish`` and ``run_usage_add``) and what calls in flight may still spend (``reserved``).
+
+    The monthly cap is enforced here, not by summing the ledger: a call reserves its estimate with one conditional
+    UPDATE of this row (``used + reserved + estimate <= cap``), so parallel calls cannot together pass the cap.
+    Counts only."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    org = models.ForeignKey("orgs.Organization", on_delete=models.CASCADE, related_name="token_budgets")
+    month = models.DateField()  # the first day of the month
+    used = models.PositiveBigIntegerField(default=0)
+    reserved = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["org", "month"], name="runs_tokenbudget_unique_month")]
+
+    def __str__(self) -> str:
+        return f"tokens of {self.month:%Y-%m}: {self.used} used, {self.reserved} reserved"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Collection
+from datetime import UTC, date, datetime, time, timedelta
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db.models import F, Q, QuerySet, Sum
+from django.db.models import Case, F, Q, QuerySet, Sum, Value, When
 from django.utils import timezone
 
 from orgs.models import Organization
-from runs.models import AuditEvent, Run, RunStatus, UsageRecord
+from runs.models import AuditEvent, Run, RunKind, RunStatus, UsageRecord
 
 
 def audit_events_for_org(
@@ -86,10 +88,34 @@ def month_start(now: datetime | None = None) -> datetime:
 
 def tokens_used_this_month(*, org: Organization) -> int:
     """Input + output tokens of the org's provider calls since the start of this calendar month (UTC)."""
-    totals = UsageRecord.objects.filter(org=org, created_at__gte=month_start()).aggregate(
+    return tokens_used_in_month(org_id=org.id, month=month_start().date())
+
+
+def tokens_used_in_month(*, org_id: uuid.UUID, month: date) -> int:
+    """Input + output tokens in the org's ledger for the calendar month (UTC) that starts on ``month``."""
+    start = datetime.combine(month, time.min, tzinfo=UTC)
+    end = datetime.combine((start + timedelta(days=32)).replace(day=1).date(), time.min, tzinfo=UTC)
+    totals = UsageRecord.objects.filter(org_id=org_id, created_at__gte=start, created_at__lt=end).aggregate(
         total=Sum(F("input_tokens") + F("output_tokens"))
     )
     return int(totals["total"] or 0)
+
+
+def unscoped_org_run_slots(*, org_ids: Collection[uuid.UUID], status: str) -> dict[uuid.UUID, int]:
+    """The slots the chat and agent runs of these orgs in ``status`` (queued or running) take, per org (orgs
+    without any are left out): a chat run takes one, an agent run ``RUN_AGENT_WEIGHT``. Proxy completions are
+    requests, not executor work: they take none."""
+    if not org_ids:
+        return {}
+    slots = Case(When(kind=RunKind.AGENT, then=Value(int(settings.RUN_AGENT_WEIGHT))), default=Value(1))
+    rows = (
+        Run.objects.filter(org_id__in=list(org_ids), status=status, kind__in=[RunKind.CHAT, RunKind.AGENT])
+        .order_by()
+        .values("org_id")
+        .annotate(slots=Sum(slots))
+        .values_list("org_id", "slots")
+    )
+    return {org_id: int(taken) for org_id, taken in rows}
 
 
 # --- Executor reads (no org: the executor acts for whichever org queued the run) ------------------------------
@@ -119,3 +145,10 @@ def unscoped_runs_to_stop(*, run_ids: list[uuid.UUID], worker_id: str) -> dict[u
             else:
                 found[run_id] = "cancelled"
     return found
+
+
+def unscoped_runs_still_queued(*, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these runs are still queued (an executor forgets the runs handed to it that will never start)."""
+    if not run_ids:
+        return set()
+    return set(Run.objects.filter(id__in=run_ids, status=RunStatus.QUEUED).values_list("id", flat=True))

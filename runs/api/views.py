@@ -43,6 +43,8 @@ from runs.projects.services import project_run_create
 from runs.selectors import audit_events_for_org, run_get_for_org, runs_for_org
 from runs.services import (
     NOT_CANCELLABLE,
+    ORG_RUN_QUEUE_FULL,
+    TOKEN_CAP_REACHED,
     run_create,
     run_request_cancel,
 )
@@ -118,8 +120,9 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         "stream, the first event carrying the new run's id. Nobody attached within the attach window: the run "
         "ends `cancelled` (`not_watched`) without calling the provider. `watch: false` starts it at once, "
         "unwatched. A provider key of another organization is refused like a missing one (400 "
-        "`validation_error` on `provider_key`). Once the organization's monthly token cap is reached: 429 "
-        "`token_cap_reached`.",
+        "`validation_error` on `provider_key`). 429 `token_cap_reached` when the organization's monthly token cap "
+        "has no room for the run's first call, 429 `org_run_queue_full` when the organization already has as many "
+        "runs waiting to start as it may (`CESAFLOW_RUN_ORG_MAX_QUEUED`).",
         request=RunCreateSerializer,
         responses={
             201: RunSerializer,
@@ -162,8 +165,8 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
                     limits=data.get("limits"),
                 )
         except DjangoValidationError as exc:
-            if getattr(exc, "code", None) == "token_cap_reached":
-                raise ApiError(status.HTTP_429_TOO_MANY_REQUESTS, "token_cap_reached", exc.messages[0]) from None
+            if getattr(exc, "code", None) in {TOKEN_CAP_REACHED, ORG_RUN_QUEUE_FULL}:
+                raise ApiError(status.HTTP_429_TOO_MANY_REQUESTS, str(exc.code), exc.messages[0]) from None
             if getattr(exc, "code", None) == ORG_SUSPENDED:  # suspended after the gate let this request in
                 raise ApiError(status.HTTP_403_FORBIDDEN, ORG_SUSPENDED, exc.messages[0]) from None
             raise

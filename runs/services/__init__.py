@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from keys.selectors import provider_key_get_usable_for_org
@@ -31,7 +31,15 @@ from runs.models import (
     RunStatus,
     UsageRecord,
 )
-from runs.selectors import tokens_used_this_month
+
+# Claiming and the token cap's reservations have modules of their own; what callers use is re-exported here.
+from runs.services.claiming import ORG_RUN_QUEUE_FULL as ORG_RUN_QUEUE_FULL
+from runs.services.claiming import org_queue_check
+from runs.services.claiming import run_claim as run_claim
+from runs.services.claiming import runs_claim_queued as runs_claim_queued
+from runs.services.tokens import TOKEN_CAP_REACHED as TOKEN_CAP_REACHED
+from runs.services.tokens import run_first_call_estimate, tokens_release, tokens_reserve, tokens_used
+from runs.services.tokens import tokens_estimate as tokens_estimate
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +63,6 @@ MODEL_MAX_CHARS = 200
 # Kinds whose runs wait for their watcher unless created with ``watch=False``: a chat run's answer *is* its stream.
 WATCHED_BY_DEFAULT = frozenset({RunKind.CHAT})
 
-# Queued runs an executor may start: unwatched ones, and watched ones whose stream is attached.
-READY = Q(watch=False) | Q(attached_at__isnull=False)
-
 
 @dataclass(frozen=True)
 class UsageEntry:
@@ -78,19 +83,6 @@ def _actor_fields(actor: Actor) -> dict[str, Any]:
     }
 
 
-def run_check_token_cap(*, org: Organization) -> None:
-    """Refuse new work once the org's monthly token cap is reached (``ValidationError`` code ``token_cap_reached``)."""
-    if org.monthly_token_cap is None:
-        return
-    used = tokens_used_this_month(org=org)
-    if used >= org.monthly_token_cap:
-        raise ValidationError(
-            f"This organization has used {used:,} of its {org.monthly_token_cap:,} monthly tokens. "
-            "An Admin can raise the cap in Settings.",
-            code="token_cap_reached",
-        )
-
-
 @transaction.atomic
 def run_create(
     *,
@@ -105,9 +97,15 @@ def run_create(
     project: Project | None = None,
     created_by_label: str | None = None,
     publish_status: bool = True,
+    token_estimate: int | None = None,
 ) -> Run:
-    """A new run. ``chat`` runs are queued and handed to the executor after commit; ``completion`` runs (the
+    """A new run. ``chat`` and ``agent`` runs are queued and handed to the executor after commit (refused with
+    ``org_run_queue_full`` when the org's queue is full: ``runs.services.claiming``); ``completion`` runs (the
     proxy) start immediately in the caller's request.
+
+    The org's monthly token cap: the run's first provider call is reserved against it here (refused with
+    ``token_cap_reached`` when there is no room), ``token_estimate`` tokens if given (a proxy call: its prompt
+    and max_tokens, ``runs.services.tokens.tokens_estimate``), else the estimate for the run's kind.
 
     ``watch`` (default: per kind, ``WATCHED_BY_DEFAULT``): the run calls the provider only once its stream is
     attached (``run_attach``); nobody within ``RUN_ATTACH_WINDOW_SECONDS`` → cancelled ``not_watched``, no tokens
@@ -150,7 +148,12 @@ def run_create(
             run_limits = dataclasses.asdict(org_agent_limits(org=org).merged(limits or {}))
         except ValueError as exc:
             raise ValidationError({"limits": str(exc)}) from None
-    run_check_token_cap(org=org)
+    if kind != RunKind.COMPLETION:
+        org_queue_check(org=org, kind=kind)
+    if token_estimate is None:
+        token_estimate = run_first_call_estimate(kind=kind, objective=objective)
+    estimate = max(0, token_estimate)
+    reserved_in = tokens_reserve(org=org, estimate=estimate)
     now = timezone.now()
     starts_now = kind == RunKind.COMPLETION
     if watch is None:
@@ -167,6 +170,8 @@ def run_create(
         watch=watch and not starts_now,
         limits=run_limits,
         project=project,
+        tokens_reserved=estimate if reserved_in is not None else 0,
+        tokens_reserved_month=reserved_in,
         **_actor_fields(actor),
     )
     if created_by_label is not None and actor is None:
@@ -212,81 +217,9 @@ def _after_create(run: Run, *, publish_status: bool = True) -> None:
         _submit(run.id)
 
 
-@transaction.atomic
-def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
-    """Claim a queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise (also
-    for a watched run nobody has attached to yet)."""
-    run = (
-        Run.objects.select_for_update(skip_locked=True)
-        .filter(READY, id=run_id, status=RunStatus.QUEUED, org__suspended_at__isnull=True)
-        .first()
-    )
-    if run is None or not _serialized([run]):
-        return None
-    now = timezone.now()
-    run.status = RunStatus.RUNNING
-    run.started_at = now
-    run.worker_id = worker_id[:64]
-    run.heartbeat_at = now
-    run.save(update_fields=["status", "started_at", "worker_id", "heartbeat_at"])
-    return run
-
-
 # A run without heartbeats (executed inside a request) still running after this long has been lost: far beyond
 # any provider call's deadline.
 UNATTENDED_RUN_LIMIT = timedelta(minutes=15)
-
-# Kinds an executor knows how to run (``completion`` runs execute in the proxy's request).
-EXECUTABLE_KINDS = (RunKind.CHAT, RunKind.AGENT)
-
-
-def _serialized(candidates: list[Run]) -> list[Run]:
-    """The candidates that may start now: at most one per project, and none on a project that has a run
-    executing. Inside the claim's transaction: the project rows are locked (skip locked) until the claimed run is
-    committed ``running``, so two executors never start two runs on one project."""
-    project_ids = {run.project_id for run in candidates if run.project_id is not None}
-    if not project_ids:
-        return candidates
-    free = set(
-        Project.objects.select_for_update(skip_locked=True).filter(id__in=project_ids).values_list("id", flat=True)
-    )
-    busy = set(Run.objects.filter(project_id__in=free, status=RunStatus.RUNNING).values_list("project_id", flat=True))
-    chosen: list[Run] = []
-    for run in candidates:
-        if run.project_id is not None:
-            if run.project_id not in free or run.project_id in busy:
-                continue
-            busy.add(run.project_id)  # one per project per claim
-        chosen.append(run)
-    return chosen
-
-
-@transaction.atomic
-def runs_claim_queued(*, worker_id: str, limit: int) -> list[Run]:
-    """Claim up to ``limit`` of the oldest queued runs for ``worker_id`` (one statement with ``FOR UPDATE SKIP
-    LOCKED``: concurrent workers never claim the same run and never wait for each other)."""
-    if limit < 1:
-        return []
-    # Runs whose project already has one executing are left out in SQL: a backlog on one busy project must not
-    # fill the window and hold up every other project's and org's runs.
-    project_busy = Exists(
-        Run.objects.filter(project_id=OuterRef("project_id"), status=RunStatus.RUNNING, project__isnull=False)
-    )
-    candidates = list(
-        Run.objects.select_for_update(skip_locked=True)
-        .filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS, org__suspended_at__isnull=True)
-        .exclude(project_busy)
-        .order_by("created_at", "id")[: limit * 4]
-    )
-    runs = _serialized(candidates)[:limit]
-    now = timezone.now()
-    for run in runs:
-        run.status = RunStatus.RUNNING
-        run.started_at = now
-        run.worker_id = worker_id[:64]
-        run.heartbeat_at = now
-    Run.objects.bulk_update(runs, ["status", "started_at", "worker_id", "heartbeat_at"])
-    return runs
 
 
 def run_heartbeat(*, run_ids: list[uuid.UUID], worker_id: str) -> int:
@@ -306,7 +239,8 @@ def run_finish(
     error_kind: str = "",
     error_message: str = "",
 ) -> Run:
-    """Record the end of a run: status, times, token totals and one usage-ledger row per provider call.
+    """Record the end of a run: status, times, token totals and one usage-ledger row per provider call. The
+    usage counts against the org's monthly cap, and what is left of the run's reservation is released.
 
     Idempotent: a run that already ended (reaped, cancelled while queued) keeps its first outcome, but the
     usage of calls that really happened is still recorded, because the provider bills them.
@@ -314,6 +248,8 @@ def run_finish(
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"not a terminal status: {status!r}")
     run = Run.objects.select_for_update().get(id=run_id)
+    fields = tokens_used(run=run, tokens=sum(max(0, e.input_tokens) + max(0, e.output_tokens) for e in usage))
+    fields += tokens_release(run=run)
     for entry in usage:
         UsageRecord.objects.create(
             org_id=run.org_id,
@@ -326,7 +262,7 @@ def run_finish(
         )
     run.input_tokens += sum(max(0, e.input_tokens) for e in usage)
     run.output_tokens += sum(max(0, e.output_tokens) for e in usage)
-    fields = ["input_tokens", "output_tokens"]
+    fields += ["input_tokens", "output_tokens"]
     if not run.is_terminal:
         run.status = status
         run.finished_at = timezone.now()
@@ -336,15 +272,20 @@ def run_finish(
         run.error_kind = error_kind[:32]
         run.error_message = error_message[:300]
         fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
-    run.save(update_fields=fields)
+    run.save(update_fields=list(dict.fromkeys(fields)))
     return run
 
 
 @transaction.atomic
 def run_usage_add(*, run_id: uuid.UUID, entry: UsageEntry) -> None:
-    """One provider call's usage, recorded as it happens (agent runs make many calls): a ledger row, and the run's
-    totals. ``run_finish`` later adds only what was not recorded yet."""
-    run = Run.objects.select_for_update().only("id", "org_id").get(id=run_id)
+    """One provider call's usage, recorded as it happens (agent runs make many calls): a ledger row, the run's
+    totals, and the org's monthly count (that much of the run's reservation is used up). ``run_finish`` later adds
+    only what was not recorded yet."""
+    run = (
+        Run.objects.select_for_update().only("id", "org_id", "tokens_reserved", "tokens_reserved_month").get(id=run_id)
+    )
+    if tokens_used(run=run, tokens=max(0, entry.input_tokens) + max(0, entry.output_tokens)):
+        run.save(update_fields=["tokens_reserved", "tokens_reserved_month"])
     UsageRecord.objects.create(
         org_id=run.org_id,
         run_id=run.id,
@@ -381,7 +322,8 @@ def run_request_cancel(*, run: Run, actor: Actor) -> Run:
         locked.finished_at = now
         locked.error_kind = "cancelled"
         locked.error_message = "Cancelled before it started."
-        locked.save(update_fields=["status", "finished_at", "error_kind", "error_message"])
+        fields = tokens_release(run=locked)
+        locked.save(update_fields=["status", "finished_at", "error_kind", "error_message", *fields])
         transaction.on_commit(lambda: events.publish(locked, events.finished_event(locked, seq=0)))
     elif locked.cancel_requested_at is None:
         locked.cancel_requested_at = now
@@ -439,17 +381,19 @@ def runs_expire_unwatched(*, window: timedelta) -> list[Run]:
     """Cancel watched runs nobody attached to within ``window`` of their creation (``not_watched``): the provider
     was never called, so no tokens were spent, and an answer nobody could see is not bought."""
     now = timezone.now()
+    # In org order: releasing reservations updates each org's budget row, always in the same order.
     expired = list(
-        Run.objects.select_for_update(skip_locked=True).filter(
-            status=RunStatus.QUEUED, watch=True, attached_at__isnull=True, created_at__lt=now - window
-        )
+        Run.objects.select_for_update(skip_locked=True)
+        .filter(status=RunStatus.QUEUED, watch=True, attached_at__isnull=True, created_at__lt=now - window)
+        .order_by("org_id", "id")
     )
     for run in expired:
         run.status = RunStatus.CANCELLED
         run.finished_at = now
         run.error_kind = NOT_WATCHED
         run.error_message = "Nobody opened the run in time, so it never started and used no tokens."
-        run.save(update_fields=["status", "finished_at", "error_kind", "error_message"])
+        fields = tokens_release(run=run)
+        run.save(update_fields=["status", "finished_at", "error_kind", "error_message", *fields])
     for run in expired:
         transaction.on_commit(
             lambda run=run: events.publish(run, events.finished_event(run, seq=0)),  # type: ignore[misc]
@@ -467,10 +411,12 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
     """
     now = timezone.now()
     lost = list(
-        Run.objects.select_for_update(skip_locked=True).filter(
+        Run.objects.select_for_update(skip_locked=True)
+        .filter(
             Q(heartbeat_at__lt=now - stale_after) | Q(heartbeat_at__isnull=True, started_at__lt=now - unattended_after),
             status=RunStatus.RUNNING,
         )
+        .order_by("org_id", "id")  # budget rows are updated in the same order by every reaper
     )
     for run in lost:
         run.status = RunStatus.FAILED
@@ -478,7 +424,9 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
         run.error_kind = "worker_lost"
         run.error_message = "The process executing this run stopped; the run cannot resume."
         run.usage_complete = False
-        run.save(update_fields=["status", "finished_at", "error_kind", "error_message", "usage_complete"])
+        # Its reservation goes too: whatever its calls used but never reported is lost with the process.
+        fields = tokens_release(run=run)
+        run.save(update_fields=["status", "finished_at", "error_kind", "error_message", "usage_complete", *fields])
     for run in lost:
         # robust: one failed publish (the channel layer is down) must not skip the others.
         transaction.on_commit(

@@ -24,8 +24,9 @@ from django.test import AsyncClient
 from django.utils import timezone
 
 from orgs.services import org_update
-from runs.models import Run, RunStatus, WorkspaceState
+from runs.models import Run, RunKind, RunStatus, TokenBudget, WorkspaceState
 from runs.services import runs_reap_lost
+from runs.services.tokens import run_first_call_estimate
 from runs.services.workspaces import workspaces_purge
 from runs.workspaces import workspace_create, workspace_path
 from tests.keys import canary
@@ -315,15 +316,18 @@ async def test_an_executor_starting_up_deletes_orphaned_workspaces_at_once(cast,
     assert not orphan.exists()
 
 
-async def test_the_monthly_token_cap_stops_an_agent_run_between_steps(cast, simulator):
-    await sync_to_async(org_update)(org=cast.org_a, actor=cast.admin_a.user, monthly_token_cap=500)
+async def test_the_monthly_token_cap_stops_an_agent_run_before_a_step_it_has_no_room_for(cast, simulator):
+    # Room for what the first model call can cost (reserved when the run is created), not for a second one.
+    first_call = run_first_call_estimate(kind=RunKind.AGENT, objective="Build a greeting package.")
+    await sync_to_async(org_update)(org=cast.org_a, actor=cast.admin_a.user, monthly_token_cap=first_call + 100)
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
     created = await create_agent_run(cast.dev_a, key)
     run, watcher = await run_to_end(created["id"])
-    # The first step alone used about 450 tokens; the second brought the run past the cap, so no third call.
     assert (run.status, run.error_kind) == (RunStatus.FAILED, "token_cap_reached")
-    assert [s["step"] for s in watcher.of_type("agent.step")] == [1, 2]
-    assert await run.usage_records.acount() == 2
+    assert [s["step"] for s in watcher.of_type("agent.step")] == [1]
+    assert await run.usage_records.acount() == 1
+    budget = await TokenBudget.objects.aget(org=cast.org_a)
+    assert (budget.used, budget.reserved) == (run.total_tokens, 0)
 
 
 async def finished_tool_write_run(cast: Any, simulator: Any) -> Run:

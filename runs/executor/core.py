@@ -1,54 +1,28 @@
-"""Hands queued runs to whatever executes them, and keeps every executing run accountable.
-
-Two modes (``settings.RUN_EXECUTOR``, environment ``CESAFLOW_EXECUTOR``):
-
-* ``inline`` (default): runs execute as asyncio tasks in the ASGI server's event loop. ``cesaflow.asgi`` wraps the
-  application with :func:`asgi_wrapper`, which binds an :class:`Executor` to the server's loop at lifespan startup
-  or on the first HTTP request. ``submit`` (called once the run's row is committed, usually from a sync view
-  thread) hands the run to that loop. Where no server loop exists (management commands, tests) a background thread
-  with its own loop executes runs; their events then reach clients only through a cross-process channel layer
-  (Redis): the in-memory layer cannot cross event loops.
-* ``worker``: ``submit`` only nudges the ``run_worker`` processes through the channel layer. They poll the queue
-  too, so a lost nudge costs at most one poll interval. There is no broker: PostgreSQL row locks hand out runs.
-
-Whatever the mode, an :class:`Executor`:
-
-* claims runs with ``FOR UPDATE SKIP LOCKED`` (``run_claim``, ``runs_claim_queued``): a run executes exactly once;
-* heartbeats its running runs, and reaps runs whose executor stopped heart-beating (``worker_lost``);
-* starts a watched run only once its stream is attached (``run_attach`` submits it, or nudges the workers), and
-  cancels those nobody attached to within ``RUN_ATTACH_WINDOW_SECONDS`` (``not_watched``, no provider call);
-* stops a run within a second of a cancel request: the ``run.cancel`` message on the run's control group, and a
-  poll of ``cancel_requested_at`` (one query for all its runs) in case the message is lost;
-* on shutdown stops its runs and records them failed. After a crash, the restarted executor (or any other) reaps
-  them within ``RUN_STALE_AFTER_SECONDS`` plus one heartbeat, and claims runs left queued: after any restart,
-  nothing stays ``running`` or ``queued`` forever.
-"""
+"""The executor itself: claims runs, executes them as tasks of its event loop, heartbeats, reaps, stops them on
+request (see the package docstring for how executors are deployed)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import secrets
 import socket
-import threading
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from runs import events
 from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl, execute_run
 from runs.providers import CallLimits
-from runs.selectors import unscoped_runs_to_stop
+from runs.selectors import unscoped_runs_still_queued, unscoped_runs_to_stop
 from runs.services import (
     retention_purge,
     run_claim,
@@ -63,17 +37,11 @@ from runs.workspaces import sandbox_status
 
 logger = logging.getLogger("cesaflow.runs")
 
-# An inline executor looks at the queue only to recover runs left queued by a restart: submit() is its fast path.
-INLINE_QUEUE_POLL_SECONDS = 5.0
 # After asking its runs to stop at shutdown, an executor waits this long for them to record their end.
 STOP_RECORD_TIMEOUT_SECONDS = 10.0
 CLAIM_BATCH = 20
 # Audit events and webhook delivery ids are purged this often by every reaping executor (cheap, idempotent).
 RETENTION_INTERVAL_SECONDS = 3600.0
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -82,7 +50,7 @@ class ExecutorConfig:
     stale_after_s: float
     poll_s: float
     cancel_poll_s: float
-    concurrency: int
+    concurrency: int  # runs executing at once in this executor, however they were handed to it
     claim_queued: bool  # look at the queue (workers; inline server executors, to recover after a restart)
     reap: bool  # mark other executors' lost runs failed
 
@@ -133,6 +101,10 @@ class Executor:
         self.limits = limits
         self.worker_id = worker_id or new_worker_id(label)
         self._active: dict[uuid.UUID, _ActiveRun] = {}
+        # Runs submitted to an executor that does not look at the queue, left queued because it or their org had no
+        # free slot: retried, fairly (runs_claim_queued), as slots free up. Insertion-ordered.
+        self._submitted: dict[uuid.UUID, None] = {}
+        self._claiming = 0  # slots held by claims in flight (submissions arrive as concurrent tasks)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: str | None = None
         self._channel_lock: asyncio.Lock | None = None
@@ -214,25 +186,46 @@ class Executor:
     # --- Claiming -------------------------------------------------------------------------------------------
 
     async def submit_run(self, run_id: uuid.UUID) -> bool:
-        """Claim this queued run and start executing it. False if another executor has it (or it is not queued)."""
+        """Claim this queued run and start executing it. False if it does not start now: another executor has it,
+        it is not queued, or this executor or the run's org has no free slot. In the last case it stays queued and
+        starts, in its turn, once a slot is free (claimed from the queue, or retried by this executor)."""
         if self._stopping:
             return False
         self.start()
-        run = await database_sync_to_async(run_claim)(run_id=run_id, worker_id=self.worker_id)
+        run = None
+        if self._free_slots() > 0:
+            self._claiming += 1
+            try:
+                run = await database_sync_to_async(run_claim)(run_id=run_id, worker_id=self.worker_id)
+            finally:
+                self._claiming -= 1
         if run is None:
+            if not self.config.claim_queued:
+                self._submitted[run_id] = None
             return False
         self._execute_claimed(run.id)
         return True
 
     async def claim_queued(self) -> int:
-        """Claim queued runs up to the free capacity; returns how many."""
-        capacity = self.config.concurrency - len(self._active)
-        if self._stopping or capacity <= 0:
+        """Claim queued runs up to the free capacity, fairly across orgs; returns how many. An executor that does
+        not look at the queue claims among the runs submitted to it."""
+        capacity = self._free_slots()
+        among = None if self.config.claim_queued else list(self._submitted)
+        if self._stopping or capacity <= 0 or among == []:
             return 0
         limit = min(capacity, CLAIM_BATCH)
-        runs = await database_sync_to_async(runs_claim_queued)(worker_id=self.worker_id, limit=limit)
+        self._claiming += limit
+        try:
+            runs = await database_sync_to_async(runs_claim_queued)(worker_id=self.worker_id, limit=limit, among=among)
+        finally:
+            self._claiming -= limit
         for run in runs:
+            self._submitted.pop(run.id, None)
             self._execute_claimed(run.id)
+        if among:
+            # Forget the submitted runs that will never start here (cancelled, claimed by someone else).
+            waiting = await database_sync_to_async(unscoped_runs_still_queued)(run_ids=list(self._submitted))
+            self._submitted = {run_id: None for run_id in self._submitted if run_id in waiting}
         if len(runs) == limit and self._wake is not None:
             self._wake.set()  # there may be more
         return len(runs)
@@ -263,7 +256,7 @@ class Executor:
             self._active.pop(run_id, None)
             if not self._active and self._idle is not None:
                 self._idle.set()
-            if self._wake is not None and self.config.claim_queued:
+            if self._wake is not None and self._claims:
                 self._wake.set()  # capacity freed
             if joined and self._channel is not None:
                 with suppress(Exception):
@@ -288,7 +281,7 @@ class Executor:
                 if config.reap and not self._stopping and now >= next_reap:
                     next_reap = now + config.heartbeat_s
                     await self._reap()
-                if config.claim_queued and not self._stopping and (now >= next_claim or woken):
+                if self._claims and not self._stopping and (now >= next_claim or woken):
                     next_claim = now + config.poll_s
                     await self.claim_queued()
             except Exception as exc:  # the database or Redis is briefly unavailable: try again next tick
@@ -296,7 +289,7 @@ class Executor:
             deadlines = [next_heartbeat]
             if config.reap:
                 deadlines.append(next_reap)
-            if config.claim_queued:
+            if self._claims:
                 deadlines.append(next_claim)
             timeout = min(deadlines) - loop.time()
             if self._active:
@@ -401,6 +394,14 @@ class Executor:
 
     # --- Helpers --------------------------------------------------------------------------------------------
 
+    def _free_slots(self) -> int:
+        return self.config.concurrency - len(self._active) - self._claiming
+
+    @property
+    def _claims(self) -> bool:
+        """Whether this executor claims from the queue now: always, or while runs submitted to it wait."""
+        return self.config.claim_queued or bool(self._submitted)
+
     def _layer(self) -> Any:
         return self.layer if self.layer is not None else get_channel_layer()
 
@@ -437,158 +438,3 @@ def _close_db_connections() -> None:
     from django.db import connections
 
     connections.close_all()
-
-
-# --- Inline mode: the server's loop, or a background thread ---------------------------------------------------
-
-_state_lock = threading.Lock()
-_server: tuple[asyncio.AbstractEventLoop, Executor] | None = None
-_background: _BackgroundLoop | None = None
-_pending: set[asyncio.Task[Any]] = set()
-
-
-class _BackgroundLoop:
-    """A daemon thread running an event loop for runs submitted where no server loop exists."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        # Its own channel-layer instance: channels_redis binds receiving to one event loop per instance.
-        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER) if settings.CHANNEL_LAYERS else None
-        self.executor = Executor(
-            config=ExecutorConfig.from_settings(claim_queued=False, reap=False), label="inline", layer=layer
-        )
-        self.thread = threading.Thread(target=self._run, name="cesaflow-runs", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.call_soon(self.executor.start)
-        self.loop.run_forever()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.loop.is_closed()
-
-
-def submit(run_id: uuid.UUID) -> None:
-    """Hand a queued run to the executor. Called after the run's row is committed; returns at once."""
-    if settings.RUN_EXECUTOR == "worker":
-        _nudge_workers()
-        return
-    loop, executor = _inline_executor()
-    _call_in_loop(loop, executor.submit_run, run_id)
-
-
-def _inline_executor() -> tuple[asyncio.AbstractEventLoop, Executor]:
-    global _background
-    with _state_lock:
-        if _server is not None and _loop_usable(_server[0]):
-            return _server
-        if _background is None or not _background.alive:
-            _background = _BackgroundLoop()
-        return _background.loop, _background.executor
-
-
-def _loop_usable(loop: asyncio.AbstractEventLoop) -> bool:
-    return loop.is_running() and not loop.is_closed()
-
-
-def _call_in_loop(loop: asyncio.AbstractEventLoop, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """Run ``func(*args)`` as a task of ``loop``, in a fresh context: the caller's request state (request id,
-    asgiref's per-request thread) must not leak into work that outlives the request."""
-
-    def spawn() -> None:
-        task = loop.create_task(_logged(func, *args))
-        _pending.add(task)
-        task.add_done_callback(_pending.discard)
-
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        contextvars.Context().run(spawn)
-    else:
-        loop.call_soon_threadsafe(spawn, context=contextvars.Context())
-
-
-async def _logged(func: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    try:
-        await func(*args)
-    except Exception as exc:
-        logger.error("executor: %s failed (%s)", getattr(func, "__name__", "task"), type(exc).__name__)
-
-
-def _nudge_workers() -> None:
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(events.WORKERS_GROUP, {"type": "run.nudge"})
-    except Exception as exc:  # workers poll the queue anyway
-        logger.warning("run_worker nudge not sent (%s)", type(exc).__name__)
-
-
-def bind_server_loop() -> Executor | None:
-    """Make the running loop (the ASGI server's) the inline executor's. Idempotent; a no-op in worker mode."""
-    global _server
-    if settings.RUN_EXECUTOR != "inline":
-        return None
-    loop = asyncio.get_running_loop()
-    with _state_lock:
-        if _server is not None and _server[0] is loop:
-            return _server[1]
-        executor = Executor(
-            config=ExecutorConfig.from_settings(
-                claim_queued=True, reap=True, poll_s=max(settings.RUN_WORKER_POLL_SECONDS, INLINE_QUEUE_POLL_SECONDS)
-            ),
-            label="inline",
-        )
-        _server = (loop, executor)
-    contextvars.Context().run(executor.start)
-    return executor
-
-
-async def unbind_server_loop(*, grace_s: float = 0.0) -> None:
-    """Stop the server loop's executor (ASGI lifespan shutdown, tests)."""
-    global _server
-    with _state_lock:
-        bound, _server = _server, None
-    if bound is not None and bound[0] is asyncio.get_running_loop():
-        await bound[1].stop(grace_s=grace_s)
-
-
-def wait_for_background_runs(timeout: float = 10.0) -> bool:
-    """Block until the background thread's executor has no run left (tests, management commands)."""
-    background = _background
-    if background is None or not background.alive:
-        return True
-    future = asyncio.run_coroutine_threadsafe(background.executor.wait_idle(timeout), background.loop)
-    return bool(future.result(timeout + 1))
-
-
-def asgi_wrapper(app: ASGIApp) -> ASGIApp:
-    """The ASGI application with the inline executor bound to the server's loop, and lifespan handled (a server
-    that speaks lifespan gets a graceful shutdown: running runs are recorded, not left to the reaper)."""
-
-    async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] == "http" and (_server is None or _server[0] is not asyncio.get_running_loop()):
-            bind_server_loop()
-        await app(scope, receive, send)
-
-    return application
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            bind_server_loop()
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await unbind_server_loop(grace_s=settings.RUN_SHUTDOWN_GRACE_SECONDS)
-            await send({"type": "lifespan.shutdown.complete"})
-            return
