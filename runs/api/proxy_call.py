@@ -85,8 +85,11 @@ class ProxyCall:
     """One completion. ``finish`` runs exactly once, whatever ends the call (the turn's end, a provider error, the
     client hanging up); ``attach`` gives it its run once the bookkeeping hop has written it."""
 
-    def __init__(self, *, context: OrgContext, completion: CompletionRequest, key: ProviderKey) -> None:
+    def __init__(
+        self, *, context: OrgContext, completion: CompletionRequest, key: ProviderKey, prompt_bytes: int = 0
+    ) -> None:
         self.context = context
+        self.prompt_bytes = prompt_bytes  # the request body's size: the prompt's upper bound in tokens
         self.completion = completion
         self.key = key
         self.run: Run | None = None

@@ -69,7 +69,7 @@ from runs.proxy import (
     parse_completion_request,
     parse_json_body,
 )
-from runs.services import run_create, run_finish
+from runs.services import run_create, run_finish, tokens_estimate
 
 # Cold-cache model listing checks keys concurrently, but never more than this many at once per request.
 MODELS_CONCURRENCY = 8
@@ -174,7 +174,7 @@ def _read_body(request: HttpRequest) -> bytes:
 # --- The run's bookkeeping (sync, one thread hop each) ----------------------------------------------------------
 
 
-def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionRequest) -> Run:
+def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionRequest, prompt_bytes: int) -> Run:
     try:
         return run_create(
             org=context.org,
@@ -183,6 +183,8 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
             model=completion.model,
             kind=RunKind.COMPLETION,
             publish_status=False,  # published by the view without waiting (``ProxyCall.attach``)
+            # What the call can cost, reserved against a monthly token cap: the body's size and its max_tokens.
+            token_estimate=tokens_estimate(prompt_bytes=prompt_bytes, max_output_tokens=completion.chat.max_tokens),
         )
     except ValidationError as exc:
         if getattr(exc, "code", None) == ORG_SUSPENDED:  # suspended since the key was checked
@@ -204,7 +206,7 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
 @transaction.atomic
 def _record_start(call: ProxyCall) -> Run:
     """The run row and the ``key.used`` audit row, committed together (the provider call is already on its way)."""
-    run = _start_run(context=call.context, key=call.key, completion=call.completion)
+    run = _start_run(context=call.context, key=call.key, completion=call.completion, prompt_bytes=call.prompt_bytes)
     provider_key_record_use(key=call.key, actor=call.context.actor, purpose="completion", reference=str(run.id))
     return run
 
@@ -212,7 +214,7 @@ def _record_start(call: ProxyCall) -> Run:
 def _record_unreadable(call: ProxyCall) -> None:
     """A stored value that does not open: audited ``key.decrypt_failed``, and the run recorded as failed."""
     provider_key_record_decrypt_failure(key=call.key, actor=call.context.actor, purpose="completion")
-    run = _start_run(context=call.context, key=call.key, completion=call.completion)
+    run = _start_run(context=call.context, key=call.key, completion=call.completion, prompt_bytes=call.prompt_bytes)
     run_finish(
         run_id=run.id,
         status=RunStatus.FAILED,
@@ -295,11 +297,12 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
         raise _method_not_allowed("POST")
     token = await ageneration()  # one read of the authorization generation for both cached lookups
     context = await _authenticate(request, RUNS_WRITE, token=token)
-    completion = parse_completion_request(parse_json_body(_read_body(request)))
+    raw = _read_body(request)
+    completion = parse_completion_request(parse_json_body(raw))
     key = await akey_for_label(context=context, label=completion.key_label, token=token)
     if key is None:
         raise _model_not_found(completion.requested_model)
-    call = ProxyCall(context=context, completion=completion, key=key)
+    call = ProxyCall(context=context, completion=completion, key=key, prompt_bytes=len(raw))
     head = await _start(call, await _unseal(call))
     first = head[0]
     if isinstance(first, ProviderError):

@@ -297,7 +297,9 @@ async def test_generated_code_and_command_output_are_nowhere_once_the_workspace_
     await sync_to_async(canary.collect_redis)(collected)
     await sync_to_async(canary.collect_directories)(collected)
     for path in Path(django_settings.VAR_DIR).rglob("*"):
-        if path.is_file() and "test-services" not in path.parts and path.stat().st_size < 50_000_000:
+        # Not CesaFlow's data: the test services' own files, and `make bench`'s throwaway LiteLLM environment.
+        skipped = {"test-services", "bench-litellm"}
+        if path.is_file() and not skipped.intersection(path.parts) and path.stat().st_size < 50_000_000:
             collected.add("var", path.read_bytes())
     collected.add("logs", logs.text())
     assert str(run.id).encode() in collected.blobs["pg_dump"]
