@@ -53,7 +53,7 @@ def database_url() -> str:
     return f"postgres://{credentials}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or '5432'}/{db['NAME']}"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -91,7 +91,7 @@ def live_server(workdir: Path, env: Mapping[str, str] | None = None) -> Iterator
             [*argv, "cesaflow.asgi:application"], cwd=ROOT, env=server_env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        _wait_for_port(port, process, log)
+        wait_for_port(port, process, log)
         yield LiveServer(port=port, pid=process.pid, tmpdir=tmpdir, log=log)
     finally:
         process.terminate()

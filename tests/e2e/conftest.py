@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 # The provider simulator fixtures, shared with tests/runs (a fixture is visible where its conftest is imported).
+from tests.live_server import database_url, free_port, wait_for_port
 from tests.runs.conftest import simulator, simulator_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,37 +31,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SERVER_START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _database_url() -> str:
-    """The test database (``test_…``) as a URL, from the connection the test process uses."""
-    db = connection.settings_dict
-    credentials = quote(db["USER"] or "", safe="")
-    if db.get("PASSWORD"):
-        credentials += ":" + quote(db["PASSWORD"], safe="")
-    host = db.get("HOST") or "127.0.0.1"
-    port = db.get("PORT") or "5432"
-    return f"postgres://{credentials}@{host}:{port}/{db['NAME']}"
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"The ASGI server exited early:\n{log.read_text(errors='replace')[-4000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"The ASGI server did not listen within {SERVER_START_TIMEOUT} s.")
 
 
 @pytest.fixture
@@ -72,14 +38,14 @@ def asgi_server(request, transactional_db, tmp_path) -> Iterator[str]:
     """``http://127.0.0.1:<port>``: daphne serving CesaFlow on the test database. The executor is ``inline`` unless
     a test asks for ``worker`` (indirect parametrization): then a ``run_worker`` process executes the runs."""
     executor = getattr(request, "param", "inline")
-    port = _free_port()
+    port = free_port()
     # Agent workspaces where the sandbox uid can reach them (pytest's tmp_path is 0700).
     workspaces = Path(tempfile.mkdtemp(prefix="cesaflow-e2e-ws-", dir="/tmp"))
     workspaces.chmod(0o711)
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url(),
         "REDIS_URL": settings.REDIS_URL,
         "CESAFLOW_CHANNEL_LAYER_KEY": settings.CHANNEL_LAYER_KEY,
         "CESAFLOW_EXECUTOR": executor,
@@ -102,7 +68,7 @@ def asgi_server(request, transactional_db, tmp_path) -> Iterator[str]:
                 [sys.executable, "manage.py", "run_worker"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
             )
     try:
-        _wait_for_port(port, process, log)
+        wait_for_port(port, process, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         if worker is not None:
