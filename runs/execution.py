@@ -79,17 +79,21 @@ async def execute_run(
     control: RunControl,
     layer: Any = None,
     limits: CallLimits | None = None,
+    run: Run | None = None,
 ) -> Run | None:
     """Execute a run its executor has claimed (status ``running``) and record how it ended. Returns the finished
-    run (None if it vanished). Never raises for provider or channel-layer trouble: those end the run."""
-    run: Run | None = await database_sync_to_async(unscoped_run_for_execution)(run_id=run_id)
+    run (None if it vanished). Never raises for provider or channel-layer trouble: those end the run. ``run``: the
+    claimed run as ``unscoped_run_for_execution`` reads it, when the claim already did (one hop less)."""
+    if run is None:
+        run = await database_sync_to_async(unscoped_run_for_execution)(run_id=run_id)
     if run is None:
         return None
     started = time.monotonic()
     publisher = RunPublisher(run, layer=layer, coalesce_s=settings.RUN_STREAM_COALESCE_SECONDS)
     tally = Tally()
     logger.info("run %s started provider=%s worker=%s", run.id, run.provider, run.worker_id)
-    await publisher.send(lambda seq: events.status_event(run, seq=seq))
+    # ``running`` goes out while the key is opened: the publisher's order still puts it first.
+    publisher.send_soon(lambda seq: events.status_event(run, seq=seq))
     try:
         if run.cancel_requested_at is not None:
             control.request_stop(STOP_CANCELLED)

@@ -161,6 +161,7 @@ class RunPublisher:
         self._coalesce_s = coalesce_s
         self._seq = 0
         self._lock = asyncio.Lock()
+        self._pending: asyncio.Future[None] | None = None  # a ``send_soon`` not yet known to be out
         self._buffer: list[str] = []
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
@@ -169,7 +170,25 @@ class RunPublisher:
         self.text_events = 0
         self.dropped = 0
 
+    def send_soon(self, build: Callable[[int], events.RunEvent]) -> None:
+        """``send`` without waiting for it (the caller goes on with slower work meanwhile); every later event still
+        goes out after this one."""
+        previous = self._pending
+
+        async def in_order() -> None:
+            if previous is not None:
+                await previous
+            await self._send_now(build)
+
+        self._pending = asyncio.ensure_future(in_order())
+
     async def send(self, build: Callable[[int], events.RunEvent], *, run: Run | None = None) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await asyncio.shield(pending)  # never raises: ``_send_now`` counts failures instead
+        await self._send_now(build, run=run)
+
+    async def _send_now(self, build: Callable[[int], events.RunEvent], *, run: Run | None = None) -> None:
         async with self._lock:
             self._seq += 1
             event = build(self._seq)

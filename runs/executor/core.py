@@ -21,8 +21,9 @@ from django.conf import settings
 
 from runs import events
 from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl, execute_run
+from runs.models import Run
 from runs.providers import CallLimits
-from runs.selectors import unscoped_runs_still_queued, unscoped_runs_to_stop
+from runs.selectors import unscoped_run_for_execution, unscoped_runs_still_queued, unscoped_runs_to_stop
 from runs.services import (
     retention_purge,
     run_claim,
@@ -196,14 +197,14 @@ class Executor:
         if self._free_slots() > 0:
             self._claiming += 1
             try:
-                run = await database_sync_to_async(run_claim)(run_id=run_id, worker_id=self.worker_id)
+                run = await database_sync_to_async(_claim_for_execution)(run_id=run_id, worker_id=self.worker_id)
             finally:
                 self._claiming -= 1
         if run is None:
             if not self.config.claim_queued:
                 self._submitted[run_id] = None
             return False
-        self._execute_claimed(run.id)
+        self._execute_claimed(run.id, run)
         return True
 
     async def claim_queued(self) -> int:
@@ -230,14 +231,14 @@ class Executor:
             self._wake.set()  # there may be more
         return len(runs)
 
-    def _execute_claimed(self, run_id: uuid.UUID) -> None:
+    def _execute_claimed(self, run_id: uuid.UUID, run: Run | None = None) -> None:
         active = _ActiveRun(control=RunControl())
         self._active[run_id] = active
         if self._idle is not None:
             self._idle.clear()
-        active.task = asyncio.create_task(self._execute(run_id, active.control), name=f"run-{run_id}")
+        active.task = asyncio.create_task(self._execute(run_id, active.control, run), name=f"run-{run_id}")
 
-    async def _execute(self, run_id: uuid.UUID, control: RunControl) -> None:
+    async def _execute(self, run_id: uuid.UUID, control: RunControl, run: Run | None = None) -> None:
         layer = self._layer()
         group = events.run_control_group(run_id)
         joined = False
@@ -249,7 +250,7 @@ class Executor:
                     joined = True
                 except Exception as exc:  # the cancel poll still stops the run
                     logger.warning("run %s: control group not joined (%s)", run_id, type(exc).__name__)
-            await execute_run(run_id, control=control, layer=self.layer, limits=self.limits)
+            await execute_run(run_id, control=control, layer=self.layer, limits=self.limits, run=run)
         except Exception as exc:  # e.g. the database went away while recording: the reaper will finish it
             logger.error("run %s: executor error %s", run_id, type(exc).__name__)
         finally:
@@ -438,3 +439,10 @@ def _close_db_connections() -> None:
     from django.db import connections
 
     connections.close_all()
+
+
+def _claim_for_execution(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
+    """``run_claim`` and, when it wins, the run as ``execute_run`` needs it, in one thread hop: on the path from a
+    watcher attaching to the run's first words, every hop counts (issue #13)."""
+    claimed = run_claim(run_id=run_id, worker_id=worker_id)
+    return unscoped_run_for_execution(run_id=claimed.id) if claimed is not None else None
