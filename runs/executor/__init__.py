@@ -209,5 +209,12 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await unbind_server_loop(grace_s=settings.RUN_SHUTDOWN_GRACE_SECONDS)
+            # The gateway records each completion's end just after its answer, in this process: let those writes
+            # finish (bounded) so no run is left ``running`` and no usage is lost by a clean shutdown.
+            from runs.api.proxy_call import drain_background
+
+            left = await drain_background(timeout_s=max(1.0, float(settings.RUN_SHUTDOWN_GRACE_SECONDS)))
+            if left:
+                logger.warning("shutdown: %d proxy run endings not recorded in time", left)
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -11,6 +11,7 @@ import pytest
 from keys.crypto import Keyring
 from keys.models import Provider
 from keys.services import provider_key_create
+from runs.simulator import SimulatorThread
 
 # One random 32-byte key per kid for the whole test session: rings built from these agree with each other, the
 # way a real deployment's old and new CESAFLOW_KEYRING values share the kids they have in common.
@@ -51,3 +52,19 @@ def key_b(cast, ring1):
     return provider_key_create(
         org=cast.org_b, actor=cast.admin_b.user, provider=Provider.OPENAI, label="prod", secret=fake_secret()
     )
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """A provider simulator recording its requests, one per test module."""
+    thread = SimulatorThread(record_requests=True).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def sim_clean(sim):
+    """``sim`` with its queues and request log emptied before and after the test."""
+    sim.state.reset()
+    yield sim
+    sim.state.reset()

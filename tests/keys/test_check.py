@@ -21,26 +21,12 @@ from keys.models import KeyStatus, Provider, ProviderKey
 from keys.providers import ProbeStatus
 from keys.services import provider_key_create, provider_key_record_check, provider_key_revoke
 from runs.models import AuditEvent
-from runs.simulator import SimulatorThread
 
-pytestmark = pytest.mark.django_db
+# Every test starts with the simulator (``sim``, one per module) empty: its queues and its request log.
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("sim_clean")]
 
 SECRET = "fake-check-key-0123456789"
 PAGE = reverse("keys:provider_keys")
-
-
-@pytest.fixture(scope="module")
-def sim():
-    thread = SimulatorThread(record_requests=True).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim):
-    sim.state.reset()
-    yield
-    sim.state.reset()
 
 
 def closed_port_url() -> str:

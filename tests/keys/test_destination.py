@@ -20,24 +20,10 @@ from keys.services import ProviderKeyDecryptionError, provider_key_create, provi
 from keys.urlguard import normalize_base_url
 from runs.models import AuditEvent
 from runs.providers import ChatRequest, Message, adapter_for
-from runs.simulator import SimulatorThread
 from tests.keys.conftest import fake_secret
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(scope="module")
-def sim():
-    thread = SimulatorThread(record_requests=True).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim):
-    sim.state.reset()
-    yield
-    sim.state.reset()
+# Every test starts with the simulator (``sim``, one per module) empty: its queues and its request log.
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("sim_clean")]
 
 
 def _set_base_url(key: ProviderKey, base_url: str) -> None:

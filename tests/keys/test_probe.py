@@ -9,23 +9,11 @@ import pytest
 
 from cesaflow.lib.http import EgressPolicy, close_http_clients, get_http_client
 from keys.providers import PROVIDERS, ProbeStatus, ProviderName, probe_models, provider_spec
-from runs.simulator import SimulatorThread
+
+# Every test starts with the simulator (``sim``, one per module) empty: its queues and its request log.
+pytestmark = pytest.mark.usefixtures("sim_clean")
 
 KEY = "fake-probe-key-123456"
-
-
-@pytest.fixture(scope="module")
-def sim():
-    thread = SimulatorThread(record_requests=True).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim):
-    sim.state.reset()
-    yield
-    sim.state.reset()
 
 
 @pytest.fixture

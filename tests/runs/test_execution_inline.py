@@ -15,6 +15,7 @@ from channels.testing import ApplicationCommunicator, HttpCommunicator
 from cesaflow.asgi import application
 from runs import events
 from runs import executor as executor_module
+from runs.api import proxy_call
 from runs.models import Run, RunStatus
 from tests.runs.test_execution_support import (
     amake_run,
@@ -109,6 +110,23 @@ async def test_lifespan_shutdown_records_running_runs_instead_of_leaving_them_ru
     stopped = await Run.objects.aget(id=run.id)
     assert (stopped.status, stopped.error_kind) == (RunStatus.FAILED, "worker_lost")
     assert executor_module._server is None
+
+
+async def test_lifespan_shutdown_waits_for_the_gateways_run_endings_still_being_written():
+    written = asyncio.Event()
+
+    async def a_run_ending() -> None:
+        await asyncio.sleep(0.2)  # a run_finish in flight when the server is asked to stop
+        written.set()
+
+    lifespan = ApplicationCommunicator(application, {"type": "lifespan"})
+    await lifespan.send_input({"type": "lifespan.startup"})
+    assert await lifespan.receive_output(timeout=5) == {"type": "lifespan.startup.complete"}
+    proxy_call.in_background(a_run_ending())
+    await lifespan.send_input({"type": "lifespan.shutdown"})
+    assert await lifespan.receive_output(timeout=15) == {"type": "lifespan.shutdown.complete"}
+    assert written.is_set()  # shutdown completed only after the ending was written
+    assert not proxy_call._background
 
 
 async def test_worker_mode_submit_nudges_workers_so_they_claim_at_once(cast, simulator, settings):
