@@ -169,15 +169,8 @@ def test_a_finished_run_and_its_provider_call_are_counted(cast, settings, simula
 # --- Graceful shutdown ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_shutdown_state() -> Iterator[None]:
-    shutdown.reset()
-    yield
-    shutdown.reset()
-
-
 @pytest.mark.django_db
-def test_readyz_answers_503_once_the_process_is_shutting_down(client, fresh_shutdown_state):
+def test_readyz_answers_503_once_the_process_is_shutting_down(client):
     assert client.get("/readyz").status_code == 200
     shutdown.begin()
     response = client.get("/readyz")
