@@ -21,6 +21,12 @@ After a refusal the answer goes out, the connection is half-closed (the client r
 the stream), and whatever the client still sends is read and dropped for at most ``LINGER_SECONDS`` before the
 socket closes: closing with unread data would make the kernel reset the connection, and a client still sending
 could lose the answer. The answers are ``cesaflow.asgi.too_large_answer``, the same as the ASGI middleware's.
+
+**Graceful shutdown** (SIGTERM or SIGINT; daphne speaks no ASGI lifespan): the server stops listening, then
+``runs.executor.stop_server_runs`` runs within ``CESAFLOW_RUN_SHUTDOWN_GRACE_SECONDS`` — ``/readyz`` answers 503,
+the inline executor's runs end or are recorded, open run streams close with a reason (websocket 4503, an SSE
+``server_restarting`` event) so clients reconnect to another process, requests still being answered (gateway
+completions mid-stream) may finish, and the gateway's run endings are written — before daphne cancels what is left.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from __future__ import annotations
 # First: daphne.server installs the asyncio Twisted reactor, which everything below must find installed.
 import daphne.server  # isort: skip
 
+import asyncio
 import io
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, Final
@@ -37,10 +45,15 @@ from urllib.parse import unquote
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import HTTPFactory, WebRequest
 from daphne.management.commands.runserver import Command as DaphneRunserverCommand
+from django.conf import settings
+from twisted.internet import defer
 from twisted.internet.interfaces import ITCPTransport
 
 from cesaflow.asgi import too_large_answer  # sets Django up (settings, apps) like any import of the application
 from cesaflow.lib.body_limit import body_limit, largest_body_limit
+from runs.executor import stop_server_runs
+
+logger = logging.getLogger("cesaflow.serve")
 
 # How long a refused connection's remaining input is read and dropped before the socket closes.
 LINGER_SECONDS: Final = 5.0
@@ -142,6 +155,41 @@ class BoundedServer(daphne.server.Server):  # type: ignore[misc]  # daphne is un
     @http_factory.setter
     def http_factory(self, factory: HTTPFactory) -> None:
         self._bounded_http_factory = BoundedHTTPFactory(self)
+
+    def listen_success(self, port: Any) -> None:
+        self.__dict__.setdefault("_ports", []).append(port)
+        super().listen_success(port)
+
+    def kill_all_applications(self) -> Any:
+        """Twisted's "before shutdown" step: drain gracefully first (module docstring), then daphne's own, which
+        cancels whatever is still open."""
+        drained = defer.Deferred.fromFuture(asyncio.ensure_future(self._drain()))
+        drained.addErrback(lambda failure: logger.error("graceful shutdown failed: %s", failure.getErrorMessage()))
+        drained.addBoth(lambda _: daphne.server.Server.kill_all_applications(self))
+        return drained
+
+    async def _drain(self) -> None:
+        for port in self.__dict__.get("_ports", []):
+            port.stopListening()
+        open_before = self._open_instances()
+        logger.info("shutting down: %d connections open", len(open_before))
+        await stop_server_runs(
+            grace_s=float(settings.RUN_SHUTDOWN_GRACE_SECONDS), wait_connections=self._wait_connections
+        )
+
+    def _open_instances(self) -> list[asyncio.Future[Any]]:
+        return [
+            instance
+            for details in self.connections.values()
+            if (instance := details.get("application_instance")) is not None and not instance.done()
+        ]
+
+    async def _wait_connections(self, timeout_s: float) -> None:
+        pending = self._open_instances()
+        if pending and timeout_s > 0:
+            _done, left = await asyncio.wait(pending, timeout=timeout_s)
+            if left:
+                logger.warning("shutting down: %d connections still open after the grace period", len(left))
 
 
 class BoundedCommandLineInterface(CommandLineInterface):  # type: ignore[misc]  # daphne is untyped

@@ -26,7 +26,7 @@ from keys.crypto import Keyring, KeyringError
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CESAFLOW_VAR_DIR", BASE_DIR / "var"))
 
-ENV = os.environ.get("CESAFLOW_ENV", "development").strip().lower()
+ENV: str = os.environ.get("CESAFLOW_ENV", "development").strip().lower()
 if ENV not in {"development", "production"}:
     raise ImproperlyConfigured("CESAFLOW_ENV must be 'development' or 'production'.")
 PRODUCTION = ENV == "production"
@@ -567,30 +567,9 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
-# --- Logging ----------------------------------------------------------------------------------------
+# --- Logging and metrics ----------------------------------------------------------------------------
 
-LOG_LEVEL = os.environ.get("CESAFLOW_LOG_LEVEL", "INFO").upper()
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "cesaflow.lib.redact.RedactingFilter"}},
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {
-        "console": {
-            "class": "logging.StreamHandler",
-            "stream": sys.stderr,
-            "formatter": "plain",
-            # Second line of defence only: code must never log a secret in the first place.
-            "filters": ["redact"],
-        }
-    },
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        # httpx logs full URLs at INFO and headers at DEBUG through httpcore.
-        "httpx": {"level": "WARNING"},
-        "httpcore": {"level": "WARNING"},
-    },
-}
+from cesaflow.settings_ops import *  # noqa: E402, F403
 
 for _warning in _dev_warnings:
     print(f"WARNING: CesaFlow {_warning}.", file=sys.stderr)  # loud on purpose: logging is not configured yet

@@ -27,6 +27,7 @@ api_v1: list[URLPattern | URLResolver] = [
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.metrics, name="metrics"),
     path("api/v1/", include(api_v1)),
     path("hooks/github/", include("runs.webhooks.urls")),  # signed by GitHub: no session, no CSRF
     path("", include("keys.urls")),

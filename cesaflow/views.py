@@ -1,4 +1,4 @@
-"""Project-level views: health probes and error pages (JSON under /api/, HTML elsewhere)."""
+"""Project-level views: health probes, metrics and error pages (JSON under /api/, HTML elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from cesaflow.lib import metrics as metrics_lib
+from cesaflow.lib import shutdown
 from cesaflow.lib.api import error_body
+from cesaflow.lib.hops import db_hop
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +82,30 @@ def service_checks() -> dict[str, str]:
 @login_not_required
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Database, cache and channel layer reachable: 200, else 503 naming what is down (never why in detail)."""
+    """Database, cache and channel layer reachable: 200, else 503 naming what is down (never why in detail). A
+    process shutting down answers 503 at once, so balancers stop sending it work."""
+    if shutdown.draining():
+        return JsonResponse({"status": "shutting_down", "checks": {}}, status=503)
     checks = service_checks()
     ok = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+@login_not_required
+@require_GET
+async def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics (``cesaflow.lib.metrics``) for a scraper presenting ``CESAFLOW_METRICS_TOKEN`` as a bearer
+    token. Without the setting the endpoint does not exist (404)."""
+    if not settings.METRICS_TOKEN:
+        raise Http404
+    if not metrics_lib.token_matches(request.headers.get("Authorization"), settings.METRICS_TOKEN):
+        response = HttpResponse("A metrics bearer token is required.\n", status=401, content_type="text/plain")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    body = await db_hop(metrics_lib.exposition)()
+    response = HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 def _is_api(request: HttpRequest) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from django.http import HttpRequest
 
+from cesaflow.lib import request_context
 from orgs.models import ApiKey, Membership, Organization, User
 from orgs.permissions import capabilities_for_role
 from orgs.selectors import membership_get_for_user, memberships_for_user
@@ -23,6 +24,10 @@ class OrgContext:
     actor: User | ApiKey
     capabilities: frozenset[str]
     membership: Membership | None = None
+
+    def __post_init__(self) -> None:
+        # Every request's org context is built here, whatever authenticated it: its log lines name the org.
+        request_context.note(org_id=self.org.pk)
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities

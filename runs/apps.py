@@ -8,8 +8,10 @@ class RunsConfig(AppConfig):
 
     def ready(self) -> None:
         # Connect the audit trail to the domain signals of orgs (and, later, keys).
+        from cesaflow.lib.metrics import SHARED_REGISTRY
         from keys.sealed import SealedField, register_sealed_field
         from runs import audit  # noqa: F401
+        from runs.metrics import RunStatesCollector
         from runs.models import Project
         from runs.webhooks.secrets import webhook_secret_aad
 
@@ -23,3 +25,6 @@ class RunsConfig(AppConfig):
                     lambda project: webhook_secret_aad(org_id=project.org_id, project_id=project.pk),
                 )
             )
+
+        # /metrics: queued and running runs, read from the database when scraped.
+        SHARED_REGISTRY.register(RunStatesCollector())

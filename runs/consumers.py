@@ -6,7 +6,7 @@ Authentication and authorization happen in ``connect``, through the one authenti
 The Origin is checked before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi``). Refusals accept and then close
 with a code, so clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read`` or the org
 suspended by the CesaFlow operators, 4404 a run
-that is missing or another org's (the same answer), or a signed-in user of no organization; 1013 when sessions
+that is missing or another org's (the same answer), or a signed-in user of no organization; 4503 when sessions
 cannot be checked (the session store is down). Groups are derived server-side from the authorized run or org only.
 
 An open socket keeps checking: on every revocation signal for its org or its user (``orgs.revocation``) and at
@@ -21,6 +21,9 @@ Protocol (JSON text frames; the schema is ``runs.events``):
   so its first words cannot be missed. The org socket sends ``run.status`` events of every run of the org.
 * client → server: ``{"type": "cancel"}`` cancels the run if the caller has ``runs:write`` (otherwise ignored);
   anything else is ignored. Binary frames close with 1003, frames over 4 KiB with 1009.
+
+When the server process shuts down gracefully, open sockets close with 4503 (try again): reconnect (to another
+process) and the current status arrives as on any connect.
 
 Closing the socket never stops the run: it keeps running for whoever else watches, and records its usage.
 """
@@ -39,6 +42,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+from cesaflow.lib import shutdown
+from cesaflow.lib.metrics import ACTIVE_STREAMS
 from orgs import revocation
 from orgs.authentication import (
     CLOSE_FORBIDDEN,
@@ -63,7 +68,9 @@ from runs.watching import WatchStart, watch_start
 logger = logging.getLogger("cesaflow.runs")
 
 CLOSE_NOT_FOUND = 4404
-CLOSE_TRY_AGAIN_LATER = 1013
+# Reconnect later (the session store is down, or this process is shutting down). Not 1013/1012: daphne's websocket
+# library sends only 1000 and 3000-4999 from the server side.
+CLOSE_TRY_AGAIN_LATER = shutdown.CLOSE_TRY_AGAIN_LATER
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TOO_BIG = 1009
 MAX_CLIENT_MESSAGE_CHARS = 4096
@@ -81,6 +88,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         super().__init__(*args, **kwargs)
         self._joined: list[str] = []
         self._recheck: asyncio.Task[None] | None = None
+        self._counted = False  # in cesaflow_active_streams
 
     async def refuse(self, code: int) -> None:
         # Accept first: a close before the handshake completes reaches the browser as a bare 1006.
@@ -129,13 +137,25 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
             self.recheck_periodically()
 
     def recheck_periodically(self) -> None:
+        """The socket is open and authorized: keep checking it, and close it when the process shuts down."""
         self._recheck = asyncio.create_task(self._recheck_periodically())
+        if not self._counted:
+            self._counted = True
+            ACTIVE_STREAMS.labels("websocket").inc()
 
     async def _recheck_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(float(settings.STREAM_REVALIDATE_SECONDS))
-            if await self.credentials_revoked():
-                return
+        closing = asyncio.ensure_future(shutdown.streams_closing())
+        try:
+            while True:
+                done, _ = await asyncio.wait({closing}, timeout=float(settings.STREAM_REVALIDATE_SECONDS))
+                if done:
+                    # Graceful shutdown: the client reconnects (to another process) and gets the current status.
+                    await self.close(code=CLOSE_TRY_AGAIN_LATER, reason="server restarting")
+                    return
+                if await self.credentials_revoked():
+                    return
+        finally:
+            closing.cancel()
 
     async def credentials_revoked(self) -> bool:
         """Re-checks the credentials; closes the socket (4401/4403) and returns True if they no longer hold."""
@@ -164,6 +184,9 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         self._joined.append(group)
 
     async def disconnect(self, code: int) -> None:
+        if self._counted:
+            self._counted = False
+            ACTIVE_STREAMS.labels("websocket").dec()
         if self._recheck is not None:
             self._recheck.cancel()
             with suppress(asyncio.CancelledError, Exception):

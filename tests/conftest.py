@@ -16,6 +16,7 @@ from django.db import connection
 from django.test import Client
 from rest_framework.test import APIClient
 
+from cesaflow.lib import shutdown
 from orgs.models import ApiKey, Organization, Role, User
 from orgs.permissions import ADMIN_CAPABILITIES, DEFAULT_API_KEY_SCOPES
 from orgs.services import api_key_create, organization_create
@@ -31,6 +32,14 @@ def _fast_hasher_and_clean_cache(settings, request):
         settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     for alias in ("default", "sessions"):
         caches[alias].clear()
+
+
+@pytest.fixture(autouse=True)
+def _serving_process():
+    """A test that shuts the in-process server down (an ASGI lifespan shutdown) leaves this process "shutting down"
+    (``/readyz`` 503, new streams closed at once), which is right for a server and wrong for the next test."""
+    yield
+    shutdown.reset()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -32,6 +32,7 @@ class LiveServer:
     pid: int
     tmpdir: Path  # the server process's TMPDIR
     log: Path  # its stdout and stderr
+    process: subprocess.Popen[bytes]
 
     @property
     def url(self) -> str:
@@ -92,7 +93,7 @@ def live_server(workdir: Path, env: Mapping[str, str] | None = None) -> Iterator
         )
     try:
         wait_for_port(port, process, log)
-        yield LiveServer(port=port, pid=process.pid, tmpdir=tmpdir, log=log)
+        yield LiveServer(port=port, pid=process.pid, tmpdir=tmpdir, log=log, process=process)
     finally:
         process.terminate()
         try:

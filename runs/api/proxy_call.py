@@ -24,8 +24,10 @@ from typing import Any
 
 from django.http import JsonResponse
 
+from cesaflow.lib import request_context
 from cesaflow.lib.hops import db_hop
 from cesaflow.lib.http import get_http_client
+from cesaflow.lib.metrics import ACTIVE_STREAMS
 from keys.crypto import Secret
 from keys.egress import egress_policy
 from keys.models import ProviderKey
@@ -113,6 +115,7 @@ class ProxyCall:
         """The run row exists: name the completion after it and publish its first status event (concurrently with
         the provider call; the finished event waits for it, so live views see them in order)."""
         self.run = run
+        request_context.note(run_id=run.id)
         self.translator = CompletionTranslator(
             completion_id=f"chatcmpl-{run.id.hex}", created=int(time.time()), model=self.completion.requested_model
         )
@@ -263,6 +266,7 @@ class ProxyCall:
         """The SSE body: role chunk, deltas, finish chunk, usage chunk (if asked for), ``[DONE]``. The frames
         decoded from one upstream read go out as one write. The run's end is recorded off the response path."""
         translator = self._translator()
+        ACTIVE_STREAMS.labels("gateway").inc()
         try:
             pending = [sse(translator.role_chunk())]
             queued = list(head)
@@ -289,6 +293,7 @@ class ProxyCall:
             pending.append(DONE_FRAME)
             yield b"".join(pending)
         finally:
+            ACTIVE_STREAMS.labels("gateway").dec()
             # Reached with the run still open only when the client went away (Django cancels or closes us).
             await self.finish(RunStatus.CANCELLED)
 

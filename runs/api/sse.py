@@ -21,7 +21,9 @@ credentials on every revocation signal (``orgs.revocation``) and at least every 
 revoked key, an ended session or a member removed or demoted below ``runs:read`` ends the stream with an
 ``error`` event (kind ``credentials_revoked``, ``seq`` 0); the run itself goes on. An already finished run gets
 its status and a ``run.finished`` (both ``seq`` 0) and the stream ends. A watched run waiting for its watcher
-starts once the stream is subscribed (start on attach). Hanging up does not stop the run.
+starts once the stream is subscribed (start on attach). Hanging up does not stop the run. When the server process
+shuts down gracefully, the stream ends with an ``error`` event of kind ``server_restarting`` (``retryable``: open
+the stream again, on another process; the run goes on).
 
 ``POST /api/v1/runs`` with ``"stream": true`` (or ``Accept: text/event-stream``) answers with this same stream for
 the run it creates (``runs.api.views``), so a client cannot miss its first words.
@@ -47,7 +49,9 @@ from rest_framework import exceptions
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 
+from cesaflow.lib import shutdown
 from cesaflow.lib.api import error_responses
+from cesaflow.lib.metrics import ACTIVE_STREAMS
 from orgs import revocation
 from orgs.api.base import OrgAPIView
 from orgs.authentication import CLOSE_UNAUTHENTICATED, Principal, SessionPrincipal, revalidate
@@ -68,6 +72,18 @@ KEEPALIVE = b": keep-alive\n\n"
 def sse_frame(event: dict[str, Any] | events.RunEvent) -> bytes:
     data = json.dumps(event, separators=(",", ":"))  # one line: JSON escapes newlines inside strings
     return f"event: {event['type']}\nid: {event['seq']}\ndata: {data}\n\n".encode()
+
+
+def _restarting_frame(run_id: uuid.UUID) -> bytes:
+    event: events.ErrorEvent = {
+        "type": "error",
+        "run_id": str(run_id),
+        "seq": 0,
+        "kind": shutdown.RESTARTING_KIND,
+        "message": shutdown.RESTARTING_MESSAGE,
+        "retryable": True,
+    }
+    return sse_frame(event)
 
 
 def _revoked_frame(run_id: uuid.UUID) -> bytes:
@@ -113,6 +129,8 @@ async def run_event_stream(
     for name in groups:
         await layer.group_add(name, channel)
     receiver: asyncio.Future[Any] | None = None
+    closing = asyncio.ensure_future(shutdown.streams_closing())
+    ACTIVE_STREAMS.labels("sse").inc()
     ended = False
     recheck_s = float(settings.STREAM_REVALIDATE_SECONDS)
     loop = asyncio.get_running_loop()
@@ -143,7 +161,11 @@ async def run_event_stream(
             if receiver is None:
                 receiver = asyncio.ensure_future(layer.receive(channel))
             timeout = max(0.0, min(last_sent + keepalive_s, next_check) - loop.time())
-            done, _ = await asyncio.wait({receiver}, timeout=timeout)
+            done, _ = await asyncio.wait({receiver, closing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if closing in done:
+                ended = True  # the stream goes, with a reason; the run does not (never cancelled for this)
+                yield _restarting_frame(run_id)
+                return
             if not done and loop.time() >= next_check:
                 next_check = loop.time() + recheck_s
                 if not await _still_allowed(principal, context):
@@ -182,6 +204,8 @@ async def run_event_stream(
             if ended:
                 return
     finally:
+        ACTIVE_STREAMS.labels("sse").dec()
+        closing.cancel()
         if receiver is not None:
             receiver.cancel()
         for name in groups:

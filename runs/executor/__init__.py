@@ -42,6 +42,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
 from django.conf import settings
 
+from cesaflow.lib import shutdown
 from runs import events
 from runs.executor.core import Executor as Executor
 from runs.executor.core import ExecutorConfig as ExecutorConfig
@@ -208,13 +209,29 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             bind_server_loop()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await unbind_server_loop(grace_s=settings.RUN_SHUTDOWN_GRACE_SECONDS)
-            # The gateway records each completion's end just after its answer, in this process: let those writes
-            # finish (bounded) so no run is left ``running`` and no usage is lost by a clean shutdown.
-            from runs.api.proxy_call import drain_background
-
-            left = await drain_background(timeout_s=max(1.0, float(settings.RUN_SHUTDOWN_GRACE_SECONDS)))
-            if left:
-                logger.warning("shutdown: %d proxy run endings not recorded in time", left)
+            await stop_server_runs(grace_s=float(settings.RUN_SHUTDOWN_GRACE_SECONDS))
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def stop_server_runs(
+    *, grace_s: float, wait_connections: Callable[[float], Awaitable[None]] | None = None
+) -> None:
+    """A server process's graceful shutdown, within ``grace_s`` (the ASGI lifespan's, or ``cesaflow.serve``'s own
+    once it stopped listening): ``/readyz`` turns 503; the inline executor's runs get the grace to end and are
+    recorded either way (streams still deliver them); then open run streams close with a reason
+    (``cesaflow.lib.shutdown``) so their clients reconnect elsewhere; ``wait_connections`` (the server's) waits for
+    the requests still being answered, gateway completions included; last, the gateway's run endings still being
+    written are waited for, so no run is left ``running`` and no usage is lost."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    shutdown.begin()
+    await unbind_server_loop(grace_s=grace_s)
+    shutdown.close_streams()
+    if wait_connections is not None:
+        await wait_connections(max(0.0, deadline - loop.time()))
+    from runs.api.proxy_call import drain_background
+
+    left = await drain_background(timeout_s=max(1.0, deadline - loop.time()))
+    if left:
+        logger.warning("shutdown: %d proxy run endings not recorded in time", left)

@@ -19,6 +19,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from cesaflow.lib import request_context
 from runs import events
 from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl, execute_run
 from runs.models import Run
@@ -239,6 +240,12 @@ class Executor:
         active.task = asyncio.create_task(self._execute(run_id, active.control, run), name=f"run-{run_id}")
 
     async def _execute(self, run_id: uuid.UUID, control: RunControl, run: Run | None = None) -> None:
+        # This task's log lines name its run (a copy of the context it was started from: the rest is unchanged).
+        context = request_context.current()
+        fields = {**context.log_fields, "run_id": str(run_id)}
+        if run is not None:
+            fields["org_id"] = str(run.org_id)
+        request_context.bind(replace(context, log_fields=fields))
         layer = self._layer()
         group = events.run_control_group(run_id)
         joined = False

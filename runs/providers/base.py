@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
@@ -25,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import httpx
 
+from cesaflow.lib.metrics import PROVIDER_RESPONSE
 from runs.providers.errors import classify_http_error, classify_transport_error
 from runs.providers.events import CONTENT_EVENTS, ErrorKind, Ping, ProviderError, ProviderEvent, ReadEnd, Retry, Usage
 from runs.providers.sse import SSEDecoder, SSEEvent, SSEProtocolError
@@ -253,15 +255,23 @@ class ProviderAdapter(ABC):
         response: httpx.Response | None = None
         error_body = b""
         try:
+            sent = time.perf_counter()
             try:
                 async with asyncio.timeout_at(deadline):
                     response = await self._client.send(http_request, stream=True)
+                    PROVIDER_RESPONSE.labels(
+                        self.provider, "ok" if 200 <= response.status_code < 300 else "error"
+                    ).observe(time.perf_counter() - sent)
                     if not 200 <= response.status_code < 300:
                         error_body = await self._read_capped(response)
             except TimeoutError:
+                if response is None:
+                    PROVIDER_RESPONSE.labels(self.provider, "unreachable").observe(time.perf_counter() - sent)
                 yield self._deadline_error()
                 return
             except (httpx.HTTPError, OSError) as exc:
+                if response is None:
+                    PROVIDER_RESPONSE.labels(self.provider, "unreachable").observe(time.perf_counter() - sent)
                 yield classify_transport_error(exc)
                 return
             if not 200 <= response.status_code < 300:

@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from cesaflow.lib.metrics import RUNS_FINISHED
 from keys.selectors import provider_key_get_usable_for_org
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
 from orgs.permissions import ORG_SUSPENDED
@@ -229,6 +230,12 @@ def run_heartbeat(*, run_ids: list[uuid.UUID], worker_id: str) -> int:
     )
 
 
+def _count_ended(run: Run) -> None:
+    """``cesaflow_runs_finished_total``, once the end is committed."""
+    kind, status = str(run.kind), str(run.status)
+    transaction.on_commit(lambda: RUNS_FINISHED.labels(kind, status).inc())
+
+
 @transaction.atomic
 def run_finish(
     *,
@@ -272,6 +279,7 @@ def run_finish(
         run.error_kind = error_kind[:32]
         run.error_message = error_message[:300]
         fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
+        _count_ended(run)
     run.save(update_fields=list(dict.fromkeys(fields)))
     return run
 
@@ -324,6 +332,7 @@ def run_request_cancel(*, run: Run, actor: Actor) -> Run:
         locked.error_message = "Cancelled before it started."
         fields = tokens_release(run=locked)
         locked.save(update_fields=["status", "finished_at", "error_kind", "error_message", *fields])
+        _count_ended(locked)
         transaction.on_commit(lambda: events.publish(locked, events.finished_event(locked, seq=0)))
     elif locked.cancel_requested_at is None:
         locked.cancel_requested_at = now
@@ -394,6 +403,7 @@ def runs_expire_unwatched(*, window: timedelta) -> list[Run]:
         run.error_message = "Nobody opened the run in time, so it never started and used no tokens."
         fields = tokens_release(run=run)
         run.save(update_fields=["status", "finished_at", "error_kind", "error_message", *fields])
+        _count_ended(run)
     for run in expired:
         transaction.on_commit(
             lambda run=run: events.publish(run, events.finished_event(run, seq=0)),  # type: ignore[misc]
@@ -427,6 +437,7 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
         # Its reservation goes too: whatever its calls used but never reported is lost with the process.
         fields = tokens_release(run=run)
         run.save(update_fields=["status", "finished_at", "error_kind", "error_message", "usage_complete", *fields])
+        _count_ended(run)
     for run in lost:
         # robust: one failed publish (the channel layer is down) must not skip the others.
         transaction.on_commit(

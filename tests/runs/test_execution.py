@@ -7,9 +7,11 @@ import asyncio
 import dataclasses
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import transaction
 from django.utils import timezone
 
 from keys.models import KeyStatus, ProviderKey
@@ -303,6 +305,12 @@ async def test_a_run_is_claimed_once_even_when_two_executors_race_for_it(cast, s
     assert await sync_to_async(run_claim)(run_id=run.id, worker_id="late") is None
 
 
+def _reap_as_if_stalled(run_id: Any) -> list[Run]:
+    with transaction.atomic():
+        Run.objects.select_for_update().filter(id=run_id).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+        return runs_reap_lost(stale_after=timedelta(minutes=1))
+
+
 async def test_executor_heartbeats_its_runs_and_stops_a_run_reaped_elsewhere(cast, simulator):
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
     run = await amake_run(cast.dev_a, key, model="fake/slow")
@@ -315,9 +323,9 @@ async def test_executor_heartbeats_its_runs_and_stops_a_run_reaped_elsewhere(cas
         assert first_beat is not None
         assert later_beat is not None
         assert later_beat > first_beat
-        # Another executor decides this one is lost (as if its heartbeats had stalled).
-        await Run.objects.filter(id=run.id).aupdate(heartbeat_at=timezone.now() - timedelta(minutes=5))
-        [reaped] = await sync_to_async(runs_reap_lost)(stale_after=timedelta(minutes=1))
+        # Another executor decides this one is lost (as if its heartbeats had stalled): the stale heartbeat and the
+        # reap in one transaction, so this executor's next beat (every 50 ms) cannot land in between.
+        [reaped] = await sync_to_async(_reap_as_if_stalled)(run.id)
         assert reaped.id == run.id
         await wait_for_status(run.id, {RunStatus.FAILED})
         assert await executor.wait_idle(2.0)

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+from cesaflow.lib.metrics import serve_process_metrics
 from runs.executor import Executor, ExecutorConfig
 
 
@@ -43,6 +44,15 @@ class Command(BaseCommand):
             default=None,
             help="Seconds running runs get to finish on shutdown (default CESAFLOW_RUN_SHUTDOWN_GRACE_SECONDS, 10).",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            help="Serve this worker's Prometheus metrics at /metrics on this port (needs CESAFLOW_METRICS_TOKEN).",
+        )
+        parser.add_argument(
+            "--metrics-host", default="127.0.0.1", help="Address for --metrics-port (default 127.0.0.1)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if connection.vendor != "postgresql":
@@ -65,6 +75,12 @@ class Command(BaseCommand):
         if config.stale_after_s < 2 * config.heartbeat_s:
             raise CommandError("--stale-after must be at least twice --heartbeat.")
         grace = options["grace"] if options["grace"] is not None else settings.RUN_SHUTDOWN_GRACE_SECONDS
+        if options["metrics_port"] is not None:
+            if not settings.METRICS_TOKEN:
+                raise CommandError("--metrics-port needs CESAFLOW_METRICS_TOKEN (scrapers present it).")
+            serve_process_metrics(
+                host=options["metrics_host"], port=options["metrics_port"], token=settings.METRICS_TOKEN
+            )
         # The ORM is used through sync_to_async from here on; this thread's connection is not needed.
         connection.close()
         asyncio.run(self._serve(config, grace_s=max(0.0, grace)))
