@@ -28,14 +28,15 @@ install-dev: $(VENV)/.dev
 
 SIMULATOR_PORT ?= 8765
 
-# The provider simulator runs beside the server (loopback only) so the demo org's keys work offline.
+# The provider simulator runs beside the server (loopback only) so the demo org's keys work offline. The server runs
+# with DEBUG (tracebacks, static files served by runserver) unless CESAFLOW_DEBUG says otherwise: only here.
 run: $(VENV)/.runtime
 	@command -v bwrap >/dev/null 2>&1 || echo "NOTE: bubblewrap is not installed, so agent runs cannot run commands (they are refused, never unsandboxed). Debian: apt-get install bubblewrap; or CESAFLOW_SANDBOX=none (unsafe, development only)."
 	$(BIN)/python manage.py migrate --noinput
 	@$(BIN)/python manage.py provider_simulator --port $(SIMULATOR_PORT) > var/provider-simulator.log 2>&1 & \
 	  sim=$$!; trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
 	  $(BIN)/python manage.py ensure_demo --simulator-url http://127.0.0.1:$(SIMULATOR_PORT) && \
-	  $(BIN)/python -m cesaflow.serve runserver $(HOST):$(PORT)
+	  CESAFLOW_DEBUG="$${CESAFLOW_DEBUG:-true}" $(BIN)/python -m cesaflow.serve runserver $(HOST):$(PORT)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -110,7 +110,7 @@ def test_a_rejected_key_is_invalid_and_its_cached_models_are_dropped(cast, ring1
     # The negative outcome is cached too (for an hour): no model list, and nothing to re-probe until then.
     cached = cached_checks(org_id=cast.org_a.id, key_ids=[key.id])[key.id]
     assert (cached.status, cached.models) == (ProbeStatus.INVALID, ())
-    ttl = cache.ttl(models_cache_key(org_id=cast.org_a.id, key_id=key.id))
+    ttl = cache.ttl(models_cache_key(org_id=cast.org_a.id, key_id=key.id))  # type: ignore[attr-defined]  # django-redis
     assert 0 < ttl <= CHECK_CACHE_SECONDS[ProbeStatus.INVALID]
 
 
@@ -127,7 +127,7 @@ def test_an_unreachable_check_is_cached_briefly_but_never_hides_a_known_model_li
     assert cached[listed.id].status is ProbeStatus.VALID  # a passing outage says nothing about the key
     assert "fake-model" in cached[listed.id].models
     assert cached[never_listed.id].status is ProbeStatus.UNREACHABLE
-    ttl = cache.ttl(models_cache_key(org_id=cast.org_a.id, key_id=never_listed.id))
+    ttl = cache.ttl(models_cache_key(org_id=cast.org_a.id, key_id=never_listed.id))  # type: ignore[attr-defined]  # django-redis
     assert 0 < ttl <= CHECK_CACHE_SECONDS[ProbeStatus.UNREACHABLE]
 
 
