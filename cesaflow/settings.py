@@ -444,8 +444,9 @@ LOGIN_LOCKOUT_SECONDS = _env_int("CESAFLOW_LOGIN_LOCKOUT_SECONDS", 900, minimum=
 
 INVITATION_TTL_DAYS = 7
 AUDIT_RETENTION_DAYS = _env_int("CESAFLOW_AUDIT_RETENTION_DAYS", 90, minimum=1)
-# Client IP: only trust X-Forwarded-For when a proxy we run sets it.
+# Client IP: trust X-Forwarded-For only when a proxy we run sets it. Unset in production: orgs.W001 (--deploy).
 TRUST_X_FORWARDED_FOR = _env_bool("CESAFLOW_TRUST_X_FORWARDED_FOR", False)
+TRUST_X_FORWARDED_FOR_SET = bool(os.environ.get("CESAFLOW_TRUST_X_FORWARDED_FOR", "").strip())
 
 # --- Email (cesaflow/settings_email.py) ------------------------------------------------------------------
 

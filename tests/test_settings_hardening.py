@@ -104,3 +104,19 @@ def test_production_refuses_a_channel_layer_key_derived_from_the_secret_key(fall
     assert "CESAFLOW_CHANNEL_LAYER_KEY must not reuse or derive from CESAFLOW_SECRET_KEY" in result.stderr
     assert derived not in result.stderr
     assert SECRET_KEY not in result.stderr
+
+
+# --- Behind a proxy without trusted forwarding ----------------------------------------------------------------------
+
+
+def test_check_deploy_warns_when_production_leaves_forwarding_undecided():
+    undecided = _manage(
+        _production_env(CESAFLOW_TRUST_X_FORWARDED_FOR=""), "check", "--deploy", "--fail-level", "WARNING"
+    )
+    assert undecided.returncode != 0
+    assert "orgs.W001" in undecided.stderr
+    assert "CESAFLOW_TRUST_X_FORWARDED_FOR is not set" in undecided.stderr
+    for decided in ("true", "false"):
+        env = _production_env(CESAFLOW_TRUST_X_FORWARDED_FOR=decided)
+        result = _manage(env, "check", "--deploy", "--fail-level", "WARNING")
+        assert result.returncode == 0, result.stderr
