@@ -58,8 +58,6 @@ CHECK_CACHE_SECONDS: Final = {
     ProbeStatus.INVALID: 3600,
     ProbeStatus.UNREACHABLE: 300,
 }
-# Kept for callers that cache a valid model list themselves (tests).
-MODELS_CACHE_SECONDS: Final = CHECK_CACHE_SECONDS[ProbeStatus.VALID]
 
 
 @dataclass(frozen=True)
