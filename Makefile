@@ -9,33 +9,45 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/cesaflow
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/1
 
-.PHONY: run test lint typecheck pytest install install-dev clean bench
+.PHONY: run test lint typecheck pytest install install-dev lock clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+# Installs are hash-locked: requirements.lock / requirements-dev.lock pin every transitive dependency with the hashes
+# of its published files, so pip refuses anything else. The human-edited pins stay in requirements*.txt; after
+# changing one, `make lock` (add LOCK_ARGS=--upgrade to refresh the transitive ones too), then `make test`:
+# tests/test_requirements_lock.py fails while a pin and its lock disagree.
+$(VENV)/.runtime: requirements.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: requirements.lock requirements-dev.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
+# The dev lock first; the runtime lock is constrained by it, so a package both need has one version in both.
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe \
+	--strip-extras --no-emit-index-url --no-emit-find-links --no-emit-trusted-host $(LOCK_ARGS)
+lock: $(VENV)/.dev
+	$(PIP_COMPILE) --output-file requirements-dev.lock requirements-dev.txt
+	$(PIP_COMPILE) --constraint requirements-dev.lock --output-file requirements.lock requirements.txt
+
 SIMULATOR_PORT ?= 8765
 
-# The provider simulator runs beside the server (loopback only) so the demo org's keys work offline.
+# The provider simulator runs beside the server (loopback only) so the demo org's keys work offline. The server runs
+# with DEBUG (tracebacks, static files served by runserver) unless CESAFLOW_DEBUG says otherwise: only here.
 run: $(VENV)/.runtime
 	@command -v bwrap >/dev/null 2>&1 || echo "NOTE: bubblewrap is not installed, so agent runs cannot run commands (they are refused, never unsandboxed). Debian: apt-get install bubblewrap; or CESAFLOW_SANDBOX=none (unsafe, development only)."
 	$(BIN)/python manage.py migrate --noinput
 	@$(BIN)/python manage.py provider_simulator --port $(SIMULATOR_PORT) > var/provider-simulator.log 2>&1 & \
 	  sim=$$!; trap 'kill $$sim 2>/dev/null' EXIT INT TERM; \
 	  $(BIN)/python manage.py ensure_demo --simulator-url http://127.0.0.1:$(SIMULATOR_PORT) && \
-	  $(BIN)/python -m cesaflow.serve runserver $(HOST):$(PORT)
+	  CESAFLOW_DEBUG="$${CESAFLOW_DEBUG:-true}" $(BIN)/python -m cesaflow.serve runserver $(HOST):$(PORT)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ Two deployments (see README "Configuration"):
 
 * development (default, ``CESAFLOW_ENV`` unset): works offline with no configuration. SQLite under ``var/``,
   local-memory cache, in-memory channel layer, and generated development secrets under ``var/`` (mode 0600).
+  DEBUG only with ``CESAFLOW_DEBUG=true`` (``make run`` sets it).
   Setting ``DATABASE_URL`` / ``REDIS_URL`` switches to PostgreSQL / Redis (that is how the tests run).
 * production (``CESAFLOW_ENV=production``): refuses to start unless every secret and service is configured.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from cesaflow.lib.derived import reuses_secret
 from keys.crypto import Keyring, KeyringError
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ VAR_DIR = Path(os.environ.get("CESAFLOW_VAR_DIR", BASE_DIR / "var"))
 ENV: str = os.environ.get("CESAFLOW_ENV", "development").strip().lower()
 if ENV not in {"development", "production"}:
     raise ImproperlyConfigured("CESAFLOW_ENV must be 'development' or 'production'.")
-PRODUCTION = ENV == "production"
+PRODUCTION: bool = ENV == "production"
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -88,6 +90,8 @@ def _dev_secret(filename: str, make: Any, what: str) -> str:
 
 if PRODUCTION:
     SECRET_KEY = _required("CESAFLOW_SECRET_KEY")
+    if _env_bool("CESAFLOW_DEBUG", False):
+        raise ImproperlyConfigured("CESAFLOW_DEBUG is for development only; unset it when CESAFLOW_ENV=production.")
     DEBUG = False
     ALLOWED_HOSTS = _env_list("CESAFLOW_ALLOWED_HOSTS")
     if not ALLOWED_HOSTS:
@@ -96,7 +100,8 @@ else:
     SECRET_KEY = os.environ.get("CESAFLOW_SECRET_KEY") or _dev_secret(
         "secret_key", lambda: secrets.token_urlsafe(50), "Django secret key"
     )
-    DEBUG = _env_bool("CESAFLOW_DEBUG", True)
+    # Only when asked for (`make run` does): a development deployment reachable by others must not show tracebacks.
+    DEBUG = _env_bool("CESAFLOW_DEBUG", False)
     ALLOWED_HOSTS = _env_list("CESAFLOW_ALLOWED_HOSTS") or ["127.0.0.1", "localhost", "[::1]", "testserver"]
 
 SECRET_KEY_FALLBACKS = _env_list("CESAFLOW_SECRET_KEY_FALLBACKS")
@@ -210,6 +215,9 @@ REDIS_URL = _required("REDIS_URL") if PRODUCTION else os.environ.get("REDIS_URL"
 CHANNEL_LAYER_KEY = (
     _required("CESAFLOW_CHANNEL_LAYER_KEY") if PRODUCTION else os.environ.get("CESAFLOW_CHANNEL_LAYER_KEY", "")
 )
+# Same as SECRET_KEY, one inside the other, or an obvious derivation of it (cesaflow/lib/derived.py says which).
+if CHANNEL_LAYER_KEY and reuses_secret(CHANNEL_LAYER_KEY, [SECRET_KEY, *SECRET_KEY_FALLBACKS]):
+    raise ImproperlyConfigured("CESAFLOW_CHANNEL_LAYER_KEY must not reuse or derive from CESAFLOW_SECRET_KEY.")
 _cache_prefix = os.environ.get("CESAFLOW_CACHE_PREFIX", "cf")
 
 if REDIS_URL:
@@ -436,26 +444,13 @@ LOGIN_LOCKOUT_SECONDS = _env_int("CESAFLOW_LOGIN_LOCKOUT_SECONDS", 900, minimum=
 
 INVITATION_TTL_DAYS = 7
 AUDIT_RETENTION_DAYS = _env_int("CESAFLOW_AUDIT_RETENTION_DAYS", 90, minimum=1)
-# Client IP: only trust X-Forwarded-For when a proxy we run sets it.
+# Client IP: trust X-Forwarded-For only when a proxy we run sets it. Unset in production: orgs.W001 (--deploy).
 TRUST_X_FORWARDED_FOR = _env_bool("CESAFLOW_TRUST_X_FORWARDED_FOR", False)
+TRUST_X_FORWARDED_FOR_SET = bool(os.environ.get("CESAFLOW_TRUST_X_FORWARDED_FOR", "").strip())
 
-# --- Email: SMTP when configured; else printed on the console in development, and nowhere in production ----
+# --- Email (cesaflow/settings_email.py) ------------------------------------------------------------------
 
-EMAIL_HOST = os.environ.get("CESAFLOW_EMAIL_HOST", "")
-if EMAIL_HOST:
-    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    EMAIL_PORT = _env_int("CESAFLOW_EMAIL_PORT", 587, minimum=1)
-    EMAIL_HOST_USER = os.environ.get("CESAFLOW_EMAIL_USER", "")
-    EMAIL_HOST_PASSWORD = os.environ.get("CESAFLOW_EMAIL_PASSWORD", "")
-    EMAIL_USE_TLS = _env_bool("CESAFLOW_EMAIL_USE_TLS", True)
-    EMAIL_TIMEOUT = 10
-elif PRODUCTION:
-    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"  # nothing leaves; self-service sign-up is closed
-else:
-    # Development without SMTP: mail (sign-up confirmation links) is printed on the console of `make run`.
-    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
-DEFAULT_FROM_EMAIL = os.environ.get("CESAFLOW_EMAIL_FROM", "CesaFlow <noreply@localhost>")
-EMAIL_ENABLED = bool(EMAIL_HOST)
+from cesaflow.settings_email import *  # noqa: E402, F403
 
 # --- Security headers, cookies ----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import date
 from typing import Any, ClassVar, cast
 
@@ -55,11 +55,14 @@ class RunCreateForm(DashboardForm):
         *args: Any,
         provider_keys: Sequence[ProviderKey],
         models_by_key: Mapping[str, Sequence[str]],
+        unchecked: Collection[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         key_field = cast(forms.ChoiceField, self.fields["provider_key"])
-        key_field.choices = [(str(key.id), key_choice_label(key)) for key in provider_keys]
+        key_field.choices = [
+            (str(key.id), key_choice_label(key, checked=str(key.id) not in unchecked)) for key in provider_keys
+        ]
         # One group per key, so the list reads without JavaScript; runs-live.js narrows it to the chosen key.
         groups = [
             (key.label, [(m, m) for m in models_by_key[str(key.id)]])
@@ -83,9 +86,13 @@ class RunCreateForm(DashboardForm):
         return data
 
 
-def key_choice_label(key: ProviderKey) -> str:
+def key_choice_label(key: ProviderKey, *, checked: bool = True) -> str:
+    """The key as the form's select shows it; ``checked=False``: no cached check (``keys.checking``), so its model
+    list is unknown until an Admin checks it."""
     label = f"{key.label} · {key.get_provider_display()} ({key.masked})"
-    return f"{label} — marked invalid" if key.status == KeyStatus.INVALID else label
+    if key.status == KeyStatus.INVALID:
+        return f"{label} — marked invalid"
+    return label if checked else f"{label} — not checked yet"
 
 
 class UsageFilterForm(forms.Form):

@@ -12,7 +12,6 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -21,7 +20,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views import View
 
-from keys.checking import models_cache_key, provider_key_check
+from keys.checking import CachedCheck, cached_checks, provider_key_check
 from keys.models import KeyStatus, ProviderKey
 from keys.providers import ProbeStatus
 from keys.selectors import provider_key_get_usable_for_org, provider_keys_for_org
@@ -203,17 +202,31 @@ def _usable_keys(org: Organization) -> list[ProviderKey]:
     return sorted(keys, key=lambda k: k.status == KeyStatus.INVALID)
 
 
-def _models_by_key(org: Organization, keys: list[ProviderKey]) -> dict[str, list[str]]:
-    """The model list of each key as far as the cache knows it (one round trip, no provider call). Keys without
-    one are looked up on demand by ``RunModelsView`` when the form's key select picks them."""
-    cache_keys = {models_cache_key(org_id=org.id, key_id=key.id): str(key.id) for key in keys}
-    found = cache.get_many(list(cache_keys))
-    return {cache_keys[k]: [str(m) for m in models] for k, models in found.items() if isinstance(models, list)}
+def _key_checks(org: Organization, keys: list[ProviderKey]) -> dict[uuid.UUID, CachedCheck]:
+    """Each key's cached check (one cache round trip, never a provider call); a key without one is not checked yet."""
+    return cached_checks(org_id=org.id, key_ids=[key.id for key in keys])
+
+
+def _models_by_key(
+    org: Organization, keys: list[ProviderKey], checks: dict[uuid.UUID, CachedCheck] | None = None
+) -> dict[str, list[str]]:
+    """The model list of each key as far as its cached check knows it."""
+    checks = _key_checks(org, keys) if checks is None else checks
+    return {str(key_id): list(check.models) for key_id, check in checks.items() if check.models}
+
+
+_NO_MODELS = {
+    ProbeStatus.RESTRICTED: "This key may not list models: type the model id.",
+    ProbeStatus.INVALID: "The provider rejected this key.",
+    ProbeStatus.UNREACHABLE: "The provider's model list was unreachable at the last check: type the model id.",
+}
+NOT_CHECKED = "This key has not been checked yet: type the model id, or ask an Admin to check the key."
 
 
 class RunModelsView(OrgViewMixin, View):
-    """The model list of one of the org's keys, as JSON, for the new-run form: cached, else a fresh key check
-    (audited as ``key.used`` + ``key.checked``, like ``GET /api/v1/models``)."""
+    """The model list of one of the org's keys, as JSON, for the new-run form: its cached check only. With nothing
+    cached, an Admin (``keys:write``) checks the key now (audited ``key.used`` + ``key.checked``); anyone else is
+    told it is not checked yet, so a Developer never causes a provider call (issue #14 point 5)."""
 
     capability = permissions.RUNS_WRITE
 
@@ -225,20 +238,19 @@ class RunModelsView(OrgViewMixin, View):
         key = provider_key_get_usable_for_org(org=self.org, key_id=key_id) if key_id else None
         if key is None:
             return JsonResponse({"models": [], "message": "No such provider key."}, status=404)
-        cached = cache.get(models_cache_key(org_id=self.org.id, key_id=key.id))
-        if isinstance(cached, list):
-            return JsonResponse({"models": [str(m) for m in cached], "message": ""})
-        try:
-            result = provider_key_check(key=key, actor=self.org_context.actor)
-        except (ProviderKeyUnavailable, ProviderKeyDecryptionError) as exc:
-            return JsonResponse({"models": [], "message": str(exc)})
-        if result.status is ProbeStatus.VALID:
-            return JsonResponse({"models": list(result.models), "message": ""})
-        message = {
-            ProbeStatus.RESTRICTED: "This key may not list models: type the model id.",
-            ProbeStatus.INVALID: "The provider rejected this key.",
-        }.get(result.status, "The provider's model list is unreachable right now: type the model id.")
-        return JsonResponse({"models": [], "message": message})
+        check = cached_checks(org_id=self.org.id, key_ids=[key.id]).get(key.id)
+        if check is None and self.org_context.can(permissions.KEYS_WRITE):
+            try:
+                result = provider_key_check(key=key, actor=self.org_context.actor)
+            except (ProviderKeyUnavailable, ProviderKeyDecryptionError) as exc:
+                return JsonResponse({"models": [], "message": str(exc), "checked": False})
+            check = CachedCheck(status=result.status, models=result.models, checked_at=0.0)
+        if check is None:
+            return JsonResponse({"models": [], "message": NOT_CHECKED, "checked": False})
+        if check.status is ProbeStatus.VALID and check.models:
+            return JsonResponse({"models": list(check.models), "message": "", "checked": True})
+        message = _NO_MODELS.get(check.status, "The provider listed no models: type the model id.")
+        return JsonResponse({"models": [], "message": message, "checked": True})
 
 
 class RunListView(OrgViewMixin, View):
@@ -275,8 +287,10 @@ class RunCreateView(OrgViewMixin, View):
     def _form(self, data: Any = None) -> RunCreateForm:
         keys = _usable_keys(self.org)
         self.keys = keys
-        self.models_by_key = _models_by_key(self.org, keys)
-        return RunCreateForm(data, provider_keys=keys, models_by_key=self.models_by_key)
+        checks = _key_checks(self.org, keys)
+        self.models_by_key = _models_by_key(self.org, keys, checks)
+        unchecked = {str(key.id) for key in keys if key.id not in checks}
+        return RunCreateForm(data, provider_keys=keys, models_by_key=self.models_by_key, unchecked=unchecked)
 
     def get(self, request: HttpRequest) -> HttpResponse:
         return self._render(request, self._form())

@@ -33,6 +33,7 @@ def _production_env(**overrides: str) -> dict[str, str]:
         CESAFLOW_SESSION_KEYS=_keyring(),
         CESAFLOW_ALLOWED_HOSTS="cesaflow.example.com",
         CESAFLOW_CHANNEL_LAYER_KEY=secrets.token_urlsafe(32),
+        CESAFLOW_TRUST_X_FORWARDED_FOR="true",  # behind the TLS proxy, which sets it (README: deployment)
         # Keep development files out of the way: production must not need var/.
         CESAFLOW_VAR_DIR="/nonexistent/cesaflow-var",
     )

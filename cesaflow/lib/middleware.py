@@ -20,6 +20,10 @@ access_logger = logging.getLogger("cesaflow.access")
 
 GetResponse = Callable[[HttpRequest], Any]
 
+logger = logging.getLogger("cesaflow.security")
+# Whether this process has said that requests carry X-Forwarded-For the settings do not trust (once is enough).
+_untrusted_forwarding_logged = False
+
 
 def client_ip(request: HttpRequest) -> str | None:
     if settings.TRUST_X_FORWARDED_FOR:
@@ -28,7 +32,23 @@ def client_ip(request: HttpRequest) -> str | None:
             # The rightmost entry is the one our proxy appended (the address it saw); everything left of it was
             # sent by the client and can say anything.
             return forwarded.split(",")[-1].strip()[:45] or None
+    elif "HTTP_X_FORWARDED_FOR" in request.META:
+        _log_untrusted_forwarding()
     return request.META.get("REMOTE_ADDR") or None
+
+
+def _log_untrusted_forwarding() -> None:
+    """A proxy forwards, but its header is ignored: every client looks like the proxy, so one login lock or rate
+    limit would hit everyone. Said once per process, at WARNING, without the header's (client-controlled) value."""
+    global _untrusted_forwarding_logged  # a once-per-process flag
+    if _untrusted_forwarding_logged:
+        return
+    _untrusted_forwarding_logged = True
+    logger.warning(
+        "Requests arrive with X-Forwarded-For but CESAFLOW_TRUST_X_FORWARDED_FOR is off: every client gets the "
+        "proxy's address, so one login lock or rate limit hits everyone. Set it to true if your proxy sets the "
+        "header (README: Configuration)."
+    )
 
 
 def is_nexus_path(path: str) -> bool:

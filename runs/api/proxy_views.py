@@ -41,9 +41,10 @@ from django.views.decorators.csrf import csrf_exempt
 from cesaflow.lib.body_limit import too_large_message
 from cesaflow.lib.hops import db_hop
 from cesaflow.lib.row_cache import ageneration
-from keys.checking import aprovider_key_models, models_cache_key
+from keys.checking import CachedCheck, acached_checks, aprovider_key_check, models_cache_key
 from keys.crypto import Secret
 from keys.models import KeyStatus, ProviderKey
+from keys.providers import ProbeStatus
 from keys.selectors import provider_keys_for_org
 from keys.services import (
     ProviderKeyDecryptionError,
@@ -55,7 +56,7 @@ from keys.services import (
 )
 from orgs.authentication import AuthenticationError, aapi_key_verify, request_api_key
 from orgs.models import ApiKey
-from orgs.permissions import ORG_SUSPENDED, RUNS_READ, RUNS_WRITE, suspension_message
+from orgs.permissions import KEYS_WRITE, ORG_SUSPENDED, RUNS_READ, RUNS_WRITE, suspension_message
 from orgs.tenancy import OrgContext, context_for_api_key
 from runs.api.proxy_call import ProxyCall, ended_on_failure, log_failure
 from runs.api.proxy_keys import akey_for_label
@@ -71,7 +72,7 @@ from runs.proxy import (
 )
 from runs.services import run_create, run_finish, tokens_estimate
 
-# Cold-cache model listing checks keys concurrently, but never more than this many at once per request.
+# A keys:write caller's listing checks the keys with nothing cached concurrently, never more than this many at once.
 MODELS_CONCURRENCY = 8
 
 ViewFunc = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponseBase]]
@@ -322,30 +323,41 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
 
 
 def _listable_keys(*, context: OrgContext) -> list[ProviderKey]:
-    # Invalid and restricted keys cannot list models; unchecked ones are checked on the way.
+    # Invalid and restricted keys cannot list models; an unchecked one may have been checked a moment ago.
     keys = provider_keys_for_org(org=context.org).filter(status__in=[KeyStatus.VALID, KeyStatus.UNCHECKED])
     return list(keys.select_related("org").order_by(Lower("label"), "id"))
 
 
-async def _models_of(key: ProviderKey, actor: ApiKey | Any, limit: asyncio.Semaphore) -> tuple[str, ...]:
+async def _models_of(
+    key: ProviderKey, cached: CachedCheck | None, context: OrgContext, limit: asyncio.Semaphore
+) -> tuple[str, ...]:
+    """The key's models as its cached check knows them. Nothing cached: a live check only for a caller with
+    ``keys:write`` (an outbound call and audit rows, issue #14 point 5); anyone else gets none ("not checked yet")."""
+    if cached is not None:
+        return cached.models
+    if not context.can(KEYS_WRITE):
+        return ()
     async with limit:
         try:
-            return await aprovider_key_models(key=key, actor=actor)
+            result = await aprovider_key_check(key=key, actor=context.actor)
         except (ProviderKeyUnavailable, ProviderKeyDecryptionError):
             return ()  # revoked meanwhile, or unreadable (audited): nothing to offer
+    return result.models if result.status is ProbeStatus.VALID else ()
 
 
 @csrf_exempt
 @login_not_required
 @_openai_errors
 async def list_models(request: HttpRequest) -> HttpResponseBase:
-    """``GET /api/v1/models``: ``<label>/<model>`` for every model of the org's usable keys (cached briefly)."""
+    """``GET /api/v1/models``: ``<label>/<model>`` for every model of the org's usable keys, from their cached
+    checks (``keys.checking``): a key not checked yet is absent, unless the caller may check it (``keys:write``)."""
     if request.method not in ("GET", "HEAD"):
         raise _method_not_allowed("GET")
     context = await _authenticate(request, RUNS_READ, token=await ageneration())
     keys = await db_hop(_listable_keys)(context=context)
+    cached = await acached_checks(org_id=context.org.id, key_ids=[key.id for key in keys])
     limit = asyncio.Semaphore(MODELS_CONCURRENCY)
-    lists = await asyncio.gather(*(_models_of(key, context.actor, limit) for key in keys))
+    lists = await asyncio.gather(*(_models_of(key, cached.get(key.id), context, limit) for key in keys))
     data = [
         {"id": f"{key.label}/{model}", "object": "model", "created": 0, "owned_by": key.provider}
         for key, models in zip(keys, lists, strict=True)

@@ -16,9 +16,9 @@ from django.core.cache import cache
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from keys.checking import MODELS_CACHE_SECONDS, models_cache_key, provider_key_check
+from keys.checking import CHECK_CACHE_SECONDS, cached_checks, models_cache_key, provider_key_check, remember_check
 from keys.models import KeyStatus, Provider, ProviderKey
-from keys.providers import ProbeStatus
+from keys.providers import ProbeResult, ProbeStatus
 from keys.services import provider_key_create, provider_key_record_check, provider_key_revoke
 from runs.models import AuditEvent
 
@@ -81,9 +81,10 @@ def test_a_working_key_checks_valid_with_its_model_list(cast, ring1, sim, provid
     checked = AuditEvent.objects.get(event=AuditEvent.KEY_CHECKED, target_id=str(key.id))
     assert (checked.metadata["from"], checked.metadata["to"]) == (KeyStatus.UNCHECKED, KeyStatus.VALID)
     assert checked.actor_user_id == cast.admin_a.user.id
-    # The model list is cached for the org's model listing, under this org and key only.
-    assert cache.get(models_cache_key(org_id=cast.org_a.id, key_id=key.id)) == list(result.models)
-    assert cache.get(models_cache_key(org_id=cast.org_b.id, key_id=key.id)) is None
+    # The outcome and the model list are cached for the org's model listing, under this org and key only.
+    cached = cached_checks(org_id=cast.org_a.id, key_ids=[key.id])[key.id]
+    assert (cached.status, cached.models) == (ProbeStatus.VALID, result.models)
+    assert cached_checks(org_id=cast.org_b.id, key_ids=[key.id]) == {}
 
 
 def test_a_scope_restricted_key_is_valid_but_restricted(cast, ring1, sim):
@@ -99,15 +100,35 @@ def test_a_scope_restricted_key_is_valid_but_restricted(cast, ring1, sim):
 
 def test_a_rejected_key_is_invalid_and_its_cached_models_are_dropped(cast, ring1, sim):
     key = make_key(cast, sim, secret="fake-invalid")
-    cache_key = models_cache_key(org_id=cast.org_a.id, key_id=key.id)
-    cache.set(cache_key, ["stale"], MODELS_CACHE_SECONDS)
+    remember_check(key=key, result=ProbeResult(status=ProbeStatus.VALID, models=("stale",)))
 
     result = provider_key_check(key=key, actor=cast.admin_a.user)
 
     assert result.status is ProbeStatus.INVALID
     key.refresh_from_db()
     assert key.status == KeyStatus.INVALID
-    assert cache.get(cache_key) is None
+    # The negative outcome is cached too (for an hour): no model list, and nothing to re-probe until then.
+    cached = cached_checks(org_id=cast.org_a.id, key_ids=[key.id])[key.id]
+    assert (cached.status, cached.models) == (ProbeStatus.INVALID, ())
+    ttl = cache.ttl(models_cache_key(org_id=cast.org_a.id, key_id=key.id))  # type: ignore[attr-defined]  # django-redis
+    assert 0 < ttl <= CHECK_CACHE_SECONDS[ProbeStatus.INVALID]
+
+
+def test_an_unreachable_check_is_cached_briefly_but_never_hides_a_known_model_list(cast, ring1, sim, settings):
+    listed = make_key(cast, sim)
+    assert provider_key_check(key=listed, actor=cast.admin_a.user).status is ProbeStatus.VALID
+    never_listed = make_key(cast, sim)
+    settings.PRODUCTION = True  # the egress policy now refuses loopback: every check is "unreachable"
+
+    assert provider_key_check(key=listed, actor=cast.admin_a.user).status is ProbeStatus.UNREACHABLE
+    assert provider_key_check(key=never_listed, actor=cast.admin_a.user).status is ProbeStatus.UNREACHABLE
+
+    cached = cached_checks(org_id=cast.org_a.id, key_ids=[listed.id, never_listed.id])
+    assert cached[listed.id].status is ProbeStatus.VALID  # a passing outage says nothing about the key
+    assert "fake-model" in cached[listed.id].models
+    assert cached[never_listed.id].status is ProbeStatus.UNREACHABLE
+    ttl = cache.ttl(models_cache_key(org_id=cast.org_a.id, key_id=never_listed.id))  # type: ignore[attr-defined]  # django-redis
+    assert 0 < ttl <= CHECK_CACHE_SECONDS[ProbeStatus.UNREACHABLE]
 
 
 def test_an_unreachable_provider_leaves_the_status_unchanged_but_is_audited(cast, ring1, sim):

@@ -11,14 +11,15 @@ import uuid
 from typing import Any
 
 import pytest
-from django.core.cache import cache
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from keys.checking import models_cache_key
+from keys.checking import remember_check
 from keys.models import Provider, ProviderKey
+from keys.providers import ProbeResult, ProbeStatus
 from keys.services import provider_key_create, provider_key_revoke
+from runs import views
 from runs.models import AuditEvent, Run, RunStatus, UsageRecord
 from runs.services import UsageEntry, run_claim, run_create, run_finish
 from runs.views import ERROR_EXPLANATIONS, explain_error, format_duration
@@ -46,6 +47,11 @@ def _finished(run: Run, status: str = RunStatus.SUCCEEDED, **kwargs: Any) -> Run
     run_claim(run_id=run.id, worker_id="test")
     usage = [UsageEntry(provider=run.provider, model=run.model, input_tokens=12, output_tokens=34, complete=True)]
     return run_finish(run_id=run.id, status=status, usage=usage, **kwargs)
+
+
+def _cache_models(key: ProviderKey, models: list[str]) -> None:
+    """What a valid check of ``key`` leaves in the cache."""
+    remember_check(key=key, result=ProbeResult(status=ProbeStatus.VALID, models=tuple(models)))
 
 
 @pytest.fixture
@@ -203,7 +209,7 @@ def test_new_run_form_offers_the_orgs_usable_keys_only(cast, key_a, key_b):
 
 
 def test_new_run_form_offers_cached_models_grouped_by_key(cast, key_a):
-    cache.set(models_cache_key(org_id=cast.org_a.id, key_id=key_a.id), ["gpt-4o-mini", "gpt-4.1"], 60)
+    _cache_models(key_a, ["gpt-4o-mini", "gpt-4.1"])
     response = cast.dev_a.client().get(RUN_NEW)
     content = response.content.decode()
     assert '<optgroup label="main">' in content
@@ -217,7 +223,7 @@ def test_new_run_form_offers_cached_models_grouped_by_key(cast, key_a):
 
 
 def test_typed_model_takes_precedence_over_the_list(cast, key_a):
-    cache.set(models_cache_key(org_id=cast.org_a.id, key_id=key_a.id), ["gpt-4o-mini"], 60)
+    _cache_models(key_a, ["gpt-4o-mini"])
     cast.dev_a.client().post(
         RUN_NEW, {"objective": "Go", "provider_key": str(key_a.id), "model": "gpt-4o-mini", "custom_model": " o3 "}
     )
@@ -275,15 +281,15 @@ def test_new_run_page_without_keys_points_to_the_provider_keys_page(cast):
 
 
 def test_model_list_comes_from_the_cache_without_calling_the_provider(cast, key_a):
-    cache.set(models_cache_key(org_id=cast.org_a.id, key_id=key_a.id), ["fake-model"], 60)
+    _cache_models(key_a, ["fake-model"])
     response = cast.dev_a.client().get(RUN_MODELS, {"provider_key": str(key_a.id)})
     assert response.status_code == 200
-    assert response.json() == {"models": ["fake-model"], "message": ""}
+    assert response.json() == {"models": ["fake-model"], "message": "", "checked": True}
     assert not AuditEvent.objects.filter(event=AuditEvent.KEY_USED).exists()
 
 
-def test_model_list_checks_the_key_against_the_provider_on_a_cache_miss(cast, simulator):
-    key = provider_key_create(
+def _sim_key(cast, simulator) -> ProviderKey:
+    return provider_key_create(
         org=cast.org_a,
         actor=cast.admin_a.user,
         provider=Provider.OPENAI_COMPATIBLE,
@@ -291,10 +297,53 @@ def test_model_list_checks_the_key_against_the_provider_on_a_cache_miss(cast, si
         secret="sk-sim-" + secrets.token_urlsafe(16),
         base_url=simulator.base_urls["openai"],
     )
-    response = cast.dev_a.client().get(RUN_MODELS, {"provider_key": str(key.id)})
+
+
+def test_an_admin_loading_the_model_list_checks_a_key_nothing_is_cached_for(cast, simulator):
+    key = _sim_key(cast, simulator)
+    response = cast.admin_a.client().get(RUN_MODELS, {"provider_key": str(key.id)})
     assert response.status_code == 200
     assert "fake-model" in response.json()["models"]
     assert AuditEvent.objects.filter(event=AuditEvent.KEY_CHECKED, target_id=str(key.id)).exists()
+    calls = len(simulator.requests())
+    # Cached now: a Developer gets the list, with no provider call.
+    assert "fake-model" in cast.dev_a.client().get(RUN_MODELS, {"provider_key": str(key.id)}).json()["models"]
+    assert len(simulator.requests()) == calls
+
+
+def test_a_developer_never_causes_a_key_check_and_sees_not_checked_yet(cast, simulator):
+    key = _sim_key(cast, simulator)
+    client = cast.dev_a.client()
+    response = client.get(RUN_MODELS, {"provider_key": str(key.id)})
+    assert response.status_code == 200
+    assert response.json() == {"models": [], "message": views.NOT_CHECKED, "checked": False}
+    assert "sim · OpenAI-compatible" in client.get(RUN_NEW).content.decode()
+    assert "— not checked yet" in client.get(RUN_NEW).content.decode()
+    # No outbound call (the simulator saw nothing), no audit row, no recorded check.
+    assert simulator.requests() == []
+    assert not AuditEvent.objects.filter(event__in=[AuditEvent.KEY_USED, AuditEvent.KEY_CHECKED]).exists()
+    assert ProviderKey.objects.get(pk=key.pk).last_checked_at is None
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (ProbeStatus.RESTRICTED, "may not list models"),
+        (ProbeStatus.INVALID, "rejected this key"),
+        (ProbeStatus.UNREACHABLE, "unreachable at the last check"),
+    ],
+)
+def test_a_cached_negative_check_is_served_without_a_new_one(cast, simulator, status, message):
+    key = _sim_key(cast, simulator)
+    remember_check(key=key, result=ProbeResult(status=status, message="from the provider"))
+    for member in (cast.admin_a, cast.dev_a):
+        body = member.client().get(RUN_MODELS, {"provider_key": str(key.id)}).json()
+        assert body["models"] == []
+        assert message in body["message"]
+        assert body["checked"] is True
+    assert "not checked yet" not in cast.dev_a.client().get(RUN_NEW).content.decode()
+    assert simulator.requests() == []
+    assert not AuditEvent.objects.filter(event=AuditEvent.KEY_CHECKED).exists()
 
 
 # --- The run page -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from django.utils import timezone
 
 from cesaflow.lib import row_cache
 from cesaflow.lib.http import close_http_clients
+from keys.checking import provider_key_check
 from keys.models import KeyStatus, Provider, ProviderKey
 from keys.services import provider_key_create, provider_key_revoke
 from orgs import api_key_cache
@@ -470,8 +472,8 @@ def test_a_key_without_runs_write_gets_403(server, cast, keys):
     assert raised.value.code == "insufficient_scope"
     assert not Run.objects.exists()
     assert not AuditEvent.objects.filter(event=AuditEvent.KEY_USED).exists()
-    # Listing models only needs runs:read; a key without it is refused there too.
-    assert sdk(server, read_only).models.list().data
+    # Listing models only needs runs:read (nothing is checked yet, so it lists nothing); a key without it is refused.
+    assert sdk(server, read_only).models.list().data == []
     _, write_only = api_key_create(org=cast.org_a, name="writer", actor=cast.admin_a.user, scopes=[RUNS_WRITE])
     with pytest.raises(openai.PermissionDeniedError):
         sdk(server, write_only).models.list()
@@ -691,16 +693,20 @@ def test_models_lists_label_slash_model_for_the_callers_org_only(server, cast, k
         secret="fake-invalid",
         base_url=simulator.base_urls["openai"],
     )
+    # An admin's key (keys:write) checks the keys nothing is cached for on the way (audited); a developer's key
+    # then reads the same cached lists.
+    checked = {m.id for m in sdk(server, cast.admin_a.api_secret).models.list().data}
     models = sdk(server, cast.dev_a.api_secret).models.list()
     ids = {m.id for m in models.data}
 
+    assert ids == checked
     assert {"sim-openai/fake-model", "sim-groq/fake-model", "sim-anthropic/fake-claude"} <= ids
     assert "sim-anthropic/fake/echo" in ids
     assert not any(i.startswith(("b-openai/", "broken/")) for i in ids)
     owners = {m.id.split("/", 1)[0]: m.owned_by for m in models.data}
     assert owners == {"sim-openai": "openai", "sim-groq": "groq", "sim-anthropic": "anthropic"}
     assert all(m.object == "model" and m.created == 0 for m in models.data)
-    # Listing checked the unchecked keys (audited) and found the broken one invalid.
+    # The admin's listing checked the unchecked keys (audited) and found the broken one invalid.
     assert ProviderKey.objects.get(label="sim-openai").status == KeyStatus.VALID
     assert ProviderKey.objects.get(label="broken").status == KeyStatus.INVALID
     assert AuditEvent.objects.filter(event=AuditEvent.KEY_CHECKED, org=cast.org_a).count() == 4
@@ -709,6 +715,39 @@ def test_models_lists_label_slash_model_for_the_callers_org_only(server, cast, k
     other = {m.id for m in sdk(server, cast.admin_b.api_secret).models.list().data}
     assert other
     assert all(i.startswith("b-openai/") for i in other)
+
+
+def test_a_key_without_keys_write_never_causes_a_key_check(server, cast, keys, simulator):
+    _, reader = api_key_create(org=cast.org_a, name="reader", actor=cast.admin_a.user, scopes=[RUNS_READ])
+    for secret in (reader, cast.dev_a.api_secret):
+        # Nothing is cached yet: the keys are absent ("not checked yet"), and nobody asked the provider.
+        assert sdk(server, secret).models.list().data == []
+    assert simulator.requests() == []
+    assert not AuditEvent.objects.filter(event__in=[AuditEvent.KEY_USED, AuditEvent.KEY_CHECKED]).exists()
+    assert not ProviderKey.objects.filter(last_checked_at__isnull=False).exists()
+
+    # Once someone with keys:write has checked a key, its cached list is served, still without a provider call.
+    provider_key_check(key=keys["groq"], actor=cast.admin_a.user)
+    calls = len(simulator.requests())
+    ids = {m.id for m in sdk(server, reader).models.list().data}
+    assert "sim-groq/fake-model" in ids
+    assert not any(i.startswith(("sim-openai/", "sim-anthropic/")) for i in ids)
+    assert len(simulator.requests()) == calls
+
+
+def test_an_unreachable_key_is_not_probed_again_on_every_listing(server, cast, simulator):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    provider_key_create(
+        org=cast.org_a, actor=cast.admin_a.user, provider=Provider.OPENAI, label="gone", secret=SECRET, base_url=closed
+    )
+    admin = sdk(server, cast.admin_a.api_secret)
+    for _ in range(3):
+        assert admin.models.list().data == []
+    # One check, whose "unreachable" outcome was cached for the next listings.
+    assert AuditEvent.objects.filter(event=AuditEvent.KEY_CHECKED).count() == 1
+    assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED).count() == 1
 
 
 def test_models_are_cached_briefly_per_org(server, cast, keys, simulator):
