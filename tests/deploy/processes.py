@@ -1,0 +1,247 @@
+"""A production-like CesaFlow behind the TLS proxy, as real processes on loopback, for the deployment tests.
+
+* ``throwaway_tls``: a CA and a ``localhost`` certificate it signed (``cryptography``), written under a directory.
+* ``production_web``: ``python -m cesaflow.serve`` with ``CESAFLOW_ENV=production`` (fresh secrets, the test
+  database and Redis, the test process's provider keyring so keys sealed by the test open there) behind a trusted
+  proxy (``CESAFLOW_TRUST_X_FORWARDED_FOR=true``), on its own TMPDIR.
+* ``caddy_proxy``: Caddy with ``deploy/proxy/Caddyfile`` and the environment that file reads, its HOME and XDG
+  directories under the test's directory so everything it writes can be inspected.
+
+Each is a context manager that waits (bounded) for its port and kills its process on the way out.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from django.conf import settings
+
+from tests.live_server import ROOT, database_url, free_port, wait_for_port
+
+CADDYFILE = ROOT / "deploy" / "proxy" / "Caddyfile"
+SITE_HOST = "localhost"
+STOP_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path  # the CA certificate clients trust
+    cert: Path  # the server's certificate (for localhost and 127.0.0.1)
+    key: Path  # its private key
+
+
+@dataclass(frozen=True)
+class Process:
+    port: int
+    pid: int
+    home: Path  # its TMPDIR (CesaFlow) or HOME with the XDG directories (Caddy)
+    log: Path  # its stdout and stderr
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def throwaway_tls(directory: Path) -> TLSFiles:
+    """A CA and a one-day certificate for ``localhost`` / 127.0.0.1 signed by it (P-256 keys)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CesaFlow test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE_HOST)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(SITE_HOST), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TLSFiles(ca=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem")
+    files.ca.write_bytes(_pem(ca))
+    files.cert.write_bytes(_pem(cert))
+    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return files
+
+
+def _random_keyring() -> str:
+    return "1:" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _test_keyring() -> str:
+    """The test process's provider keyring in CESAFLOW_KEYRING form (primary first)."""
+    ring = settings.KEYRING
+    kids = [ring.primary_kid, *sorted(kid for kid in ring.keys if kid != ring.primary_kid)]
+    return ",".join(f"{kid}:{base64.b64encode(ring.keys[kid]).decode()}" for kid in kids)
+
+
+def production_env(workdir: Path, *, workspaces: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a production web process behind the proxy needs: fresh secrets, the test database and Redis."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CESAFLOW_", "DATABASE_URL", "REDIS_URL", "CADDY_"))
+    }
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
+            "CESAFLOW_ENV": "production",
+            "CESAFLOW_SECRET_KEY": secrets.token_urlsafe(50),
+            "CESAFLOW_ALLOWED_HOSTS": SITE_HOST,
+            "CESAFLOW_TRUST_X_FORWARDED_FOR": "true",
+            "DATABASE_URL": database_url(),
+            "REDIS_URL": settings.REDIS_URL,
+            "CESAFLOW_CHANNEL_LAYER_KEY": settings.CHANNEL_LAYER_KEY,
+            "CESAFLOW_KEYRING": _test_keyring(),
+            "CESAFLOW_SESSION_KEYS": _random_keyring(),
+            # The provider simulator of the test process lives on loopback, which production refuses by default.
+            "CESAFLOW_PROVIDER_HOST_ALLOWLIST": "127.0.0.1",
+            "CESAFLOW_STATIC_ROOT": str(workdir / "static"),
+            "CESAFLOW_WORKSPACE_ROOT": str(workspaces / "workspaces"),
+            "CESAFLOW_VAR_DIR": str(workdir / "var"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def collectstatic(env: Mapping[str, str]) -> Path:
+    """``manage.py collectstatic`` into the environment's CESAFLOW_STATIC_ROOT; returns that directory."""
+    subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=dict(env),
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    return Path(env["CESAFLOW_STATIC_ROOT"])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@contextmanager
+def _running(
+    argv: list[str], *, env: Mapping[str, str], port: int, home: Path, log: Path, cwd: Path = ROOT
+) -> Iterator[Process]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process, log)
+        yield Process(port=port, pid=process.pid, home=home, log=log)
+    finally:
+        _stop(process)
+        # Kept in a failure report: what the process said (neither logs content or secrets).
+        print(f"--- {argv[0]} {log.name}\n{log.read_text(errors='replace')[-4000:]}")
+
+
+@contextmanager
+def production_web(workdir: Path, env: Mapping[str, str]) -> Iterator[Process]:
+    """One CesaFlow web process (``python -m cesaflow.serve``) on 127.0.0.1 and a free port."""
+    port = free_port()
+    tmpdir = workdir / f"web-{port}-tmp"
+    tmpdir.mkdir()
+    argv = [sys.executable, "-m", "cesaflow.serve", "-v", "1", "-b", "127.0.0.1", "-p", str(port)]
+    try:
+        with _running(
+            [*argv, "cesaflow.asgi:application"],
+            env={**env, "TMPDIR": str(tmpdir)},
+            port=port,
+            home=tmpdir,
+            log=workdir / f"web-{port}.log",
+        ) as process:
+            yield process
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def caddy_env(*, port: int, tls: TLSFiles, upstreams: list[int], static_root: Path, home: Path) -> dict[str, str]:
+    """Exactly what deploy/proxy/Caddyfile reads, plus a HOME and XDG directories of the test's own."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_DATA_HOME": str(home / "data"),
+        "TMPDIR": str(home / "tmp"),
+        "CADDY_SITE": f"https://{SITE_HOST}:{port}",
+        "CADDY_BIND": "127.0.0.1",
+        "CADDY_TLS_CERT": str(tls.cert),
+        "CADDY_TLS_KEY": str(tls.key),
+        "CADDY_UPSTREAMS": " ".join(f"127.0.0.1:{upstream}" for upstream in upstreams),
+        "CADDY_STATIC_ROOT": str(static_root),
+    }
+
+
+@contextmanager
+def caddy_proxy(
+    workdir: Path, *, caddy: str, tls: TLSFiles, upstreams: list[int], static_root: Path
+) -> Iterator[Process]:
+    """Caddy serving deploy/proxy/Caddyfile on https://localhost:<free port>, bound to 127.0.0.1."""
+    port = free_port()
+    home = workdir / "caddy-home"
+    (home / "tmp").mkdir(parents=True)
+    env = caddy_env(port=port, tls=tls, upstreams=upstreams, static_root=static_root, home=home)
+    argv = [caddy, "run", "--config", str(CADDYFILE), "--adapter", "caddyfile"]
+    with _running(argv, env=env, port=port, home=home, log=workdir / "caddy.log", cwd=workdir) as process:
+        yield process
