@@ -32,7 +32,9 @@ if ! podman image exists "$BASE"; then
   echo "== base image $BASE from Debian packages (mmdebstrap, once; later builds reuse it)"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  mmdebstrap --quiet --variant=minbase --include=ca-certificates \
+  # unshare mode: the build's mounts (/proc …) live in a namespace of their own and vanish with it, even when a
+  # process still holds them (root mode then fails to unmount "target is busy").
+  mmdebstrap --quiet --mode=unshare --variant=minbase --include=ca-certificates \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --aptopt='APT::Install-Recommends "false"' \
