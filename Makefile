@@ -9,7 +9,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/cesaflow
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/1
 
-.PHONY: run test lint typecheck pytest install install-dev lock clean bench
+.PHONY: run test lint typecheck pytest install install-dev lock clean bench image image-smoke compose-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,18 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The container image with podman, from a Debian base built here (README "Container image and compose").
+image:
+	deploy/image.sh
+
+# Build, then run the image against this machine's PostgreSQL and Redis: /readyz, the healthcheck, the sandbox.
+image-smoke:
+	deploy/image-smoke.sh
+
+# deploy/compose.yaml with podman-compose: HTTPS through Caddy on loopback, a run streamed through it.
+compose-smoke:
+	deploy/compose-smoke.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
