@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from django.core.cache import caches
 from django.urls import reverse
 from freezegun import freeze_time
 from rest_framework.test import APIClient
@@ -325,3 +326,20 @@ def test_rates_read_in_words():
     assert str(ratelimit.Rate(600, 60)) == "600 requests per minute"
     assert str(ratelimit.Rate(1, 3600)) == "1 request per hour"
     assert str(ratelimit.Rate(5, 10)) == "5 requests per 10 seconds"
+
+
+async def test_without_redis_the_local_cache_counts_for_the_dashboard_and_the_gateway_alike(settings):
+    """``make run`` (no REDIS_URL): the local-memory cache counts, and sync and async callers share the counts."""
+    settings.REDIS_URL = ""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "rl-test"}}
+    caches["default"].clear()
+    bucket = ratelimit.Bucket("api-key", "key:local", ratelimit.Rate(2, DAY))
+    assert ratelimit.hit([bucket], fail_open=False) is None
+    assert await ratelimit.ahit([bucket], fail_open=False) is None
+    exceeded = await ratelimit.ahit([bucket], fail_open=False)
+    assert exceeded is not None
+    assert exceeded.scope == "api-key"
+    assert 1 <= exceeded.retry_after <= DAY
+    peeked = ratelimit.Bucket("api-unauthenticated", "127.0.0.1", ratelimit.Rate(1, 60))
+    assert ratelimit.hit([], peeked=[peeked], fail_open=False) is None  # a peek does not count
+    assert ratelimit.hit([], peeked=[peeked], fail_open=False) is None

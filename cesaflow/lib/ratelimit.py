@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from django.conf import settings
 from django.core.cache import cache
+from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 from rest_framework import status
 
@@ -187,8 +188,6 @@ def hit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: 
         if not settings.REDIS_URL:
             counts, seen = _count_locally(increments, reads)
         else:
-            from django_redis import get_redis_connection  # only where the cache is django-redis
-
             pipe = get_redis_connection("default").pipeline(transaction=False)
             for key, ttl in increments:
                 full = cache.make_key(key)
