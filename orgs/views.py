@@ -29,7 +29,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.generic import TemplateView
 
 from cesaflow.lib.middleware import client_ip
-from orgs import login_guard, permissions, selectors, services
+from orgs import login_guard, permissions, rate_limits, selectors, services
 from orgs.forms import (
     ApiKeyForm,
     InvitationForm,
@@ -108,6 +108,7 @@ def _absolute_url_template(request: HttpRequest, view_name: str) -> str:
 
 @public
 @secret_post
+@method_decorator(rate_limits.limit_posts(rate_limits.SIGNUP), name="dispatch")
 class SignupView(View):
     """Sign-up never says whether an address has an account: every accepted form gets the same "check your inbox"
     page, and the mailbox decides (a confirmation link, or a note to the existing account's holder)."""
@@ -157,6 +158,7 @@ class SignupView(View):
 @public
 @secret_post
 @method_decorator(never_cache, name="dispatch")
+@method_decorator(rate_limits.limit_posts(rate_limits.LOGIN), name="dispatch")
 class SignupConfirmView(View):
     """The link mailed at sign-up. Opening it asks for the password chosen at sign-up; the POST activates the account
     and signs in. A mail scanner that fetches links cannot use it up, and neither a log reader nor someone who signed
@@ -214,6 +216,7 @@ class SignupConfirmView(View):
 @public
 @secret_post
 @method_decorator(never_cache, name="dispatch")
+@method_decorator(rate_limits.limit_posts(rate_limits.LOGIN), name="dispatch")
 class LoginView(View):
     """Email + password, one generic failure message, and a temporary lock per account and per IP."""
 
@@ -337,7 +340,8 @@ class SettingsView(OrgViewMixin, View):
         return self._render(request, form)
 
     def _render(self, request: HttpRequest, form: OrgSettingsForm) -> HttpResponse:
-        return render(request, self.template_name, {"form": form, "org": self.org})
+        limits = rate_limits.limits_for_display()
+        return render(request, self.template_name, {"form": form, "org": self.org, "rate_limits": limits})
 
 
 # --- Team -------------------------------------------------------------------------------------------
@@ -456,6 +460,7 @@ class InvitationRevokeView(OrgViewMixin, View):
 @public
 @secret_post
 @method_decorator(never_cache, name="dispatch")
+@method_decorator(rate_limits.limit_posts(rate_limits.INVITATION), name="dispatch")
 class InviteAcceptView(View):
     """The invitation link. Logged in as the invited email: accept. Anonymous: create an account for that
     email (joining this org only) or log in first. A bad link gets a clear page, not a 404."""

@@ -20,6 +20,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 
 from cesaflow.lib.api import ApiError
+from orgs import rate_limits
 from orgs.authentication import KeyPrincipal, OrgAuthentication, Principal, SessionPrincipal
 from orgs.models import ApiKey, Organization, User
 from orgs.permissions import ORG_SUSPENDED, suspension_message
@@ -70,7 +71,12 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         return login_not_required(super().as_view(**initkwargs))
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
+        try:
+            super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
+        except (exceptions.NotAuthenticated, exceptions.AuthenticationFailed):
+            # No credential, or a bad one: counted per client IP; past the limit a 429 instead of the 401.
+            rate_limits.api_unauthenticated(request._request)
+            raise
         if not self.capabilities:
             raise ImproperlyConfigured(f"{type(self).__name__} declares no capabilities.")
         # HEAD is a GET without a body: it needs what GET needs (else every HEAD would be a 405).
@@ -79,6 +85,7 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         if required is None:
             raise exceptions.MethodNotAllowed(request.method or "")
         context = self._resolve_context(request)
+        rate_limits.api_call(request._request, context)  # per key (or user) and per org: 429 past a limit
         if context.org.is_suspended:
             # Every org-scoped endpoint, reads included: the dashboard is where a suspended org's members read.
             raise ApiError(status.HTTP_403_FORBIDDEN, ORG_SUSPENDED, suspension_message(context.org))

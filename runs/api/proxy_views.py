@@ -40,6 +40,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from cesaflow.lib.body_limit import too_large_message
 from cesaflow.lib.hops import db_hop
+from cesaflow.lib.ratelimit import Exceeded
 from cesaflow.lib.row_cache import ageneration
 from keys.checking import CachedCheck, acached_checks, aprovider_key_check, models_cache_key
 from keys.crypto import Secret
@@ -54,6 +55,7 @@ from keys.services import (
     provider_key_record_use,
     provider_key_unseal,
 )
+from orgs import rate_limits
 from orgs.authentication import AuthenticationError, aapi_key_verify, request_api_key
 from orgs.models import ApiKey
 from orgs.permissions import KEYS_WRITE, ORG_SUSPENDED, RUNS_READ, RUNS_WRITE, suspension_message
@@ -127,16 +129,38 @@ def _presented_key(request: HttpRequest) -> str:
     return presented
 
 
+def _rate_limited(exceeded: Exceeded) -> ProxyError:
+    """OpenAI's own 429 shape: the SDKs raise ``RateLimitError`` and, when they retry, wait ``retry-after``."""
+    return ProxyError(
+        429,
+        rate_limits.message(exceeded),
+        type="requests",
+        code="rate_limit_exceeded",
+        headers={
+            "Retry-After": str(exceeded.retry_after),
+            "x-ratelimit-limit-requests": str(exceeded.rate.requests),
+            "x-ratelimit-reset-requests": f"{exceeded.retry_after}s",
+        },
+    )
+
+
 async def _authenticate(request: HttpRequest, capability: str, *, token: str | None) -> OrgContext:
     """The DRF gate's rules (``orgs.authentication`` + ``OrgAPIView``) with OpenAI-shaped answers: 401 for a
-    missing or bad key, 403 for a suspended org or a key whose scopes lack ``capability``. Dashboard sessions never
-    count here. A key verified recently (``token``: the authorization generation) costs no thread hop."""
-    presented = _presented_key(request)
+    missing or bad key, 429 past a rate limit (``orgs.rate_limits``), 403 for a suspended org or a key whose scopes
+    lack ``capability``. Dashboard sessions never count here. A key verified recently (``token``: the authorization
+    generation) costs no thread hop."""
     try:
-        api_key = await aapi_key_verify(presented, token=token)
-    except AuthenticationError as exc:
-        raise ProxyError(401, exc.message, code="invalid_api_key") from None
+        api_key = await aapi_key_verify(_presented_key(request), token=token)
+    except (ProxyError, AuthenticationError) as exc:
+        # Missing and bad keys count per client IP (one async Redis round trip); past the limit, 429 for the 401.
+        flood = await rate_limits.aapi_unauthenticated(request)
+        if flood is not None:
+            raise _rate_limited(flood) from None
+        raise exc if isinstance(exc, ProxyError) else ProxyError(401, exc.message, code="invalid_api_key") from None
     context = context_for_api_key(api_key)
+    exceeded = await rate_limits.agateway_call(request, context)  # per key and per org: one round trip
+    if exceeded is not None:
+        raise _rate_limited(exceeded)
     if context.org.is_suspended:
         raise ProxyError(403, suspension_message(context.org), type="permission_error", code=ORG_SUSPENDED)
     if not context.can(capability):
