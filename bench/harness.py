@@ -165,6 +165,12 @@ class Harness:
             "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
             "CESAFLOW_VAR_DIR": str(self.workdir / "var"),
             "CESAFLOW_CACHE_PREFIX": "cfbench",
+            # The benchmark's one key makes thousands of calls a minute: limits far above that keep the rate limit
+            # check's cost in the figures without ever refusing a call.
+            "CESAFLOW_RATE_LIMIT_GATEWAY_KEY": "100000000/60",
+            "CESAFLOW_RATE_LIMIT_GATEWAY_ORG": "100000000/60",
+            "CESAFLOW_RATE_LIMIT_API_KEY": "100000000/60",
+            "CESAFLOW_RATE_LIMIT_API_ORG": "100000000/60",
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
         }
