@@ -63,7 +63,10 @@ def _last_link() -> str:
 
 
 def _comparable(response: Any) -> tuple[int, dict[str, str], list[str], str]:
-    headers = {name: value for name, value in response.headers.items() if name.lower() != "set-cookie"}
+    # Cookies and the request id differ on every response, whoever owns the address: the rest must not.
+    headers = {
+        name: value for name, value in response.headers.items() if name.lower() not in ("set-cookie", "x-request-id")
+    }
     return response.status_code, headers, sorted(response.cookies), CSRF_RE.sub("", response.content.decode())
 
 
