@@ -1,4 +1,4 @@
-"""Settings: per-organization run caps and the monthly token cap's reservations (README "Security: limits").
+"""Settings: per-organization run caps and the monthly token cap's reservations (README "Security limits").
 
 A block of ``cesaflow.settings`` in a module of its own so settings.py stays under 600 lines. settings.py imports
 it (and nothing else should), after its environment helpers are defined: the one place that reads the environment
