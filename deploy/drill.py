@@ -82,10 +82,12 @@ class Plan:
     timings: Timings
     load_seconds: float  # the load is spread over about this long, so it overlaps every drill
     outage_seconds: float  # how long PostgreSQL and Redis stay down
+    pool_timeout_s: int | None = None  # CESAFLOW_DB_POOL_TIMEOUT (None: the default, 10 s)
 
     @classmethod
     def bounded(cls) -> Plan:
-        return cls(24, 4, 4, Timings(heartbeat_s=1.0, stale_after_s=3.0, poll_s=1.0, revalidate_s=5), 40.0, 3.0)
+        timings = Timings(heartbeat_s=1.0, stale_after_s=3.0, poll_s=1.0, revalidate_s=5)
+        return cls(24, 4, 4, timings, load_seconds=40.0, outage_seconds=3.0, pool_timeout_s=3)
 
     @classmethod
     def full(cls) -> Plan:
@@ -139,6 +141,8 @@ class Drill:
         cluster.start_redis()
         cluster.start_postgres()
         cluster.configure()
+        if self.plan.pool_timeout_s is not None:
+            cluster.env["CESAFLOW_DB_POOL_TIMEOUT"] = str(self.plan.pool_timeout_s)
         cluster.start_simulator(SCENARIOS)
         cluster.manage("migrate", "--noinput")
         self.orgs = [Org(**seeded) for seeded in cluster.seed(self.plan.orgs)]

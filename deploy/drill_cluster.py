@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,8 +112,14 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     pg_port: int = 0
     redis_port: int = 0
+    # PostgreSQL's data and the workspaces: in a directory of their own directly under the temporary directory, so
+    # the postgres user and the sandbox's uids can reach them wherever ``workdir`` is (pytest's is private to root).
+    state: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cesaflow-drill-state-")))
     _pg_argv: list[str] = field(default_factory=list)
     _redis_argv: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state.chmod(0o711)  # traversable, not listable
 
     # --- Configuration ------------------------------------------------------------------------------------------
 
@@ -122,7 +129,7 @@ class Cluster:
 
     @property
     def workspace_root(self) -> Path:
-        return self.workdir / "workspaces"
+        return self.state / "workspaces"
 
     def base_url(self, web: str) -> str:
         """The URL clients use for a web process (``web-a``, ``web-b``): the one place a proxy would change."""
@@ -207,6 +214,7 @@ class Cluster:
         for child in reversed(list(self.children.values())):
             child.stop()
         self.children.clear()
+        shutil.rmtree(self.state, ignore_errors=True)
 
     # --- PostgreSQL and Redis -----------------------------------------------------------------------------------
 
@@ -216,20 +224,22 @@ class Cluster:
         if initdb is None:
             raise RuntimeError("No initdb found: install PostgreSQL (Debian: apt-get install postgresql).")
         bindir = Path(initdb).parent
-        data = self.workdir / "pg"
+        data = self.state / "pg"
         run_as: list[str] = []
         if os.geteuid() == 0:
             # initdb refuses root: use the postgres system user the Debian package creates.
             run_as = ["runuser", "-u", "postgres", "--"]
-            self.workdir.chmod(0o711)
             data.mkdir(mode=0o700)
             shutil.chown(data, user="postgres")
-        subprocess.run(
+        initialized = subprocess.run(
             [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=True,
+            check=False,
             capture_output=True,
+            text=True,
             timeout=120,
         )
+        if initialized.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{initialized.stderr[-2000:]}")
         self.pg_port = free_port()
         # Foreground child, not pg_ctl's daemon, so it dies with the drill. fsync off: a throwaway cluster, and the
         # restart drill stops it cleanly (a fast shutdown writes everything committed).
@@ -258,7 +268,7 @@ class Cluster:
         """Fast shutdown (SIGINT): what a restart by the service manager does; committed rows are kept."""
         child = self.children["postgres"]
         # The postmaster itself (runuser, our child when running as root, does not pass SIGINT on).
-        postmaster = int((self.workdir / "pg" / "postmaster.pid").read_text().split()[0])
+        postmaster = int((self.state / "pg" / "postmaster.pid").read_text().split()[0])
         os.kill(postmaster, signal.SIGINT)
         child.process.wait(30)
 
