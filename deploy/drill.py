@@ -23,6 +23,7 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -115,6 +116,7 @@ class RunRecord:
     via: str = ""  # how it was watched
     stream: StreamResult = field(default_factory=StreamResult)
     final_status: str = ""
+    reconnects: int = 0  # streams opened again after one broke or was refused
 
 
 def secs(value: float | None) -> str:
@@ -226,20 +228,31 @@ class Drill:
         return ""
 
     async def watch(self, run_id: str, via: str, *, timeout: float = 60.0) -> RunRecord:
-        """Watch a run to its end (``sse-a``, ``sse-b`` or ``ws-a`` with the org's dashboard session); if the stream
-        ends without the run's end, fall back to the REST API until the run is terminal."""
+        """Watch a run to its end as a client would: first over ``via`` (``sse-a``, ``sse-b``, or ``ws-a`` with the
+        org's dashboard session), and when a stream breaks or is refused (a process killed, an outage), again over
+        SSE through either web process, until ``run.finished`` or the deadline; then the REST API as a last word."""
         record = self.runs[run_id]
         record.via = via
-        web = "web-a" if via.endswith("-a") else "web-b"
-        base = self.cluster.base_url(web)
-        if via.startswith("ws"):
-            record.stream = await ws_watch(base, run_id, self.sessions[record.org.org_id], timeout=timeout)
-            if record.stream.events == 0:  # refused (a session lost with Redis): watch over SSE instead
-                record.stream = await self.client.sse(base, record.org, run_id, timeout=timeout)
-        else:
-            await self.client.sse(base, record.org, run_id, timeout=timeout, result=record.stream)
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            left = max(1.0, deadline - time.monotonic())
+            if attempt == 0:
+                base = self.cluster.base_url("web-a" if via.endswith("-a") else "web-b")
+            else:
+                base = self.bases()[attempt % 2]
+            if attempt == 0 and via.startswith("ws"):
+                cookies = self.sessions[record.org.org_id]
+                await ws_watch(base, run_id, cookies, timeout=left, result=record.stream)
+            else:
+                await self.client.sse(base, record.org, run_id, timeout=left, result=record.stream)
+            if record.stream.final_status or time.monotonic() >= deadline:
+                break
+            attempt += 1
+            record.reconnects += 1
+            await asyncio.sleep(0.5)
         record.final_status = record.stream.final_status or await self.client.status_when_terminal(
-            self.bases(), record.org, run_id, time.monotonic() + 120
+            self.bases(), record.org, run_id, time.monotonic() + 60
         )
         return record
 
@@ -306,9 +319,6 @@ class Drill:
         self.rows.append(row)
 
     async def drill_worker_kill(self, row: Row) -> None:
-        bound = self.plan.timings.lost_bound_s
-        tasks = await self.victims(6, "worker-kill", agents=2)
-
         def on_a(runs: dict[str, dict[str, Any]]) -> list[str]:
             return [
                 run_id
@@ -316,15 +326,33 @@ class Drill:
                 if run["status"] == "running" and self.worker_of(run["worker_id"]) == "worker-a"
             ]
 
+        bound = self.plan.timings.lost_bound_s
+        # Worker B is paused (SIGSTOP) while the victims are claimed, so worker A gets them, agent runs included
+        # (their workspaces must be cleaned up); B resumes well within stale-after, before anything could reap it.
+        pause = min(5.0, self.plan.timings.stale_after_s / 2)
+        self.cluster.children["worker-b"].signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+        try:
+            tasks = await self.victims(6, "worker-kill", agents=2)
+            await self.wait_db(
+                lambda runs: (
+                    sum(1 for r in on_a(runs) if self.runs.get(r) and self.runs[r].source == "worker-kill") >= 8
+                ),
+                max(0.1, pause - (time.monotonic() - paused_at)),
+            )
+        finally:
+            self.cluster.children["worker-b"].signal(signal.SIGCONT)
+
         def ready(runs: dict[str, dict[str, Any]]) -> bool:
             hit = on_a(runs)
-            return len(hit) >= 2 and any(runs[r]["kind"] == "agent" for r in hit)
+            live = [r for r in hit if (self.cluster.workspace_root / uuid.UUID(r).hex).exists()]
+            return len(hit) >= 2 and any(runs[r]["kind"] == "agent" for r in live)
 
         # Wait until worker A executes runs, ideally an agent run (its workspace must be cleaned up).
         if await self.wait_db(ready, 20) is None:
             await self.wait_db(lambda runs: bool(on_a(runs)), 10)
         victims = on_a(await self.db())
-        workspaces = [self.cluster.workspace_root / uuid.UUID(r).hex for r in victims if self.runs.get(r, None)]
+        workspaces = [self.cluster.workspace_root / uuid.UUID(r).hex for r in victims]
         workspaces = [path for path in workspaces if path.exists()]
         before = await self.db()
         others = [r for r, run in before.items() if run["status"] == "running" and r not in victims]
@@ -353,6 +381,7 @@ class Drill:
         told = sum(1 for r in lost_watchers if r.stream.final_status == "failed")
         row.passed = (
             len(victims) > 0
+            and len(workspaces) > 0
             and took is not None
             and took <= bound + self.plan.timings.poll_s + 2  # the reaper's tick and one database round trip
             and len(lost_ok) == len(victims)
@@ -533,7 +562,8 @@ class Drill:
         ]
         clean = len(done) == len(reads) and all(end for end in ends)
         bound = self.plan.timings.lost_bound_s + 60  # the longest victim, the reaper, and the attach window
-        took = await self.wait_db(lambda runs: all(runs[r]["status"] in TERMINAL for r in before), bound)
+        waited = await self.wait_db(lambda runs: all(runs[r]["status"] in TERMINAL for r in before), bound)
+        took = None if waited is None else time.monotonic() - back_at
         stuck = (
             []
             if took is not None
@@ -545,7 +575,7 @@ class Drill:
             f"{old.status_code} {'to sign-in' if signed_out else old.headers.get('location', '')}; new sign-in: "
             f"dashboard {dashboard} after {signed_in_after:.1f} s; {len(streams)} open websockets ended: "
             f"{', '.join(ends) or '-'}; {len(before)} runs queued/running at the outage: "
-            f"{'all terminal after ' + secs(took) if took is not None else 'stuck: ' + ', '.join(stuck)}"
+            + (f"all terminal {secs(took)} after Redis was back" if took is not None else f"stuck: {', '.join(stuck)}")
         )
         row.timings = f"sign-in after {signed_in_after:.1f} s, runs terminal after {secs(took)}"
 
@@ -588,6 +618,12 @@ class Drill:
         ]
         from_b = [r for r in watched_on_a if self.worker_of(runs[r.run_id]["worker_id"]) == "worker-b"]
         load = [r for r in self.runs.values() if r.source == "load"]
+        unwatched = [
+            f"{r.run_id[:8]} ({r.via}, {r.reconnects} reconnects, {r.stream.error or r.stream.close_code or '-'})"
+            for r in self.runs.values()
+            if r.run_id in runs and runs[r.run_id]["error_kind"] == "not_watched"
+        ]
+        reconnects = sum(r.reconnects for r in self.runs.values())
         row.passed = (
             took is not None
             and not not_terminal
@@ -601,7 +637,8 @@ class Drill:
             f"served for {len(runs) - len(mismatched)}/{len(runs)} runs ({sum(calls.values())} calls)"
             f"{'; mismatched: ' + ', '.join(mismatched[:5]) if mismatched else ''}; websocket on web A received "
             f"events of {len(from_b)} runs executed by worker B ({len(watched_on_a)} watched there); creates: "
-            f"{self.create_statuses}"
+            f"{self.create_statuses}; streams reopened {reconnects} times"
+            + (f"; not watched in time: {', '.join(unwatched[:5])}" if unwatched else "")
         )
         row.timings = f"load {load_seconds:.0f} s, settled {took if took is None else round(took, 1)} s after"
 

@@ -181,8 +181,10 @@ async def ws_read(socket: WebSocket, result: StreamResult, *, timeout: float) ->
     return result
 
 
-async def ws_watch(base: str, run_id: str, cookies: dict[str, str], *, timeout: float) -> StreamResult:
-    result = StreamResult()
+async def ws_watch(
+    base: str, run_id: str, cookies: dict[str, str], *, timeout: float, result: StreamResult | None = None
+) -> StreamResult:
+    result = result if result is not None else StreamResult()
     try:
         socket = await ws_connect(base, run_id, cookies)
     except (WebSocketError, OSError) as exc:
