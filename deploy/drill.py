@@ -135,6 +135,7 @@ class Drill:
         self.worker_pids: dict[int, str] = {}  # pid -> worker name, for the worker identity in the database
         self.create_statuses = Tally()
         self.killed: set[str] = set()  # workers SIGKILLed by a drill
+        self.silent_sockets = 0  # websockets that opened but sent nothing (no snapshot, no close) for 20 s
 
     # --- Setup --------------------------------------------------------------------------------------------------
 
@@ -243,7 +244,10 @@ class Drill:
                 base = self.bases()[attempt % 2]
             if attempt == 0 and via.startswith("ws"):
                 cookies = self.sessions[record.org.org_id]
-                await ws_watch(base, run_id, cookies, timeout=left, result=record.stream)
+                # A load run streams for about a second: a socket silent for 20 s is given up, as a client would.
+                await ws_watch(base, run_id, cookies, timeout=min(left, 20.0), result=record.stream)
+                if record.stream.events == 0 and record.stream.error == "TimeoutError":
+                    self.silent_sockets += 1
             else:
                 await self.client.sse(base, record.org, run_id, timeout=left, result=record.stream)
             if record.stream.final_status or time.monotonic() >= deadline:
@@ -637,7 +641,7 @@ class Drill:
             f"served for {len(runs) - len(mismatched)}/{len(runs)} runs ({sum(calls.values())} calls)"
             f"{'; mismatched: ' + ', '.join(mismatched[:5]) if mismatched else ''}; websocket on web A received "
             f"events of {len(from_b)} runs executed by worker B ({len(watched_on_a)} watched there); creates: "
-            f"{self.create_statuses}; streams reopened {reconnects} times"
+            f"{self.create_statuses}; streams reopened {reconnects} times ({self.silent_sockets} websockets silent)"
             + (f"; not watched in time: {', '.join(unwatched[:5])}" if unwatched else "")
         )
         row.timings = f"load {load_seconds:.0f} s, settled {took if took is None else round(took, 1)} s after"
