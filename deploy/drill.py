@@ -668,8 +668,8 @@ class Drill:
             ),
             "postgres-restart": (
                 f"stop PostgreSQL for {self.plan.outage_seconds:g} s under load: every API request and /readyz "
-                "answers 503 meanwhile (no 500, no hang); all answer 200 within 30 s of its return; runs across it "
-                "end; no usage row lost or doubled (load row)",
+                "answers 503 meanwhile (no 500), within the pool timeout + 3 s; all answer 200 within 60 s of its "
+                "return; runs that end during the outage are recorded with exactly their usage",
                 self.drill_postgres_restart,
             ),
             "redis-restart": (
