@@ -6,7 +6,7 @@ Authentication and authorization happen in ``connect``, through the one authenti
 The Origin is checked before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi``). Refusals accept and then close
 with a code, so clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read`` or the org
 suspended by the CesaFlow operators, 4404 a run
-that is missing or another org's (the same answer), or a signed-in user of no organization; 1013 when sessions
+that is missing or another org's (the same answer), or a signed-in user of no organization; 4503 when sessions
 cannot be checked (the session store is down). Groups are derived server-side from the authorized run or org only.
 
 An open socket keeps checking: on every revocation signal for its org or its user (``orgs.revocation``) and at
@@ -63,7 +63,10 @@ from runs.watching import WatchStart, watch_start
 logger = logging.getLogger("cesaflow.runs")
 
 CLOSE_NOT_FOUND = 4404
-CLOSE_TRY_AGAIN_LATER = 1013
+# Not 1013 ("try again later"): daphne's websocket library (autobahn) sends only 1000 and 3000-4999 and raises on
+# any other code, so a socket refused with 1013 was accepted and then left open without a frame (found by the
+# deployment drill: websockets opened while Redis restarted hung).
+CLOSE_TRY_AGAIN_LATER = 4503
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TOO_BIG = 1009
 MAX_CLIENT_MESSAGE_CHARS = 4096
