@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
@@ -147,7 +148,29 @@ def service_unavailable(request: HttpRequest) -> HttpResponse:
     return response
 
 
+# The database cannot be reached (PostgreSQL restarting, the pool out of connections): a temporary refusal.
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+def database_unavailable(request: HttpRequest) -> HttpResponse:
+    if _is_api(request):
+        response: HttpResponse = JsonResponse(
+            error_body("database_unavailable", "CesaFlow cannot reach its database right now; try again shortly."),
+            status=503,
+        )
+    else:
+        response = render(request, "errors/503_database.html", status=503)
+    response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
 def server_error(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    # Django calls this handler inside its ``except`` block: a database that went away (found by the deployment
+    # drill: PostgreSQL restarting answered every request 500) is the 503 a client and a load balancer retry.
+    if isinstance(sys.exc_info()[1], (OperationalError, InterfaceError)):
+        logger.warning("database unavailable: %s answered 503", request.path)
+        return database_unavailable(request)
     if _is_api(request):
         return JsonResponse(error_body("server_error", "Something went wrong on our side."), status=500)
     return render(request, "errors/500.html", status=500)

@@ -68,8 +68,10 @@ from runs.watching import WatchStart, watch_start
 logger = logging.getLogger("cesaflow.runs")
 
 CLOSE_NOT_FOUND = 4404
-# Reconnect later (the session store is down, or this process is shutting down). Not 1013/1012: daphne's websocket
-# library sends only 1000 and 3000-4999 from the server side.
+# Reconnect later: the session store is down, or this process is shutting down (``cesaflow.lib.shutdown``). Not
+# 1013/1012: daphne's websocket library (autobahn) sends only 1000 and 3000-4999 and raises on any other code, so a
+# socket refused with 1013 was accepted and then left open without a frame (found by the deployment drill:
+# websockets opened while Redis restarted hung).
 CLOSE_TRY_AGAIN_LATER = shutdown.CLOSE_TRY_AGAIN_LATER
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TOO_BIG = 1009

@@ -48,6 +48,7 @@ from runs.execution_common import (
     failure_message,
     mark_key_invalid,
     opened_adapter,
+    record,
     retry_status,
     stopped_outcome,
     usable_key,
@@ -119,7 +120,8 @@ async def execute_run(
                 "retryable": retryable,
             }
         )
-    finished: Run = await database_sync_to_async(run_finish)(
+    finished: Run = await record(
+        run_finish,
         run_id=run.id,
         status=outcome.status,
         usage=tally.ledger_entries(run, succeeded=succeeded),

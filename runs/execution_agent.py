@@ -35,6 +35,7 @@ from runs.execution_common import (
     failure_message,
     mark_key_invalid,
     opened_adapter,
+    record,
     retry_status,
     stopped_outcome,
     usable_key,
@@ -164,7 +165,7 @@ class _LiveSink:
         self.tally.usages.append(usage)
         # Into the ledger at once: a crash later in the run must not lose what the provider already bills.
         entry = usage_entry(self.run, usage, complete=usage.complete)
-        await database_sync_to_async(run_usage_add)(run_id=self.run.id, entry=entry)
+        await record(run_usage_add, run_id=self.run.id, entry=entry)
         self.tally.recorded = len(self.tally.usages)
         await self.publisher.send(usage_event(self.run_id, self.tally))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from cesaflow.lib.http import get_http_client
 from keys.egress import egress_policy
@@ -30,6 +32,11 @@ logger = logging.getLogger("cesaflow.runs")
 STOP_CANCELLED = "cancelled"  # someone asked (API, dashboard, websocket)
 STOP_SHUTDOWN = "shutdown"  # the executor is shutting down
 STOP_LOST = "lost"  # the run already ended elsewhere (reaped after a stalled heartbeat)
+
+# How long recording what already happened (a run's end, a provider call's usage) waits for a database that went
+# away: PostgreSQL restarting must not lose what the provider bills (found by the deployment drill, deploy/drill.py).
+RECORD_RETRY_SECONDS = 300.0
+RECORD_RETRY_MAX_DELAY_SECONDS = 5.0
 
 # Our own explanation per failure kind. Provider messages are never shown or stored: they can quote the request.
 FAILURE_MESSAGES: dict[str, str] = {
@@ -326,3 +333,23 @@ async def opened_adapter(run: Run, key: ProviderKey, *, limits: CallLimits) -> A
             client=get_http_client(egress_policy()),
             limits=limits,
         )
+
+
+async def record(func: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """``func(**kwargs)`` in a database thread, retried with backoff while the database is unreachable, for up to
+    ``RECORD_RETRY_SECONDS``: for writes of what already happened, which must land once the database is back. The
+    run keeps its executor slot (and its heartbeat) meanwhile; if it is reaped before, ``run_finish`` keeps the
+    reaper's outcome and still adds the usage."""
+    deadline = time.monotonic() + RECORD_RETRY_SECONDS
+    delay = 0.25
+    while True:
+        try:
+            return await database_sync_to_async(func)(**kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "%s: database unavailable (%s), retrying in %.2f s", func.__name__, type(exc).__name__, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX_DELAY_SECONDS)

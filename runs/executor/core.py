@@ -114,6 +114,11 @@ class Executor:
         self._idle: asyncio.Event | None = None
         self._started = False
         self._next_retention = 0.0
+        # After this executor lost the database (a supervision tick failed), it reaps nothing for stale-after
+        # seconds once the database answers again: every heartbeat missed during the outage, the live executors'
+        # too, looks stale, and their runs must not be reaped before they had a chance to heartbeat.
+        self._database_lost = False
+        self._reap_not_before = 0.0
         self._stopping = False
         self._closed = False
 
@@ -293,6 +298,7 @@ class Executor:
                     next_claim = now + config.poll_s
                     await self.claim_queued()
             except Exception as exc:  # the database or Redis is briefly unavailable: try again next tick
+                self._database_lost = True
                 logger.warning("executor %s: supervision error %s", self.worker_id, type(exc).__name__)
             deadlines = [next_heartbeat]
             if config.reap:
@@ -338,12 +344,18 @@ class Executor:
         expired = await database_sync_to_async(runs_expire_unwatched)(window=window)
         if expired:
             logger.info("executor %s: %d run(s) cancelled, not watched in time", self.worker_id, len(expired))
-        lost = await database_sync_to_async(runs_reap_lost)(stale_after=timedelta(seconds=self.config.stale_after_s))
+        now = asyncio.get_running_loop().time()
+        if self._database_lost:  # this tick reached the database again (the expiry above did): a grace first
+            self._database_lost = False
+            self._reap_not_before = now + self.config.stale_after_s
+        lost: list[Run] = []
+        if now >= self._reap_not_before:
+            stale_after = timedelta(seconds=self.config.stale_after_s)
+            lost = await database_sync_to_async(runs_reap_lost)(stale_after=stale_after)
         await database_sync_to_async(runs_cancel_for_suspended_orgs)()  # what a suspension's own sweep missed
         # Retention (README "Retention"): workspaces past their window or left by a dead run every tick (the first
         # tick after a start is the cleanup after a crash); old audit events and webhook delivery ids hourly.
         await database_sync_to_async(workspaces_purge)()
-        now = asyncio.get_running_loop().time()
         if now >= self._next_retention:
             self._next_retention = now + RETENTION_INTERVAL_SECONDS
             await database_sync_to_async(retention_purge)()

@@ -1,0 +1,352 @@
+"""The drill's processes on loopback: throwaway PostgreSQL and Redis of its own (never the machine's: other
+people's tests use those), the provider simulator, web processes (``python -m cesaflow.serve``) and ``run_worker``
+processes, all with production settings and throwaway secrets generated per drill.
+
+Every process is a child of the drill, started with a death signal so none outlives it, and its output goes to a
+log under the drill's work directory (CesaFlow logs no content and no secret). ``Cluster.base_url(name)`` is the one
+place that says which URL clients use for a web process: a TLS proxy put in front later changes only that.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
+# PostgreSQL and Redis get nothing of CesaFlow's environment.
+SERVICE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGKILL it when the drill dies, however the drill dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        if self.alive:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Executor and stream settings; the bounded drill shortens them so its drills fit in a test's time."""
+
+    heartbeat_s: float
+    stale_after_s: float
+    poll_s: float
+    revalidate_s: int
+
+    @property
+    def lost_bound_s(self) -> float:
+        """README "Executors": a dead worker's runs are ``worker_lost`` within stale-after plus one heartbeat."""
+        return self.stale_after_s + self.heartbeat_s
+
+
+@dataclass
+class Cluster:
+    workdir: Path
+    timings: Timings
+    children: dict[str, Child] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    pg_port: int = 0
+    redis_port: int = 0
+    # PostgreSQL's data and the workspaces: in a directory of their own directly under the temporary directory, so
+    # the postgres user and the sandbox's uids can reach them wherever ``workdir`` is (pytest's is private to root).
+    state: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cesaflow-drill-state-")))
+    _pg_argv: list[str] = field(default_factory=list)
+    _redis_argv: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state.chmod(0o711)  # traversable, not listable
+
+    # --- Configuration ------------------------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        return f"postgres://postgres@{HOST}:{self.pg_port}/cesaflow_drill"
+
+    @property
+    def workspace_root(self) -> Path:
+        return self.state / "workspaces"
+
+    def base_url(self, web: str) -> str:
+        """The URL clients use for a web process (``web-a``, ``web-b``): the one place a proxy would change."""
+        return f"http://{HOST}:{self.children[web].port}"
+
+    def origin(self, web: str) -> str:
+        """What a browser on that URL sends as ``Origin`` (the websocket consumer checks it)."""
+        return self.base_url(web)
+
+    def configure(self) -> None:
+        """Production settings with throwaway secrets generated for this drill only."""
+        keyring = "1:" + base64.b64encode(secrets.token_bytes(32)).decode()
+        self.workspace_root.mkdir(parents=True, exist_ok=True)
+        self.workspace_root.chmod(0o711)  # the sandbox's uids must traverse it
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(self.workdir),
+            "TMPDIR": str(self.workdir / "tmp"),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
+            "CESAFLOW_ENV": "production",
+            "CESAFLOW_SECRET_KEY": secrets.token_urlsafe(50),
+            "CESAFLOW_ALLOWED_HOSTS": HOST,
+            # Plain HTTP on loopback; the TLS proxy (deploy/proxy) is what production puts in front.
+            "CESAFLOW_SSL_REDIRECT": "false",
+            "CESAFLOW_KEYRING": keyring,
+            "CESAFLOW_SESSION_KEYS": "1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            "CESAFLOW_CHANNEL_LAYER_KEY": secrets.token_urlsafe(32),
+            "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
+            "CESAFLOW_VAR_DIR": str(self.workdir / "var"),
+            "CESAFLOW_CACHE_PREFIX": "cfdrill",
+            "CESAFLOW_EXECUTOR": "worker",
+            "CESAFLOW_WORKSPACE_ROOT": str(self.workspace_root),
+            "CESAFLOW_RUN_HEARTBEAT_SECONDS": str(int(self.timings.heartbeat_s)),
+            "CESAFLOW_RUN_STALE_AFTER_SECONDS": str(int(self.timings.stale_after_s)),
+            "CESAFLOW_RUN_WORKER_POLL_SECONDS": str(int(self.timings.poll_s)),
+            "CESAFLOW_STREAM_REVALIDATE_SECONDS": str(self.timings.revalidate_s),
+            "CESAFLOW_DB_POOL_MAX": "10",
+            "CESAFLOW_LOG_LEVEL": "INFO",
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": f"redis://{HOST}:{self.redis_port}/0",
+        }
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+
+    # --- Children -----------------------------------------------------------------------------------------------
+
+    def spawn(self, name: str, argv: list[str], *, port: int = 0, env: dict[str, str] | None = None) -> Child:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env if env is not None else self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        child = Child(name=name, process=process, port=port, log_path=log_path)
+        self.children[name] = child
+        return child
+
+    def wait_until(self, child: Child, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not child.alive:
+                raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.name} not ready within {timeout:.0f} s:\n{child.log_tail()}")
+            time.sleep(0.1)
+
+    def kill(self, name: str) -> Child:
+        """SIGKILL, as the kernel's OOM killer or a power cut would: no shutdown code runs."""
+        child = self.children[name]
+        child.signal(signal.SIGKILL)
+        child.process.wait(10)
+        return child
+
+    def close(self) -> None:
+        for child in reversed(list(self.children.values())):
+            child.stop()
+        self.children.clear()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    # --- PostgreSQL and Redis -----------------------------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        initdb = shutil.which("initdb") or (candidates[-1] if candidates else None)
+        if initdb is None:
+            raise RuntimeError("No initdb found: install PostgreSQL (Debian: apt-get install postgresql).")
+        bindir = Path(initdb).parent
+        data = self.state / "pg"
+        run_as: list[str] = []
+        if os.geteuid() == 0:
+            # initdb refuses root: use the postgres system user the Debian package creates.
+            run_as = ["runuser", "-u", "postgres", "--"]
+            data.mkdir(mode=0o700)
+            shutil.chown(data, user="postgres")
+        initialized = subprocess.run(
+            [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if initialized.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{initialized.stderr[-2000:]}")
+        self.pg_port = free_port()
+        # Foreground child, not pg_ctl's daemon, so it dies with the drill. fsync off: a throwaway cluster, and the
+        # restart drill stops it cleanly (a fast shutdown writes everything committed).
+        self._pg_argv = [*run_as, str(bindir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(self.pg_port)]
+        self._pg_argv += ["-k", str(data), "-c", "max_connections=200", "-c", "fsync=off"]
+        self._start_postgres()
+        import psycopg
+
+        with psycopg.connect(f"postgres://postgres@{HOST}:{self.pg_port}/postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE cesaflow_drill")
+
+    def _start_postgres(self) -> None:
+        child = self.spawn("postgres", self._pg_argv, port=self.pg_port, env=SERVICE_ENV)
+        self.wait_until(child, lambda: port_open(self.pg_port) and self._pg_accepts(), 60)
+
+    def _pg_accepts(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(f"postgres://postgres@{HOST}:{self.pg_port}/postgres", connect_timeout=2):
+                return True
+        except psycopg.Error:
+            return False
+
+    def stop_postgres(self) -> None:
+        """Fast shutdown (SIGINT): what a restart by the service manager does; committed rows are kept."""
+        child = self.children["postgres"]
+        # The postmaster itself (runuser, our child when running as root, does not pass SIGINT on).
+        postmaster = int((self.state / "pg" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGINT)
+        child.process.wait(30)
+
+    def start_postgres_again(self) -> None:
+        self._start_postgres()
+
+    def start_redis(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("No redis-server found: install it (Debian: apt-get install redis-server).")
+        self.redis_port = free_port()
+        # No persistence, as the README requires of a production Redis: a restart starts empty.
+        self._redis_argv = [server, "--bind", HOST, "--port", str(self.redis_port), "--save", "", "--appendonly"]
+        self._redis_argv += ["no", "--dir", str(self.workdir)]
+        self._start_redis()
+
+    def _start_redis(self) -> None:
+        child = self.spawn("redis", self._redis_argv, port=self.redis_port, env=SERVICE_ENV)
+        self.wait_until(child, lambda: port_open(self.redis_port), 30)
+
+    def stop_redis(self) -> None:
+        self.kill("redis")
+
+    def start_redis_again(self) -> None:
+        self._start_redis()
+
+    # --- CesaFlow -----------------------------------------------------------------------------------------------
+
+    def manage(self, *args: str, timeout: float = 300) -> str:
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{completed.stderr[-3000:]}")
+        return completed.stdout
+
+    def seed(self, orgs: int) -> list[dict[str, str]]:
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "deploy" / "drill_seed.py"), self.simulator_url, str(orgs)],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"Seeding failed:\n{completed.stderr[-3000:]}")
+        seeded: list[dict[str, str]] = json.loads(completed.stdout.strip().splitlines()[-1])
+        return seeded
+
+    @property
+    def simulator_url(self) -> str:
+        return f"http://{HOST}:{self.children['simulator'].port}"
+
+    def start_simulator(self, scenarios: list[dict[str, object]]) -> None:
+        script = self.workdir / "scenarios.json"
+        script.write_text(json.dumps({"scenarios": scenarios}))
+        port = free_port()
+        argv = [sys.executable, str(ROOT / "deploy" / "drill_simulator.py"), "--port", str(port)]
+        child = self.spawn("simulator", [*argv, "--script", str(script)], port=port)
+        self.wait_until(child, lambda: port_open(port), 30)
+
+    def start_web(self, name: str, port: int = 0) -> Child:
+        """``python -m cesaflow.serve`` (daphne with CesaFlow's request class), as the README deploys it."""
+        port = port or free_port()
+        argv = [sys.executable, "-m", "cesaflow.serve", "-v", "0", "-b", HOST, "-p", str(port)]
+        child = self.spawn(name, [*argv, "cesaflow.asgi:application"], port=port)
+        self.wait_until(child, lambda: port_open(port), 60)
+        return child
+
+    def start_worker(self, name: str) -> Child:
+        child = self.spawn(name, [sys.executable, str(ROOT / "manage.py"), "run_worker", "--concurrency", "50"])
+        self.wait_until(child, lambda: "ready" in child.log_tail(50), 60)
+        return child
