@@ -20,7 +20,8 @@ Protocol (JSON text frames; the schema is ``runs.events``):
   publishes them. A watched run waiting for its watcher starts once this socket is subscribed (start on attach),
   so its first words cannot be missed. The org socket sends ``run.status`` events of every run of the org.
 * client → server: ``{"type": "cancel"}`` cancels the run if the caller has ``runs:write`` (otherwise ignored);
-  anything else is ignored. Binary frames close with 1003, frames over 4 KiB with 1009.
+  anything else is ignored. Binary frames close with 4415, frames over 4 KiB with 4413 (not RFC 6455's 1003 and
+  1009, which daphne's websocket library cannot send).
 
 When the server process shuts down gracefully, open sockets close with 4503 (try again): reconnect (to another
 process) and the current status arrives as on any connect.
@@ -73,8 +74,8 @@ CLOSE_NOT_FOUND = 4404
 # socket refused with 1013 was accepted and then left open without a frame (found by the deployment drill:
 # websockets opened while Redis restarted hung).
 CLOSE_TRY_AGAIN_LATER = shutdown.CLOSE_TRY_AGAIN_LATER
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_TOO_BIG = 1009
+CLOSE_UNSUPPORTED_DATA = 4415
+CLOSE_TOO_BIG = 4413
 MAX_CLIENT_MESSAGE_CHARS = 4096
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -177,8 +178,13 @@ async def run_event_stream(
                 last_sent = loop.time()
                 yield KEEPALIVE
                 # Belt and braces: if the run ended but its run.finished never reached us (a channel layer
-                # restart), end the stream anyway instead of keeping it open forever.
-                run = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
+                # restart), end the stream anyway instead of keeping it open forever. The database being away
+                # (a restart) is no reason to cut the stream: look again at the next keep-alive.
+                try:
+                    run = await database_sync_to_async(run_get_for_org)(org=org, run_id=run_id)
+                except (OperationalError, InterfaceError):
+                    logger.warning("run %s: stream kept open, the database cannot be read now", run_id)
+                    continue
                 if run is None or run.is_terminal:
                     ended = True
                     if run is not None:

@@ -244,7 +244,7 @@ async def test_malformed_messages_are_ignored(cast, queued_run):
 
 @pytest.mark.parametrize(
     ("frame", "code"),
-    [({"bytes_data": b"\x00\x01"}, 1003), ({"text_data": '{"type": "cancel", "pad": "' + "x" * 5000 + '"}'}, 1009)],
+    [({"bytes_data": b"\x00\x01"}, 4415), ({"text_data": '{"type": "cancel", "pad": "' + "x" * 5000 + '"}'}, 4413)],
 )
 async def test_binary_or_oversized_frames_close_the_socket(cast, queued_run, frame, code):
     communicator, _ = await open_run_socket(f"/ws/runs/{queued_run.id}/", await session_headers(cast.dev_a.user))
