@@ -1,10 +1,13 @@
 from csp.decorators import csp_update
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.urls import URLPattern, URLResolver, include, path
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import URLPattern, URLResolver, include, path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from cesaflow import views
+from cesaflow.lib.api import error_body
 from nexus.site import nexus_site
 
 api_v1: list[URLPattern | URLResolver] = [
@@ -24,10 +27,21 @@ api_v1: list[URLPattern | URLResolver] = [
     ),
 ]
 
+
+@login_not_required
+@csrf_exempt
+def api_not_found(request: HttpRequest) -> HttpResponse:
+    """Any method on a path under /api/ that names nothing."""
+    return JsonResponse(error_body("not_found", "Not found."), status=404)
+
+
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("api/v1/", include(api_v1)),
+    # Whatever else is under /api/ is the API's 404 in its one JSON shape, with DEBUG too (Django's debug 404 page
+    # is HTML, and never reaches handler404).
+    re_path(r"^api/", api_not_found, name="api-not-found"),
     path("hooks/github/", include("runs.webhooks.urls")),  # signed by GitHub: no session, no CSRF
     path("", include("keys.urls")),
     path("", include("runs.urls")),

@@ -19,7 +19,8 @@ from rest_framework.generics import GenericAPIView
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 
-from cesaflow.lib.api import ApiError
+from cesaflow.lib.api import ApiError, SafeJSONParser, check_query_and_path
+from cesaflow.lib.api_schema import ApiAutoSchema
 from orgs.authentication import KeyPrincipal, OrgAuthentication, Principal, SessionPrincipal
 from orgs.models import ApiKey, Organization, User
 from orgs.permissions import ORG_SUSPENDED, suspension_message
@@ -50,6 +51,10 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
 
     authentication_classes = [OrgAuthentication]
     permission_classes = [IsAuthenticated]
+    # JSON only, with deep nesting a 400 (settings name DRF's parser; this one is it, hardened).
+    parser_classes = [SafeJSONParser]
+    # Documents the errors every operation can give (cesaflow.lib.api.ApiAutoSchema).
+    schema = ApiAutoSchema()
     org_context: OrgContext
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -71,6 +76,7 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
+        check_query_and_path(request, kwargs)  # repeated parameters and NUL bytes: 400 before any lookup
         if not self.capabilities:
             raise ImproperlyConfigured(f"{type(self).__name__} declares no capabilities.")
         # HEAD is a GET without a body: it needs what GET needs (else every HEAD would be a 405).

@@ -1,0 +1,81 @@
+"""The REST API's OpenAPI schema class: the errors every operation can answer, and event streams' events.
+
+Apart from ``cesaflow.lib.api`` because drf-spectacular's AutoSchema imports DRF's generic views, which load the
+pagination class from that module: importing it there would be circular.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.plumbing import force_instance
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter
+
+from cesaflow.lib.api import ErrorSerializer, StrictInputSerializer
+
+# What any operation can answer besides its own outcomes, in the one error shape: 400 (a repeated query parameter,
+# a NUL byte, a malformed body), 401, 403 (role, scope, suspended org), 404 (a session user in no organization;
+# an object that is not the caller's org's), 406 (an Accept header we cannot satisfy), 413 (the body limit,
+# cesaflow.lib.body_limit), 429 (rate limits, with Retry-After). 415 joins for operations that take a body.
+COMMON_ERROR_STATUSES = (400, 401, 403, 404, 406, 413, 429)
+BODY_ERROR_STATUSES = (415,)
+
+RETRY_AFTER = OpenApiParameter(
+    "Retry-After",
+    OpenApiTypes.INT,
+    location=OpenApiParameter.HEADER,
+    response=[429],
+    required=True,
+    description="Seconds to wait before trying again.",
+)
+
+# One Server-Sent Event as a client parses it: ``data`` is the event's JSON (runs.events), ``event`` its type.
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "data": {"type": "string", "description": "The event as JSON: `type`, `run_id`, `seq` and its fields."},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
+class ApiAutoSchema(AutoSchema):
+    """The REST API's schema: every operation documents the errors it can answer (``COMMON_ERROR_STATUSES``) and
+    the ``Retry-After`` header of a 429, and event streams describe their events, so the schema and what the
+    server does agree (schemathesis checks it: ``tests/fuzz``)."""
+
+    def _get_format_parameters(self) -> list[Any]:
+        # DRF's ``?format=`` override is not part of the API: ``Accept`` (or ``stream: true``) chooses a stream.
+        return []
+
+    def _map_basic_serializer(self, serializer: Any, direction: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = super()._map_basic_serializer(serializer, direction)
+        if direction == "request" and isinstance(force_instance(serializer), StrictInputSerializer):
+            schema["additionalProperties"] = False  # refused with a 400 naming the field (StrictInputSerializer)
+        return schema
+
+    def get_override_parameters(self) -> list[Any]:
+        return [*super().get_override_parameters(), RETRY_AFTER]
+
+    def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
+        responses: dict[str, Any] = super()._get_response_bodies(direction)
+        statuses = list(COMMON_ERROR_STATUSES)
+        if self.method in {"POST", "PUT", "PATCH"}:
+            statuses += BODY_ERROR_STATUSES
+        for code in statuses:
+            if str(code) not in responses:
+                responses[str(code)] = self._get_response_for_code(ErrorSerializer, str(code), direction=direction)
+        for code, response in responses.items():
+            content = response.get("content", {})
+            if int(code) >= 400:
+                # Errors are JSON whatever the operation's success answers with (a stream, a zip, a text file).
+                for media_type in [name for name in content if name != "application/json"]:
+                    del content[media_type]
+            elif "text/event-stream" in content:
+                content["text/event-stream"]["schema"] = dict(SSE_EVENT_SCHEMA)
+        return dict(sorted(responses.items()))
