@@ -594,3 +594,4 @@ LOGGING = {
 
 for _warning in _dev_warnings:
     print(f"WARNING: CesaFlow {_warning}.", file=sys.stderr)  # loud on purpose: logging is not configured yet
+from cesaflow.settings_api import *  # noqa: E402, F403

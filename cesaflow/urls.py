@@ -7,20 +7,23 @@ from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from cesaflow import views
-from cesaflow.lib.api import error_body
+from cesaflow.lib.api import ApiDocsPermission, error_body
 from nexus.site import nexus_site
+
+# Public with CESAFLOW_API_DOCS_PUBLIC (development), else an org API key or a dashboard session.
+DOCS = [ApiDocsPermission]
 
 api_v1: list[URLPattern | URLResolver] = [
     path("", include("orgs.api.urls")),
     path("", include("keys.api.urls")),
     path("", include("runs.api.urls")),
-    path("schema/", login_not_required(SpectacularAPIView.as_view()), name="schema"),
+    path("schema/", login_not_required(SpectacularAPIView.as_view(permission_classes=DOCS)), name="schema"),
     # Redoc renders with styled-components (inline <style>) and a blob: worker; scripts stay 'self' only.
     path(
         "docs/",
         login_not_required(
             csp_update({"style-src": ["'unsafe-inline'"], "worker-src": ["blob:"]})(
-                SpectacularRedocView.as_view(url_name="schema")
+                SpectacularRedocView.as_view(url_name="schema", permission_classes=DOCS)
             )
         ),
         name="docs",

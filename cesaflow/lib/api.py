@@ -7,11 +7,12 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Model, QuerySet
 from django.http import Http404
-from rest_framework import exceptions, pagination, parsers, serializers, status
+from rest_framework import exceptions, pagination, parsers, permissions, renderers, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -75,6 +76,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     elif isinstance(exc, DjangoValidationError):
         # A service refused the input: that is the client's 400, never a 500.
         exc = validation_error_from_django(exc)
+    request = context.get("request")
+    if request is not None:
+        # Errors are JSON whatever the view negotiated for success (the schema's own media type, Redoc's HTML page,
+        # an event stream): DRF renders the error response with the request's accepted renderer.
+        request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
     response = drf_exception_handler(exc, context)
     if response is None:
         # A bug. Answered here in the one shape (Django's own 500 page, with DEBUG its HTML traceback, would
@@ -284,11 +290,11 @@ class CursorPagination(pagination.CursorPagination):
         except (exceptions.NotFound, DjangoValidationError, ValueError):
             raise ApiError(status.HTTP_400_BAD_REQUEST, "invalid_cursor", "The cursor is invalid.") from None
 
-    def get_page_size(self, request: Request) -> int:
+    def get_page_size(self, request: Request) -> int | None:
         # DRF falls back to the default for ``limit=abc`` or ``limit=0``; the schema says 1 to max_page_size.
         raw = request.query_params.get(self.page_size_query_param or "limit")
         if raw is None:
-            return int(self.page_size or api_page_size())
+            return self.page_size
         if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= self.max_page_size):
             raise ApiError(
                 status.HTTP_400_BAD_REQUEST,
@@ -310,7 +316,12 @@ class CursorPagination(pagination.CursorPagination):
         return parameters
 
 
-def api_page_size() -> int:
-    from django.conf import settings
+# --- The schema and docs ----------------------------------------------------------------------------
 
-    return int(settings.REST_FRAMEWORK["PAGE_SIZE"])
+
+class ApiDocsPermission(permissions.BasePermission):
+    """The OpenAPI schema and docs: for anyone with ``CESAFLOW_API_DOCS_PUBLIC`` (development's default), else for
+    a valid org API key or a signed-in dashboard session (``OrgAuthentication``, the one path; 401 otherwise)."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return bool(settings.API_DOCS_PUBLIC or (request.user and request.user.is_authenticated))

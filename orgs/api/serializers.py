@@ -99,8 +99,7 @@ class OrganizationUpdateSerializer(StrictInputSerializer):
 
 
 class MemberUpdateSerializer(StrictInputSerializer):
-    # Optional as PATCH bodies are: an empty patch changes nothing.
-    role = serializers.ChoiceField(choices=Role.choices, required=False)
+    role = serializers.ChoiceField(choices=Role.choices)
 
 
 class MemberRemoveQuerySerializer(QuerySerializer):

@@ -140,11 +140,8 @@ class MemberDetailView(OrgAPIView):
     def patch(self, request: Request, member_id: uuid.UUID) -> Response:
         membership = self._membership(member_id)
         data = _validated(MemberUpdateSerializer, request)
-        if "role" in data:
-            with _last_admin_is_a_conflict():
-                membership = membership_change_role(
-                    membership=membership, role=data["role"], actor=self.org_context.actor
-                )
+        with _last_admin_is_a_conflict():
+            membership = membership_change_role(membership=membership, role=data["role"], actor=self.org_context.actor)
         return Response(MemberSerializer(membership).data)
 
     @extend_schema(
