@@ -128,11 +128,21 @@ def test_a_repeated_query_parameter_is_400(cast, path):
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/v1/runs?status=", "/api/v1/runs?kind=", "/api/v1/audit-events?event=", "/api/v1/usage?group_by="]
+    "path", ["/api/v1/runs?status=", "/api/v1/runs?kind=", "/api/v1/audit-events?event=", "/api/v1/usage?since="]
 )
 def test_an_empty_filter_is_400_not_no_filter(cast, path):
     name = path.rsplit("?", 1)[1].rstrip("=")
     assert name in _fields(cast.admin_a.api().get(path))
+
+
+def test_an_empty_parameter_with_a_default_means_the_default_as_documented(cast):
+    response = cast.admin_a.api().get("/api/v1/usage?group_by=")
+    assert response.status_code == 200
+    assert response.json()["group_by"] == "day"
+    operations = {f"{method} {path}": operation for path, method, operation in _operations()}
+    parameters = {p["name"]: p for p in operations["get /api/v1/usage"]["parameters"]}
+    assert parameters["group_by"]["allowEmptyValue"] is True
+    assert "allowEmptyValue" not in parameters["since"]
 
 
 # --- Deep JSON and NUL bytes -------------------------------------------------------------------------------------

@@ -234,14 +234,19 @@ class StrictInputSerializer(serializers.Serializer[Any]):
 
 class QuerySerializer(serializers.Serializer[Any]):
     """A query string's parameters. An optional parameter sent empty (``?status=``) is refused like any other
-    invalid value; DRF's form handling would read it as absent and answer as if there were no filter."""
+    invalid value (DRF's form handling would read it as absent and answer as if there were no filter), unless it
+    has a default: then no value means the default (``?revoke_api_keys=``), and the schema says so
+    (``allowEmptyValue``, ``cesaflow.lib.api_schema``)."""
 
     def to_internal_value(self, data: Any) -> Any:
         if hasattr(data, "getlist"):
             blank = {
                 name: ["This field may not be blank."]
                 for name, field in self.fields.items()
-                if not field.read_only and data.get(name) == "" and not getattr(field, "allow_blank", False)
+                if not field.read_only
+                and data.get(name) == ""
+                and field.default is serializers.empty
+                and not getattr(field, "allow_blank", False)
             }
             if blank:
                 raise serializers.ValidationError(blank)

@@ -53,6 +53,13 @@ class ApiAutoSchema(AutoSchema):
         # DRF's ``?format=`` override is not part of the API: ``Accept`` (or ``stream: true``) chooses a stream.
         return []
 
+    def _get_parameters(self) -> list[dict[str, Any]]:
+        parameters: list[dict[str, Any]] = super()._get_parameters()
+        for parameter in parameters:
+            if parameter["in"] == "query" and "default" in parameter.get("schema", {}):
+                parameter["allowEmptyValue"] = True  # no value means the default (cesaflow.lib.api.QuerySerializer)
+        return parameters
+
     def _map_basic_serializer(self, serializer: Any, direction: Any) -> dict[str, Any]:
         # drf-spectacular's own methods are untyped; their contracts are the ones overridden here.
         schema: dict[str, Any] = super()._map_basic_serializer(serializer, direction)  # type: ignore[no-untyped-call]
