@@ -353,3 +353,14 @@ def test_development_keeps_the_docs_public_by_default(settings):
 
     assert settings.PRODUCTION is False
     assert settings_api.API_DOCS_PUBLIC is True
+
+
+def test_the_schema_says_strings_never_hold_a_nul_byte():
+    operations = {f"{method} {path}": operation for path, method, operation in _operations()}
+    pattern = "^[^\\u0000]*$"
+    parameters = {p["name"]: p["schema"] for p in operations["get /api/v1/audit-events"]["parameters"]}
+    assert parameters["actor"]["pattern"] == pattern
+    assert parameters["cursor"]["pattern"] == pattern
+    files = operations["get /api/v1/projects/{project_id}/files/{path}"]["parameters"]
+    assert {p["name"]: p["schema"] for p in files}["path"]["pattern"] == pattern
+    assert _schema()["components"]["schemas"]["RunCreateRequest"]["properties"]["objective"]["pattern"] == pattern

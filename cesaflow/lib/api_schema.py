@@ -44,6 +44,15 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
 }
 
 
+# Strings the API takes never hold a NUL byte (PostgreSQL cannot store one; cesaflow.lib.api refuses it with a 400).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def _forbid_nul(schema: dict[str, Any]) -> None:
+    if schema.get("type") == "string" and not {"enum", "pattern", "format"} & set(schema):
+        schema["pattern"] = NO_NUL_PATTERN
+
+
 class ApiAutoSchema(AutoSchema):
     """The REST API's schema: every operation documents the errors it can answer (``COMMON_ERROR_STATUSES``) and
     the ``Retry-After`` header of a 429, and event streams describe their events, so the schema and what the
@@ -56,6 +65,7 @@ class ApiAutoSchema(AutoSchema):
     def _get_parameters(self) -> list[dict[str, Any]]:
         parameters: list[dict[str, Any]] = super()._get_parameters()
         for parameter in parameters:
+            _forbid_nul(parameter.get("schema", {}))
             if parameter["in"] == "query" and "default" in parameter.get("schema", {}):
                 parameter["allowEmptyValue"] = True  # no value means the default (cesaflow.lib.api.QuerySerializer)
         return parameters
@@ -64,6 +74,9 @@ class ApiAutoSchema(AutoSchema):
         # drf-spectacular's own methods are untyped; their contracts are the ones overridden here.
         schema: dict[str, Any] = super()._map_basic_serializer(serializer, direction)  # type: ignore[no-untyped-call]
         instance = force_instance(serializer)  # type: ignore[no-untyped-call]
+        if direction == "request":
+            for field_schema in schema.get("properties", {}).values():
+                _forbid_nul(field_schema)
         if direction == "request" and isinstance(instance, StrictInputSerializer):
             schema["additionalProperties"] = False  # refused with a 400 naming the field (StrictInputSerializer)
         return schema
