@@ -127,6 +127,19 @@ def test_schemathesis_finds_no_failures_and_no_cross_org_read(seeded: Seeded, tm
     assert result.returncode == 0, f"{result.stdout[-20000:]}{result.stderr[-5000:]}\n(all of it: {output})"
 
 
+def test_the_cross_org_check_catches_a_leak_and_a_non_404(seeded: Seeded, tmp_path: Path):
+    """The check is not vacuous: with org A's own org id and run ids counted as org B's, a read of org A's
+    organization is a cross-org read, and a run of org A's drawn into the path answers 200 where 404 is due."""
+    world = seeded.world
+    world.foreign_ids = [*world.foreign_ids, str(seeded.org_a.id), *world.own["run_id"]]
+    world.foreign["run_id"] = world.own["run_id"]
+    # With every check on, as in the fuzzing test: ours is among them.
+    result = _st(seeded, tmp_path, "--include-path", "/api/v1/org", "--include-path", "/api/v1/runs/{run_id}")
+    assert result.returncode == 1, result.stdout[-5000:]
+    assert "A response to org A carries ids of org B" in result.stdout
+    assert "answered 200, not 404" in result.stdout
+
+
 def test_org_b_ids_are_a_404_on_every_object_path(seeded: Seeded):
     """The fuzzer draws org B's ids sometimes; here each of them meets each method of its path once."""
     paths = {
