@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pytest
 from runs.simulator import SimulatorThread
 from tests.fuzz.world import Seeded, seed
 from tests.live_server import LiveServer, live_server
+from tests.signin import session_cookies_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = Path(__file__).with_name("hooks.py")
@@ -140,15 +142,40 @@ def test_the_cross_org_check_catches_a_leak_and_a_non_404(seeded: Seeded, tmp_pa
     assert "answered 200, not 404" in result.stdout
 
 
+OBJECT_PATHS = {
+    "member_id": ["members/{}"],
+    "api_key_id": ["api-keys/{}"],
+    "key_id": ["provider-keys/{}", "provider-keys/{}/check"],
+    "project_id": ["projects/{}", "projects/{}/files", "projects/{}/files/README.md", "projects/{}/workspace"],
+    "run_id": ["runs/{}", "runs/{}/cancel", "runs/{}/events", "runs/{}/workspace"],
+}
+
+
+def test_unknown_ids_with_cookies_are_a_404_through_the_server(seeded: Seeded):
+    """Issue #14 saw a SynchronousOnlyOperation (a 500) when a request for an unknown id also carried a Cookie
+    header. Every object path, each method, with a key and with the cookies a client may hold besides it: a
+    browser's session, a CSRF cookie, garbage. Through the real (async) server."""
+    alice = seeded.org_a.memberships.get(role="admin").user
+    session = "; ".join(f"{name}={value}" for name, value in session_cookies_for(alice).items())
+    cookies = ["a=b", "csrftoken=abc", "cf_session=garbage; cf_refresh=garbage", session]
+    base = f"{seeded.world.base_url}/api/v1/"
+    answered = 0
+    with httpx.Client(base_url=base, headers={"x-api-key": seeded.api_key_a}) as client:
+        for templates in OBJECT_PATHS.values():
+            for template in templates:
+                for cookie in cookies:
+                    for method in ("GET", "POST", "PATCH", "DELETE"):
+                        path = template.format(uuid.uuid4())
+                        response = client.request(method, path, headers={"Cookie": cookie}, json={})
+                        assert response.status_code in (404, 405), (method, path, response.status_code)
+                        assert response.headers["content-type"] == "application/json"
+                        answered += response.status_code == 404
+    assert answered >= 50
+
+
 def test_org_b_ids_are_a_404_on_every_object_path(seeded: Seeded):
     """The fuzzer draws org B's ids sometimes; here each of them meets each method of its path once."""
-    paths = {
-        "member_id": ["members/{}"],
-        "api_key_id": ["api-keys/{}"],
-        "key_id": ["provider-keys/{}", "provider-keys/{}/check"],
-        "project_id": ["projects/{}", "projects/{}/files", "projects/{}/files/README.md", "projects/{}/workspace"],
-        "run_id": ["runs/{}", "runs/{}/cancel", "runs/{}/events", "runs/{}/workspace"],
-    }
+    paths = OBJECT_PATHS
     world = seeded.world
     probed = 0
     with httpx.Client(base_url=f"{world.base_url}/api/v1/", headers={"x-api-key": seeded.api_key_a}) as client:
