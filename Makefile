@@ -64,6 +64,14 @@ pytest: $(VENV)/.dev
 
 test: lint typecheck pytest
 
+# The full schemathesis run over the REST API by hand (README "REST API"); `make test` runs a bounded one.
+FUZZ_EXAMPLES ?= 25
+FUZZ_SEED ?= 20261130
+.PHONY: fuzz
+fuzz: $(VENV)/.dev
+	CESAFLOW_FUZZ_FULL=1 CESAFLOW_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CESAFLOW_FUZZ_SEED=$(FUZZ_SEED) \
+	  $(MAKE) pytest PYTEST_ARGS="tests/fuzz -v $(FUZZ_ARGS)"
+
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

@@ -564,6 +564,7 @@ SPECTACULAR_SETTINGS = {
 
 # --- Logging and metrics ----------------------------------------------------------------------------
 
+from cesaflow.settings_api import *  # noqa: E402, F403
 from cesaflow.settings_ops import *  # noqa: E402, F403
 
 for _warning in _dev_warnings:

@@ -1,23 +1,29 @@
-"""API conventions shared by every app: one error shape, strict input serializers, cursor pagination."""
+"""API conventions shared by every app: one error shape, strict input (types, NUL bytes, nesting, repeated
+query parameters), cursor pagination. The schema that documents all of it is ``cesaflow.lib.api_schema``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Model, QuerySet
 from django.http import Http404
-from rest_framework import exceptions, pagination, serializers, status
+from rest_framework import exceptions, pagination, parsers, permissions, renderers, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
 
 if TYPE_CHECKING:
     # Only for annotations: importing DRF's views here at runtime would import the authentication classes
     # (which import this module for pagination) in the middle of their own import.
     from rest_framework.views import APIView
+
+logger = logging.getLogger("cesaflow.api")
 
 _M = TypeVar("_M", bound=Model)
 _R = TypeVar("_R")
@@ -70,9 +76,19 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     elif isinstance(exc, DjangoValidationError):
         # A service refused the input: that is the client's 400, never a 500.
         exc = validation_error_from_django(exc)
+    request = context.get("request")
+    if request is not None:
+        # Errors are JSON whatever the view negotiated for success (the schema's own media type, Redoc's HTML page,
+        # an event stream): DRF renders the error response with the request's accepted renderer.
+        request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
     response = drf_exception_handler(exc, context)
     if response is None:
-        return None  # unexpected: Django's handler500 answers (JSON for /api/, see cesaflow.views)
+        # A bug. Answered here in the one shape (Django's own 500 page, with DEBUG its HTML traceback, would
+        # otherwise answer an API client); the traceback goes to the log, never to the client.
+        view = context.get("view")
+        logger.error("API view %s failed", type(view).__name__, exc_info=exc)
+        set_rollback()  # nothing the failed request half-wrote is kept
+        return Response(error_body("server_error", "Something went wrong on our side."), status=500)
     if isinstance(exc, ApiError):
         body = error_body(exc.code, str(exc.detail), exc.details)
     elif isinstance(exc, exceptions.ValidationError):
@@ -110,8 +126,89 @@ def error_responses(*statuses: int) -> dict[int, type[ErrorSerializer]]:
 # --- Input ------------------------------------------------------------------------------------------
 
 
+MAX_JSON_DEPTH = 32  # our bodies nest 3 deep at most; deeper is an attack on the parser or the database
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included, without recursion (the value may be deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, Mapping | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return deepest
+
+
+def has_nul(value: Any) -> bool:
+    """A NUL byte anywhere in the value: PostgreSQL refuses it in text and jsonb alike."""
+    return any("\x00" in text for text in _strings(value))
+
+
+class SafeJSONParser(parsers.JSONParser):
+    """DRF's JSON parser, with a body nested past what the parser can recurse (``RecursionError``) or past
+    ``MAX_JSON_DEPTH`` answered as the client's 400 rather than a 500."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep.") from None
+        if _depth(data) > MAX_JSON_DEPTH:
+            raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep.")
+        return data
+
+
+def _json_type_error(field: serializers.Field[Any, Any, Any, Any], value: Any) -> str | None:
+    """What is wrong with the JSON type of ``value`` for ``field``, or None. DRF coerces (``{"name": 0}`` becomes
+    ``"0"``, ``1`` a boolean, an integer a UUID); the schema says string, boolean, integer: the API keeps to it."""
+    if value is None:
+        return None  # the field's own allow_null decides
+    expected: tuple[type, ...] | None = None
+    if isinstance(field, serializers.BooleanField):
+        expected, name = (bool,), "a boolean"
+    elif isinstance(field, serializers.IntegerField):
+        if isinstance(value, bool):
+            return "Must be an integer."
+        expected, name = (int,), "an integer"
+    elif isinstance(field, serializers.ChoiceField):
+        choices = list(field.choices)
+        if choices and all(isinstance(choice, str) for choice in choices):
+            expected, name = (str,), "a string"
+    elif isinstance(
+        field,
+        serializers.CharField
+        | serializers.UUIDField
+        | serializers.DateTimeField
+        | serializers.DateField
+        | serializers.EmailField,
+    ):
+        expected, name = (str,), "a string"
+    elif isinstance(field, serializers.ListField):
+        expected, name = (list,), "a list"
+    elif isinstance(field, serializers.DictField):
+        expected, name = (dict,), "an object"
+    if expected is not None and not isinstance(value, expected):
+        return f"Must be {name}."
+    return None
+
+
 class StrictInputSerializer(serializers.Serializer[Any]):
-    """Input serializers refuse fields they do not declare as writable.
+    """Input serializers refuse fields they do not declare as writable, values of another JSON type than the
+    schema says, and NUL bytes anywhere (PostgreSQL cannot store them: a 400 on the field, never a 500).
 
     Mass assignment (``org``, ``id``, ``created_by``, ``digest``…) is refused with a 400 naming the field rather
     than silently dropped, so a client never believes it changed something it cannot change.
@@ -120,10 +217,63 @@ class StrictInputSerializer(serializers.Serializer[Any]):
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, Mapping):
             writable = {name for name, field in self.fields.items() if not field.read_only}
-            unknown = sorted(str(key) for key in data if key not in writable)
-            if unknown:
-                raise serializers.ValidationError({key: ["This field cannot be set here."] for key in unknown})
+            errors: dict[str, list[str]] = {
+                str(key): ["This field cannot be set here."] for key in data if key not in writable
+            }
+            for name in writable & set(data):
+                value = data[name]
+                problem = _json_type_error(self.fields[name], value)
+                if problem is None and has_nul(value):
+                    problem = "Null characters are not allowed."
+                if problem is not None:
+                    errors[name] = [problem]
+            if errors:
+                raise serializers.ValidationError(dict(sorted(errors.items())))
         return super().to_internal_value(data)
+
+
+class QuerySerializer(serializers.Serializer[Any]):
+    """A query string's parameters. An optional parameter sent empty (``?status=``) is refused like any other
+    invalid value (DRF's form handling would read it as absent and answer as if there were no filter), unless it
+    has a default: then no value means the default (``?revoke_api_keys=``), and the schema says so
+    (``allowEmptyValue``, ``cesaflow.lib.api_schema``)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if hasattr(data, "getlist"):
+            blank = {
+                name: ["This field may not be blank."]
+                for name, field in self.fields.items()
+                if not field.read_only
+                and data.get(name) == ""
+                and field.default is serializers.empty
+                and not getattr(field, "allow_blank", False)
+            }
+            if blank:
+                raise serializers.ValidationError(blank)
+        return super().to_internal_value(data)
+
+
+def check_query_and_path(request: Request, kwargs: Mapping[str, Any]) -> None:
+    """Every API operation's query string and path: each parameter at most once (none of ours is a list; DRF would
+    silently read the last), and no NUL byte in a name or value (it would reach PostgreSQL). 400 otherwise."""
+    params = request.query_params
+    repeated = sorted(name for name in params if len(params.getlist(name)) > 1)
+    if repeated:
+        raise ApiError(
+            status.HTTP_400_BAD_REQUEST,
+            "validation_error",
+            "The request is invalid.",
+            {"fields": {name: ["Give this parameter once."] for name in repeated}},
+        )
+    nul = sorted(name for name, values in params.lists() if has_nul([name, *values]))
+    nul += sorted(str(name) for name, value in kwargs.items() if has_nul(str(value)))
+    if nul:
+        raise ApiError(
+            status.HTTP_400_BAD_REQUEST,
+            "validation_error",
+            "The request is invalid.",
+            {"fields": {name.replace("\x00", "\\u0000"): ["Null characters are not allowed."] for name in nul}},
+        )
 
 
 # --- Pagination -------------------------------------------------------------------------------------
@@ -144,3 +294,39 @@ class CursorPagination(pagination.CursorPagination):
             return super().paginate_queryset(queryset, request, view)
         except (exceptions.NotFound, DjangoValidationError, ValueError):
             raise ApiError(status.HTTP_400_BAD_REQUEST, "invalid_cursor", "The cursor is invalid.") from None
+
+    def get_page_size(self, request: Request) -> int | None:
+        # DRF falls back to the default for ``limit=abc`` or ``limit=0``; the schema says 1 to max_page_size.
+        raw = request.query_params.get(self.page_size_query_param or "limit")
+        if raw is None:
+            return self.page_size
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= self.max_page_size):
+            raise ApiError(
+                status.HTTP_400_BAD_REQUEST,
+                "validation_error",
+                "The request is invalid.",
+                {"fields": {"limit": [f"A whole number from 1 to {self.max_page_size}."]}},
+            )
+        return int(raw)
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+            elif parameter["name"] == self.cursor_query_param:
+                parameter["description"] = (
+                    "Opaque: the `next` or `previous` link of a page gives it. Anything else is a 400 `invalid_cursor`."
+                )
+        return parameters
+
+
+# --- The schema and docs ----------------------------------------------------------------------------
+
+
+class ApiDocsPermission(permissions.BasePermission):
+    """The OpenAPI schema and docs: for anyone with ``CESAFLOW_API_DOCS_PUBLIC`` (development's default), else for
+    a valid org API key or a signed-in dashboard session (``OrgAuthentication``, the one path; 401 otherwise)."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return bool(settings.API_DOCS_PUBLIC or (request.user and request.user.is_authenticated))

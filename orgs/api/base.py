@@ -19,7 +19,8 @@ from rest_framework.generics import GenericAPIView
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 
-from cesaflow.lib.api import ApiError
+from cesaflow.lib.api import ApiError, SafeJSONParser, check_query_and_path
+from cesaflow.lib.api_schema import ApiAutoSchema
 from orgs import rate_limits
 from orgs.authentication import KeyPrincipal, OrgAuthentication, Principal, SessionPrincipal
 from orgs.models import ApiKey, Organization, User
@@ -51,6 +52,10 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
 
     authentication_classes = [OrgAuthentication]
     permission_classes = [IsAuthenticated]
+    # JSON only, with deep nesting a 400 (settings name DRF's parser; this one is it, hardened).
+    parser_classes = [SafeJSONParser]
+    # Documents the errors every operation can give (cesaflow.lib.api.ApiAutoSchema).
+    schema = ApiAutoSchema()
     org_context: OrgContext
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -77,6 +82,7 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
             # No credential, or a bad one: counted per client IP; past the limit a 429 instead of the 401.
             rate_limits.api_unauthenticated(request._request)
             raise
+        check_query_and_path(request, kwargs)  # repeated parameters and NUL bytes: 400 before any lookup
         if not self.capabilities:
             raise ImproperlyConfigured(f"{type(self).__name__} declares no capabilities.")
         # HEAD is a GET without a body: it needs what GET needs (else every HEAD would be a 405).

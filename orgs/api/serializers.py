@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.utils import timezone
 from rest_framework import serializers
 
-from cesaflow.lib.api import StrictInputSerializer
+from cesaflow.lib.api import QuerySerializer, StrictInputSerializer
 from orgs.models import ApiKey, Membership, Organization, Role, User
 from orgs.permissions import ALL_CAPABILITIES
 
@@ -104,7 +102,7 @@ class MemberUpdateSerializer(StrictInputSerializer):
     role = serializers.ChoiceField(choices=Role.choices)
 
 
-class MemberRemoveQuerySerializer(serializers.Serializer[Any]):
+class MemberRemoveQuerySerializer(QuerySerializer):
     """Query string of ``DELETE /members/{id}``."""
 
     revoke_api_keys = serializers.BooleanField(

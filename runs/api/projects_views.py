@@ -5,6 +5,7 @@ like a missing one everywhere, including as the ``project`` of a new run (``runs
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from django.conf import settings
@@ -168,6 +169,7 @@ class ProjectDetailView(_ProjectMixin):
 
 class ProjectFilesView(_ProjectMixin):
     capabilities = {"GET": RUNS_READ}
+    pagination_class = None  # the whole tree (capped at 2,000 files), not pages
 
     @extend_schema(
         operation_id="projects_files",
@@ -202,6 +204,10 @@ class ProjectFileView(_ProjectMixin):
         try:
             text = read_text(root, path, max_bytes=FILE_MAX_BYTES)
         except WorkspaceError as exc:
+            # The file tools say "No such file" as an error of the path; to an API client it is a missing resource.
+            missing = isinstance(exc.__context__, OSError) and exc.__context__.errno in {errno.ENOENT, errno.ENOTDIR}
+            if missing:
+                raise exceptions.NotFound("No such file.") from None
             raise ApiError(400, "invalid_path", str(exc)) from None
         except FileNotFoundError:
             raise exceptions.NotFound("No such file.") from None

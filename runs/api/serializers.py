@@ -7,14 +7,14 @@ from typing import Any
 
 from rest_framework import serializers
 
-from cesaflow.lib.api import StrictInputSerializer
+from cesaflow.lib.api import QuerySerializer, StrictInputSerializer
 from runs.models import AuditEvent, Run, RunKind, RunStatus
 from runs.services import MODEL_MAX_CHARS, OBJECTIVE_MAX_CHARS
 
 ACTOR_KINDS = ["user", "api_key", "anonymous", "system"]
 
 
-class AuditEventFilterSerializer(serializers.Serializer[Any]):
+class AuditEventFilterSerializer(QuerySerializer):
     """Query-string filters. Times are ISO 8601 (``2025-01-31T12:00:00Z``; percent-encode a ``+`` offset)."""
 
     event = serializers.ChoiceField(choices=sorted(AuditEvent.EVENTS), required=False, help_text="An event name.")
@@ -133,7 +133,7 @@ class RunCreateSerializer(StrictInputSerializer):
         return attrs
 
 
-class RunFilterSerializer(serializers.Serializer[Any]):
+class RunFilterSerializer(QuerySerializer):
     status = serializers.ChoiceField(choices=RunStatus.values, required=False, help_text="Only runs in this status.")
     kind = serializers.ChoiceField(choices=RunKind.values, required=False, help_text="Only runs of this kind.")
     created_by = serializers.UUIDField(required=False, help_text="Only runs started by this user or API key id.")

@@ -12,14 +12,14 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from cesaflow.lib.api import error_responses
+from cesaflow.lib.api import QuerySerializer, error_responses
 from orgs.api.base import OrgAPIView
 from orgs.permissions import USAGE_READ
 from runs.selectors import tokens_used_this_month
 from runs.usage import GROUP_BYS, MAX_PERIOD_DAYS, PeriodError, UsageRow, usage_by, usage_period, usage_totals
 
 
-class UsageQuerySerializer(serializers.Serializer[Any]):
+class UsageQuerySerializer(QuerySerializer):
     """Query string. Dates are whole UTC days (``YYYY-MM-DD``); ``until`` is inclusive."""
 
     since = serializers.DateField(
@@ -50,8 +50,13 @@ class UsageGroupSerializer(UsageTotalsSerializer):
         help_text="The provider (`openai`…), the model, the member (email, or the API key's label) or the day "
         "(`YYYY-MM-DD`)."
     )
-    user_id = serializers.UUIDField(allow_null=True, help_text="group_by=member: the user, if it was one.")
-    api_key_id = serializers.UUIDField(allow_null=True, help_text="group_by=member: the org API key, if it was one.")
+    # Only with group_by=member (required=False: absent from the other groupings' rows, and so in the schema).
+    user_id = serializers.UUIDField(
+        allow_null=True, required=False, help_text="group_by=member: the user, if it was one."
+    )
+    api_key_id = serializers.UUIDField(
+        allow_null=True, required=False, help_text="group_by=member: the org API key, if it was one."
+    )
 
     def to_representation(self, instance: UsageRow) -> dict[str, Any]:
         data = super().to_representation(instance)

@@ -81,6 +81,9 @@ def split_model(value: Any) -> tuple[str, str]:
     """``"<label>/<model>"`` -> (label, model), split at the FIRST slash: ``demo/fake/echo`` -> (demo, fake/echo)."""
     if not isinstance(value, str) or not value.strip():
         raise _bad("You must provide a model parameter.", "model")
+    if "\x00" in value:
+        # The label is looked up and the model recorded in PostgreSQL, whose text holds no NUL byte.
+        raise _bad("The model parameter must not contain a NUL character.", "model")
     label, slash, model = value.strip().partition("/")
     if not slash or not label or not model:
         raise ProxyError(

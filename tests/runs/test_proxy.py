@@ -615,6 +615,11 @@ BAD_BODIES = [
         ).encode(),
         "tool_choice_unknown",
     ),
+    # NUL bytes reach PostgreSQL through the label lookup and the run's model: each was a 500 (found by fuzzing).
+    *(
+        (json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]}).encode(), f"nul_model_{i}")
+        for i, model in enumerate(["a\u0000b/x", "sim-openai/x\u0000", "sim-openai\u0000/x"])
+    ),
 ]
 
 
