@@ -7,13 +7,11 @@ on the others, so "per worker process" figures are not diluted by the load gener
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
 import glob
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -25,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from deploy.throwaway import HOST, ROOT, free_port, production_env
+
 BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
 PRIVATE_POSTGRES = "private"  # --database-url value: a throwaway cluster started for the run
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -58,13 +56,6 @@ SCENARIOS = {
     "paced_long": _scenario("bench_paced_long", 500, PACED_EVENT_MS),  # disconnect mid-stream
     "hold": _scenario("bench_hold", 300, 200),  # open streams for the memory figures (5 tokens/s)
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _cpu_sets() -> tuple[set[int] | None, set[int] | None]:
@@ -148,32 +139,21 @@ class Harness:
         if self.database_url == PRIVATE_POSTGRES:
             self.database_url = self.start_private_postgres()
         # Production settings with throwaway secrets, generated per run: nothing here is reused anywhere.
-        keyring = "1:" + base64.b64encode(secrets.token_bytes(32)).decode()
-        self.env = {
-            "PATH": self.env_path,
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": str(self.workdir),
-            "PYTHONPATH": str(ROOT),
-            "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
-            "CESAFLOW_ENV": "production",
-            "CESAFLOW_SECRET_KEY": secrets.token_urlsafe(50),
-            "CESAFLOW_ALLOWED_HOSTS": HOST,
-            "CESAFLOW_SSL_REDIRECT": "false",
-            "CESAFLOW_KEYRING": keyring,
-            "CESAFLOW_SESSION_KEYS": "1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
-            "CESAFLOW_CHANNEL_LAYER_KEY": secrets.token_urlsafe(32),
-            "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
-            "CESAFLOW_VAR_DIR": str(self.workdir / "var"),
-            "CESAFLOW_CACHE_PREFIX": "cfbench",
-            # The benchmark's one key makes thousands of calls a minute: limits far above that keep the rate limit
-            # check's cost in the figures without ever refusing a call.
-            "CESAFLOW_RATE_LIMIT_GATEWAY_KEY": "100000000/60",
-            "CESAFLOW_RATE_LIMIT_GATEWAY_ORG": "100000000/60",
-            "CESAFLOW_RATE_LIMIT_API_KEY": "100000000/60",
-            "CESAFLOW_RATE_LIMIT_API_ORG": "100000000/60",
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
-        }
+        self.env = production_env(
+            workdir=self.workdir,
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            extra={
+                "PATH": self.env_path,
+                "CESAFLOW_CACHE_PREFIX": "cfbench",
+                # The benchmark's one key makes thousands of calls a minute: limits far above that keep the rate
+                # limit check's cost in the figures without ever refusing a call.
+                "CESAFLOW_RATE_LIMIT_GATEWAY_KEY": "100000000/60",
+                "CESAFLOW_RATE_LIMIT_GATEWAY_ORG": "100000000/60",
+                "CESAFLOW_RATE_LIMIT_API_KEY": "100000000/60",
+                "CESAFLOW_RATE_LIMIT_API_ORG": "100000000/60",
+            },
+        )
 
     # --- Services -------------------------------------------------------------------------------------------------
 

@@ -29,10 +29,11 @@ from typing import Any
 
 from bench import measure
 from bench.client import RUN_TEXT_RE, Connection, build_request
-from bench.harness import HOST, SCENARIOS
+from bench.harness import SCENARIOS
 from bench.measure import Errors, Target, percentile
 from bench.plan import rotated
 from bench.wsclient import WebSocket, WebSocketClosed, WebSocketError
+from deploy.throwaway import HOST
 
 TRANSPORTS = ("sse", "ws", "sse-create")
 EXECUTORS = ("inline", "worker")

@@ -9,12 +9,10 @@ place that says which URL clients use for a web process: a TLS proxy put in fron
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import glob
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -26,17 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from deploy.throwaway import HOST, ROOT, free_port, production_env
+
 PR_SET_PDEATHSIG = 1
 # PostgreSQL and Redis get nothing of CesaFlow's environment.
 SERVICE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
 def port_open(port: int) -> bool:
@@ -141,39 +133,26 @@ class Cluster:
 
     def configure(self) -> None:
         """Production settings with throwaway secrets generated for this drill only."""
-        keyring = "1:" + base64.b64encode(secrets.token_bytes(32)).decode()
         self.workspace_root.mkdir(parents=True, exist_ok=True)
         self.workspace_root.chmod(0o711)  # the sandbox's uids must traverse it
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": str(self.workdir),
-            "TMPDIR": str(self.workdir / "tmp"),
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
-            "CESAFLOW_ENV": "production",
-            "CESAFLOW_SECRET_KEY": secrets.token_urlsafe(50),
-            "CESAFLOW_ALLOWED_HOSTS": HOST,
-            # Plain HTTP on loopback; the TLS proxy (deploy/proxy) is what production puts in front.
-            "CESAFLOW_SSL_REDIRECT": "false",
-            "CESAFLOW_KEYRING": keyring,
-            "CESAFLOW_SESSION_KEYS": "1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
-            "CESAFLOW_CHANNEL_LAYER_KEY": secrets.token_urlsafe(32),
-            "CESAFLOW_PROVIDER_HOST_ALLOWLIST": HOST,
-            "CESAFLOW_VAR_DIR": str(self.workdir / "var"),
-            "CESAFLOW_CACHE_PREFIX": "cfdrill",
-            "CESAFLOW_EXECUTOR": "worker",
-            "CESAFLOW_WORKSPACE_ROOT": str(self.workspace_root),
-            "CESAFLOW_RUN_HEARTBEAT_SECONDS": str(int(self.timings.heartbeat_s)),
-            "CESAFLOW_RUN_STALE_AFTER_SECONDS": str(int(self.timings.stale_after_s)),
-            "CESAFLOW_RUN_WORKER_POLL_SECONDS": str(int(self.timings.poll_s)),
-            "CESAFLOW_STREAM_REVALIDATE_SECONDS": str(self.timings.revalidate_s),
-            "CESAFLOW_DB_POOL_MAX": "10",
-            "CESAFLOW_LOG_LEVEL": "INFO",
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": f"redis://{HOST}:{self.redis_port}/0",
-        }
+        # Plain HTTP on loopback; the TLS proxy (deploy/proxy) is what production puts in front.
+        self.env = production_env(
+            workdir=self.workdir,
+            database_url=self.database_url,
+            redis_url=f"redis://{HOST}:{self.redis_port}/0",
+            extra={
+                "TMPDIR": str(self.workdir / "tmp"),
+                "CESAFLOW_CACHE_PREFIX": "cfdrill",
+                "CESAFLOW_EXECUTOR": "worker",
+                "CESAFLOW_WORKSPACE_ROOT": str(self.workspace_root),
+                "CESAFLOW_RUN_HEARTBEAT_SECONDS": str(int(self.timings.heartbeat_s)),
+                "CESAFLOW_RUN_STALE_AFTER_SECONDS": str(int(self.timings.stale_after_s)),
+                "CESAFLOW_RUN_WORKER_POLL_SECONDS": str(int(self.timings.poll_s)),
+                "CESAFLOW_STREAM_REVALIDATE_SECONDS": str(self.timings.revalidate_s),
+                "CESAFLOW_DB_POOL_MAX": "10",
+                "CESAFLOW_LOG_LEVEL": "INFO",
+            },
+        )
         (self.workdir / "tmp").mkdir(exist_ok=True)
 
     # --- Children -----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from urllib.parse import quote
 from django.conf import settings
 from django.db import connection
 
+from deploy.throwaway import free_port as free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
 
@@ -37,12 +39,6 @@ class LiveServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def database_url() -> str:

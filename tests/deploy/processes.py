@@ -16,7 +16,6 @@ import base64
 import datetime
 import ipaddress
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from django.conf import settings
 
+from deploy import throwaway
 from tests.live_server import ROOT, database_url, free_port, wait_for_port
 
 CADDYFILE = ROOT / "deploy" / "proxy" / "Caddyfile"
@@ -117,10 +117,6 @@ def throwaway_tls(directory: Path) -> TLSFiles:
     return files
 
 
-def _random_keyring() -> str:
-    return "1:" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
 def _test_keyring() -> str:
     """The test process's provider keyring in CESAFLOW_KEYRING form (primary first)."""
     ring = settings.KEYRING
@@ -129,34 +125,22 @@ def _test_keyring() -> str:
 
 
 def production_env(workdir: Path, *, workspaces: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What a production web process behind the proxy needs: fresh secrets, the test database and Redis."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("CESAFLOW_", "DATABASE_URL", "REDIS_URL", "CADDY_"))
-    }
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
-            "CESAFLOW_ENV": "production",
-            "CESAFLOW_SECRET_KEY": secrets.token_urlsafe(50),
-            "CESAFLOW_ALLOWED_HOSTS": SITE_HOST,
-            "CESAFLOW_TRUST_X_FORWARDED_FOR": "true",
-            "DATABASE_URL": database_url(),
-            "REDIS_URL": settings.REDIS_URL,
-            "CESAFLOW_CHANNEL_LAYER_KEY": settings.CHANNEL_LAYER_KEY,
-            "CESAFLOW_KEYRING": _test_keyring(),
-            "CESAFLOW_SESSION_KEYS": _random_keyring(),
-            # The provider simulator of the test process lives on loopback, which production refuses by default.
-            "CESAFLOW_PROVIDER_HOST_ALLOWLIST": "127.0.0.1",
+    """What a production web process behind the proxy needs: fresh secrets, the test database and Redis (with the
+    test process's keyring and channel-layer key, so the test reads what the server wrote)."""
+    return throwaway.production_env(
+        workdir=workdir,
+        database_url=database_url(),
+        redis_url=settings.REDIS_URL,
+        allowed_hosts=SITE_HOST,
+        keyring=_test_keyring(),
+        channel_layer_key=settings.CHANNEL_LAYER_KEY,
+        behind_tls_proxy=True,
+        extra={
             "CESAFLOW_STATIC_ROOT": str(workdir / "static"),
             "CESAFLOW_WORKSPACE_ROOT": str(workspaces / "workspaces"),
-            "CESAFLOW_VAR_DIR": str(workdir / "var"),
-            "PYTHONUNBUFFERED": "1",
-        }
+            **(extra or {}),
+        },
     )
-    env.update(extra or {})
-    return env
 
 
 def collectstatic(env: Mapping[str, str]) -> Path:
