@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import ssl
 import struct
 import time
 
@@ -59,8 +60,20 @@ class WebSocket:
         self.handshake_sent_at = 0.0
 
     @classmethod
-    async def connect(cls, host: str, port: int, path: str, *, headers: dict[str, str]) -> WebSocket:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        path: str,
+        *,
+        headers: dict[str, str],
+        tls: ssl.SSLContext | None = None,
+        local_addr: tuple[str, int] | None = None,
+    ) -> WebSocket:
+        """Open a websocket (``wss`` with ``tls``: ``host`` is then also the name the certificate must carry)."""
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls, server_hostname=host if tls else None, local_addr=local_addr
+        )
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {path} HTTP/1.1",

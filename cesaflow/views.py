@@ -21,7 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from cesaflow.lib import metrics as metrics_lib
 from cesaflow.lib import shutdown
-from cesaflow.lib.api import error_body
+from cesaflow.lib.api import (
+    DATABASE_RETRY_AFTER_SECONDS,
+    DATABASE_UNAVAILABLE_CODE,
+    DATABASE_UNAVAILABLE_MESSAGE,
+    error_body,
+)
 from cesaflow.lib.hops import db_hop
 
 logger = logging.getLogger(__name__)
@@ -135,34 +140,35 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
 SESSION_STORE_RETRY_AFTER_SECONDS = 5
 
 
-def service_unavailable(request: HttpRequest) -> HttpResponse:
+def _unavailable(request: HttpRequest, *, code: str, message: str, template: str, retry_after: int) -> HttpResponse:
+    """A 503 that clients and load balancers retry: the API's error shape under /api/, a page elsewhere."""
     if _is_api(request):
-        response: HttpResponse = JsonResponse(
-            error_body("session_store_unavailable", "Sign-in cannot be checked right now; try again shortly."),
-            status=503,
-        )
+        response: HttpResponse = JsonResponse(error_body(code, message), status=503)
     else:
-        response = render(request, "errors/503.html", status=503)
-    response["Retry-After"] = str(SESSION_STORE_RETRY_AFTER_SECONDS)
+        response = render(request, template, status=503)
+    response["Retry-After"] = str(retry_after)
     response["Cache-Control"] = "no-store"
     return response
 
 
-# The database cannot be reached (PostgreSQL restarting, the pool out of connections): a temporary refusal.
-DATABASE_RETRY_AFTER_SECONDS = 5
+def service_unavailable(request: HttpRequest) -> HttpResponse:
+    return _unavailable(
+        request,
+        code="session_store_unavailable",
+        message="Sign-in cannot be checked right now; try again shortly.",
+        template="errors/503.html",
+        retry_after=SESSION_STORE_RETRY_AFTER_SECONDS,
+    )
 
 
 def database_unavailable(request: HttpRequest) -> HttpResponse:
-    if _is_api(request):
-        response: HttpResponse = JsonResponse(
-            error_body("database_unavailable", "CesaFlow cannot reach its database right now; try again shortly."),
-            status=503,
-        )
-    else:
-        response = render(request, "errors/503_database.html", status=503)
-    response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
-    response["Cache-Control"] = "no-store"
-    return response
+    return _unavailable(
+        request,
+        code=DATABASE_UNAVAILABLE_CODE,
+        message=DATABASE_UNAVAILABLE_MESSAGE,
+        template="errors/503_database.html",
+        retry_after=DATABASE_RETRY_AFTER_SECONDS,
+    )
 
 
 def server_error(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:

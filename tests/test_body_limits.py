@@ -36,6 +36,7 @@ from cesaflow.asgi import application
 from cesaflow.lib.body_limit import describe_size
 from runs.proxy.errors import ProxyError
 from runs.proxy.request import max_body_bytes, parse_json_body
+from tests.disk_traces import files_holding, holds
 from tests.live_server import LiveServer, live_server
 from tests.runs.conftest import simulator, simulator_server  # noqa: F401 - fixtures, used below
 from tests.runs.test_execution_support import async_isolation, make_run, sim_key  # noqa: F401 - a fixture too
@@ -175,30 +176,12 @@ def _temp_roots(server: LiveServer) -> list[Path]:
     return [root.resolve() for root in roots if root.exists()]
 
 
-def _holds(path: str, canary: bytes) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return canary in handle.read(64 * MIB)
-    except OSError:
-        return False
-
-
 def _disk_traces(server: LiveServer, canary: bytes, since: float) -> list[str]:
     """Every trace of a body on disk: a file in a temp directory holding the canary (written since the test began),
     and any file the server process holds open in a temp directory, deleted (an anonymous temporary file), or
     holding the canary."""
     roots = _temp_roots(server)
-    traces: list[str] = []
-    for root in roots:
-        for directory, _, names in os.walk(root):
-            for name in names:
-                path = os.path.join(directory, name)
-                try:
-                    info = os.lstat(path)
-                except OSError:
-                    continue
-                if stat.S_ISREG(info.st_mode) and info.st_mtime >= since and _holds(path, canary):
-                    traces.append(f"file holding the canary: {path}")
+    traces = [f"file holding the canary: {path}" for path in files_holding(canary, roots, since=since)]
     fd_dir = Path(f"/proc/{server.pid}/fd")
     for fd in fd_dir.iterdir():
         try:
@@ -207,7 +190,7 @@ def _disk_traces(server: LiveServer, canary: bytes, since: float) -> list[str]:
                 continue
         except OSError:
             continue  # closed meanwhile
-        if _holds(str(fd), canary):
+        if holds(str(fd), canary):
             traces.append(f"open file holding the canary: {target}")
         elif target.endswith(" (deleted)"):
             traces.append(f"open deleted file: {target}")

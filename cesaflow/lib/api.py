@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
 from django.db.models import Model, QuerySet
 from django.http import Http404
 from rest_framework import exceptions, pagination, parsers, permissions, renderers, serializers, status
@@ -67,6 +68,20 @@ def validation_error_from_django(exc: DjangoValidationError) -> exceptions.Valid
     return exceptions.ValidationError({"non_field_errors": list(exc.messages)})
 
 
+# The database cannot be reached (PostgreSQL restarting, the pool out of connections): a temporary refusal that clients
+# and load balancers retry, in the API's shape here and as a page elsewhere (``cesaflow.views``).
+DATABASE_UNAVAILABLE_CODE = "database_unavailable"
+DATABASE_UNAVAILABLE_MESSAGE = "CesaFlow cannot reach its database right now; try again shortly."
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+def database_unavailable_response() -> Response:
+    response = Response(error_body(DATABASE_UNAVAILABLE_CODE, DATABASE_UNAVAILABLE_MESSAGE), status=503)
+    response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Every API error is ``{"error": {"code", "message", "details"}}`` with the right status."""
     if isinstance(exc, Http404):
@@ -82,6 +97,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         # an event stream): DRF renders the error response with the request's accepted renderer.
         request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
     response = drf_exception_handler(exc, context)
+    if response is None and isinstance(exc, (OperationalError, InterfaceError)):
+        logger.warning("API view %s: the database cannot be reached (%s)", type(context.get("view")).__name__, exc)
+        return database_unavailable_response()
     if response is None:
         # A bug. Answered here in the one shape (Django's own 500 page, with DEBUG its HTML traceback, would
         # otherwise answer an API client); the traceback goes to the log, never to the client.

@@ -13,9 +13,7 @@ disk; ``/static/`` comes from the collectstatic output. Skipped when ``caddy`` o
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -23,7 +21,6 @@ import secrets
 import shutil
 import socket
 import ssl
-import stat
 import subprocess
 import tempfile
 import time
@@ -36,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.wsclient import WebSocket
+from bench.wsclient import WebSocket, WebSocketError
 from orgs.models import ApiKey, Organization, User
 from orgs.permissions import ADMIN_CAPABILITIES
 from orgs.services import api_key_create, organization_create
@@ -52,6 +49,7 @@ from tests.deploy.processes import (
     production_web,
     throwaway_tls,
 )
+from tests.disk_traces import files_holding, holds
 from tests.runs.conftest import simulator, simulator_server  # noqa: F401 - fixtures, used below
 from tests.runs.test_execution_support import sim_key
 
@@ -61,7 +59,6 @@ CLIENT_ADDRESS = "127.0.0.2"  # loopback, but not the proxy's own address
 SPOOFED_ADDRESS = "203.0.113.9"
 MIB = 1024 * 1024
 WAIT_SECONDS = 15.0  # a deadline for what must happen, never an expected duration
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
 pytestmark = [
     pytest.mark.deploy,
@@ -238,37 +235,16 @@ def create_run(stack: Stack, tenant: Tenant, simulator: Any) -> Run:  # noqa: F8
     return Run.objects.get(pk=response.json()["id"])
 
 
-class HandshakeRefused(Exception):
-    """The websocket handshake got no 101; the message is the status line."""
-
-
 async def wss_connect(stack: Stack, path: str, headers: dict[str, str]) -> WebSocket:
-    """A websocket over TLS through the proxy (bench/wsclient's framing over an ssl stream)."""
-    reader, writer = await asyncio.open_connection(
+    """A websocket over TLS through the proxy, from the client address."""
+    return await WebSocket.connect(
         SITE_HOST,
         stack.proxy.port,
-        ssl=stack.ssl_context(),
-        server_hostname=SITE_HOST,
+        path,
+        headers=headers,
+        tls=stack.ssl_context(),
         local_addr=(CLIENT_ADDRESS, 0),
     )
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"host: {SITE_HOST}:{stack.proxy.port}",
-        "upgrade: websocket",
-        "connection: Upgrade",
-        f"sec-websocket-key: {key}",
-        "sec-websocket-version: 13",
-        *(f"{name}: {value}" for name, value in headers.items()),
-    ]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-    status, *header_lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    answer = {n.strip().lower(): v.strip() for n, _, v in (line.partition(":") for line in header_lines if line)}
-    expected = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()  # noqa: S324 - RFC 6455
-    if not status.startswith("HTTP/1.1 101") or answer.get("sec-websocket-accept") != expected:
-        writer.close()
-        raise HandshakeRefused(status)
-    return WebSocket(reader, writer)
 
 
 def test_a_run_streams_over_a_websocket_through_the_proxy(stack, tenant, simulator):  # noqa: F811
@@ -306,7 +282,7 @@ def test_a_websocket_from_another_origin_is_refused_through_the_proxy(stack, ten
     async def handshake() -> None:
         await wss_connect(stack, f"/ws/runs/{run.id}/", {"origin": "https://evil.example", "cookie": cookies})
 
-    with pytest.raises(HandshakeRefused, match=r"HTTP/1\.1 403"):
+    with pytest.raises(WebSocketError, match=r"HTTP/1\.1 403"):
         asyncio.run(handshake())
 
 
@@ -331,29 +307,11 @@ def test_server_sent_events_are_not_buffered_by_the_proxy(stack, tenant, simulat
 # --- Request bodies ---------------------------------------------------------------------------------------------------
 
 
-def _holds(path: str, canary: bytes) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return canary in handle.read(64 * MIB)
-    except OSError:
-        return False
-
-
 def disk_traces(stack: Stack, canary: bytes, since: float) -> list[str]:
     """Files holding the canary: written since the test began in a temp directory or the proxy's HOME, or open in
     the proxy or the web process."""
     roots = {Path(tempfile.gettempdir()), Path("/tmp"), Path("/var/tmp"), stack.web.home, stack.proxy.home}  # noqa: S108
-    traces: list[str] = []
-    for root in roots:
-        for directory, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(directory, name)
-                try:
-                    info = os.lstat(path)
-                except OSError:
-                    continue
-                if stat.S_ISREG(info.st_mode) and info.st_mtime >= since and _holds(path, canary):
-                    traces.append(f"file: {path}")
+    traces = [f"file: {path}" for path in files_holding(canary, roots, since=since)]
     for pid in (stack.web.pid, stack.proxy.pid):
         fd_dir = Path(f"/proc/{pid}/fd")
         for fd in fd_dir.iterdir() if fd_dir.exists() else []:
@@ -361,7 +319,7 @@ def disk_traces(stack: Stack, canary: bytes, since: float) -> list[str]:
                 target = os.readlink(fd)
             except OSError:
                 continue
-            if target.startswith("/") and not target.startswith(("/dev/", "/proc/")) and _holds(str(fd), canary):
+            if target.startswith("/") and not target.startswith(("/dev/", "/proc/")) and holds(str(fd), canary):
                 traces.append(f"open file of {pid}: {target}")
     return traces
 
