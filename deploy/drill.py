@@ -9,8 +9,10 @@ happens to it when a worker, Redis, PostgreSQL or a web process goes away.
 It starts, on loopback and of its own: PostgreSQL and Redis (throwaway, from the installed binaries; never the
 machine's), the provider simulator, two web processes (``python -m cesaflow.serve``, worker executor mode,
 production settings with throwaway secrets) and two ``run_worker`` processes; seeds four organizations (admin and
-developer, org API key, provider key on the simulator); runs the load through both web processes' REST API, SSE and
-websockets (a dashboard session on web A); and, during the load, the four fault drills. Each drill's expected
+developer, org API key, provider key on the simulator); puts the TLS proxy in front of both web processes (Caddy
+with deploy/proxy/Caddyfile and a throwaway certificate; without Caddy installed the drill runs without it and says
+so); runs the load through the proxy over HTTPS (REST API, SSE, the login form) and websockets (a dashboard session
+connected to web A directly); and, during the load, the four fault drills. Each drill's expected
 outcome is written (the catalogue in ``run``) before it runs, then checked; a table of drill, expected, observed,
 pass/fail and timings is printed at the end. Exit status 0 only if every row passed. Everything it started is
 stopped when it ends, however it ends (each child dies with it).
@@ -41,6 +43,8 @@ __all__ = ["ALL_DRILLS", "Plan", "Row", "main", "run_drill", "table"]
 async def run(drill: Drill, drills: list[str]) -> list[Row]:
     await drill.sign_in_all()
     t = drill.plan.timings
+    proxied = drill.cluster.proxied
+    via = "through the proxy, which only web A answers" if proxied else "to web A"
     started = time.monotonic()
     load = asyncio.create_task(drill.load())
     await asyncio.sleep(min(5.0, drill.plan.load_seconds / 8))
@@ -52,8 +56,9 @@ async def run(drill: Drill, drills: list[str]) -> list[Row]:
             partial(faults.worker_kill, drill),
         ),
         "web-kill": (
-            "SIGKILL web B with open websockets (dashboard session): they drop; the clients reconnect to web A, "
-            "get the run's current status first (as in the database) and follow it to run.finished succeeded",
+            "SIGKILL web B with open websockets on it (dashboard session, connected to web B directly): they drop; "
+            f"the clients reconnect {via}, get the run's current status first (as in the database) and follow it "
+            "to run.finished succeeded",
             partial(faults.web_kill, drill),
         ),
         "postgres-restart": (
@@ -79,9 +84,10 @@ async def run(drill: Drill, drills: list[str]) -> list[Row]:
         drill="load",
         expected=(
             f"{drill.plan.chat_runs} chat + {drill.plan.agent_runs} agent runs from {drill.plan.orgs} orgs through "
-            "both web processes (REST, SSE, websockets): every run terminal; per run, one usage row per provider "
-            "call the simulator served (a run lost with its worker may miss its call in flight); a websocket on "
-            "web A receives events of runs executed by worker B"
+            + ("Caddy over TLS to both web processes (REST, SSE, sign-in)" if proxied else "both web processes")
+            + " and websockets: every run terminal; per run, one usage row per provider call the simulator served "
+            "(a run lost with its worker may miss its call in flight); a websocket connected to web A directly "
+            "receives events of runs executed by worker B"
         ),
     )
     await drill.run_drill(row, lambda r: faults.check_load(drill, r, load_seconds))
@@ -99,9 +105,12 @@ def table(rows: list[Row]) -> str:
 ALL_DRILLS = ["worker-kill", "web-kill", "postgres-restart", "redis-restart"]
 
 
-def run_drill(plan: Plan, workdir: Path, drills: list[str]) -> list[Row]:
-    """Start everything, run the load and the drills, stop everything; the rows of the table."""
+def run_drill(plan: Plan, workdir: Path, drills: list[str], *, notes: list[str] | None = None) -> list[Row]:
+    """Start everything, run the load and the drills, stop everything; the rows of the table. ``notes`` gets how
+    the clients reached the web processes (through the proxy or not)."""
     drill = Drill(plan, workdir)
+    if notes is not None:
+        notes.append(drill.cluster.proxy_note)
     try:
         drill.start()
         return asyncio.run(_run(drill, drills))
@@ -132,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cesaflow-drill-"))
     started = time.monotonic()
     rows: list[Row] = []
+    notes: list[str] = []
     try:
-        rows = run_drill(plan, workdir, drills)
+        rows = run_drill(plan, workdir, drills, notes=notes)
     finally:
         passed = bool(rows) and all(row.passed for row in rows)
         if args.keep or not passed:
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     verdict = "PASS" if passed else "FAIL"
     print(f"\n{'full' if args.full else 'bounded'} drill: {time.monotonic() - started:.0f} s, {verdict}")
+    print(f"clients: {'; '.join(notes)}")
     if args.json:
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))
     if args.markdown:

@@ -1,16 +1,20 @@
 """What the drill's clients do against the web processes: the REST API with org API keys, SSE streams, websockets
 with a dashboard session (signed in through the real login form: CSRF token, cookies, Origin), and dashboard pages.
 
-Every wait is bounded by a deadline; nothing here sleeps on the wall clock to decide an outcome. Cookies are kept by
-hand: production cookies are ``Secure`` and ``__Host-`` prefixed, which a cookie jar would not send over the
-loopback's plain HTTP (the TLS proxy is what production puts in front).
+Every wait is bounded by a deadline; nothing here sleeps on the wall clock to decide an outcome. Clients reach the
+web processes through the TLS proxy (https, verifying the drill's throwaway CA); a websocket that must reach one
+given process connects to it directly, still sending the site's https ``Origin``. Cookies are kept by hand:
+production cookies are ``Secure`` and ``__Host-`` prefixed, which a cookie jar would not send to a process's
+plain-HTTP address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,10 +66,19 @@ def cookie_header(cookies: dict[str, str]) -> str:
 
 
 class Client:
-    """One HTTP client (connection pool) for the whole drill; ``base`` is a web process's URL."""
+    """One HTTP client (connection pool) for the whole drill; ``base`` is a web process's URL. ``tls``: the context
+    that verifies the proxy's certificate (the drill's throwaway CA)."""
 
-    def __init__(self) -> None:
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(20.0, connect=5.0), follow_redirects=False)
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        # Cookies are kept by hand, per org session: the client's own jar accepts none (over HTTPS it would keep
+        # every session's cookies and send them with every request).
+        no_cookies = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(20.0, connect=5.0),
+            follow_redirects=False,
+            verify=tls if tls is not None else True,
+            cookies=no_cookies,
+        )
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -159,11 +172,20 @@ class Client:
     # --- Websockets ---------------------------------------------------------------------------------------------
 
 
-async def ws_connect(base: str, run_id: str, cookies: dict[str, str]) -> WebSocket:
+async def ws_connect(
+    base: str, run_id: str, cookies: dict[str, str], *, origin: str, tls: ssl.SSLContext | None
+) -> WebSocket:
+    """A run's websocket at ``base`` (``wss`` through the proxy when it is ``https``, verified with ``tls``), sending
+    the site's ``origin`` as a browser on it would."""
     parts = urlsplit(base)
-    headers = {"cookie": cookie_header(cookies), "origin": base}
+    headers = {"cookie": cookie_header(cookies), "origin": origin}
+    secure = parts.scheme == "https"
     return await WebSocket.connect(
-        parts.hostname or "127.0.0.1", parts.port or 80, f"/ws/runs/{run_id}/", headers=headers
+        parts.hostname or "127.0.0.1",
+        parts.port or (443 if secure else 80),
+        f"/ws/runs/{run_id}/",
+        headers=headers,
+        tls=(tls or ssl.create_default_context()) if secure else None,
     )
 
 
@@ -182,11 +204,18 @@ async def ws_read(socket: WebSocket, result: StreamResult, *, timeout: float) ->
 
 
 async def ws_watch(
-    base: str, run_id: str, cookies: dict[str, str], *, timeout: float, result: StreamResult | None = None
+    base: str,
+    run_id: str,
+    cookies: dict[str, str],
+    *,
+    origin: str,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+    result: StreamResult | None = None,
 ) -> StreamResult:
     result = result if result is not None else StreamResult()
     try:
-        socket = await ws_connect(base, run_id, cookies)
+        socket = await ws_connect(base, run_id, cookies, origin=origin, tls=tls)
     except (WebSocketError, OSError) as exc:
         result.error = type(exc).__name__
         return result

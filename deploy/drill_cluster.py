@@ -3,8 +3,14 @@ people's tests use those), the provider simulator, web processes (``python -m ce
 processes, all with production settings and throwaway secrets generated per drill.
 
 Every process is a child of the drill, started with a death signal so none outlives it, and its output goes to a
-log under the drill's work directory (CesaFlow logs no content and no secret). ``Cluster.base_url(name)`` is the one
-place that says which URL clients use for a web process: a TLS proxy put in front later changes only that.
+log under the drill's work directory (CesaFlow logs no content and no secret).
+
+In front of the two web processes: Caddy with ``deploy/proxy/Caddyfile`` (the tested production configuration),
+bound to 127.0.0.1 on a free port with a throwaway certificate for ``localhost`` (a CA of the drill's own, which
+the clients trust); the web processes then run as production does behind it (``CESAFLOW_TRUST_X_FORWARDED_FOR``,
+HTTPS redirect on, ``localhost`` the allowed host). Without Caddy installed the drill runs without the proxy, its
+clients on the web processes' plain HTTP, and says so. ``Cluster.base_url(name)`` is the one place that says which
+URL clients use for a web process (the proxy's, which picks one); ``direct_url`` is the process's own address.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,7 +31,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.throwaway import HOST, ROOT, free_port, production_env
+from deploy.throwaway import (
+    CADDYFILE,
+    HOST,
+    ROOT,
+    SITE_HOST,
+    TLSFiles,
+    caddy_env,
+    free_port,
+    production_env,
+    throwaway_tls,
+)
 
 PR_SET_PDEATHSIG = 1
 # PostgreSQL and Redis get nothing of CesaFlow's environment.
@@ -107,11 +124,32 @@ class Cluster:
     # PostgreSQL's data and the workspaces: in a directory of their own directly under the temporary directory, so
     # the postgres user and the sandbox's uids can reach them wherever ``workdir`` is (pytest's is private to root).
     state: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cesaflow-drill-state-")))
+    # The TLS proxy: Caddy's binary (None: not installed, the drill runs without the proxy), its port once started,
+    # the throwaway certificate and the TLS context clients verify it with.
+    caddy: str | None = field(default_factory=lambda: shutil.which("caddy"))
+    proxy_port: int = 0
+    tls: TLSFiles | None = None
+    client_tls: ssl.SSLContext | None = None
     _pg_argv: list[str] = field(default_factory=list)
     _redis_argv: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state.chmod(0o711)  # traversable, not listable
+        if self.caddy is not None:
+            self.tls = throwaway_tls(self.workdir / "tls")
+            self.client_tls = ssl.create_default_context(cafile=str(self.tls.ca))
+            self.proxy_port = free_port()
+
+    @property
+    def proxied(self) -> bool:
+        return self.caddy is not None
+
+    @property
+    def proxy_note(self) -> str:
+        """What the drill's output says about the proxy."""
+        if self.proxied:
+            return f"through Caddy (deploy/proxy/Caddyfile) over TLS at {self.base_url('web-a')}"
+        return "WITHOUT the TLS proxy (caddy not installed): clients on the web processes' plain HTTP"
 
     # --- Configuration ------------------------------------------------------------------------------------------
 
@@ -124,22 +162,33 @@ class Cluster:
         return self.state / "workspaces"
 
     def base_url(self, web: str) -> str:
-        """The URL clients use for a web process (``web-a``, ``web-b``): the one place a proxy would change."""
+        """The URL clients use for a web process (``web-a``, ``web-b``): the proxy's (which spreads requests over
+        both), or without it the process's own."""
+        if self.proxied:
+            return f"https://{SITE_HOST}:{self.proxy_port}"
+        return self.direct_url(web)
+
+    def direct_url(self, web: str) -> str:
+        """The web process's own address (plain HTTP on loopback), for a client that must pick the process."""
         return f"http://{HOST}:{self.children[web].port}"
 
-    def origin(self, web: str) -> str:
-        """What a browser on that URL sends as ``Origin`` (the websocket consumer checks it)."""
-        return self.base_url(web)
+    def origin(self) -> str:
+        """What a browser on the site sends as ``Origin`` (the websocket consumer and CSRF check it): the proxy's
+        https origin, whichever web process the connection reaches."""
+        return self.base_url("web-a")
 
     def configure(self) -> None:
         """Production settings with throwaway secrets generated for this drill only."""
         self.workspace_root.mkdir(parents=True, exist_ok=True)
         self.workspace_root.chmod(0o711)  # the sandbox's uids must traverse it
-        # Plain HTTP on loopback; the TLS proxy (deploy/proxy) is what production puts in front.
+        # Behind the proxy as production runs (it trusts the proxy's X-Forwarded-For and -Proto, the site's name is
+        # the one allowed host); without it, plain HTTP on loopback.
         self.env = production_env(
             workdir=self.workdir,
             database_url=self.database_url,
             redis_url=f"redis://{HOST}:{self.redis_port}/0",
+            allowed_hosts=SITE_HOST if self.proxied else HOST,
+            behind_tls_proxy=self.proxied,
             extra={
                 "TMPDIR": str(self.workdir / "tmp"),
                 "CESAFLOW_CACHE_PREFIX": "cfdrill",
@@ -324,6 +373,21 @@ class Cluster:
         child = self.spawn(name, [*argv, "cesaflow.asgi:application"], port=port)
         self.wait_until(child, lambda: port_open(port), 60)
         return child
+
+    def start_proxy(self, webs: list[str]) -> None:
+        """Caddy with deploy/proxy/Caddyfile in front of ``webs``, on 127.0.0.1 and ``proxy_port`` (no-op without
+        Caddy). Its HOME and XDG directories are the drill's; static files from an empty directory (unused)."""
+        if self.caddy is None or self.tls is None:
+            return
+        home = self.workdir / "caddy-home"
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        static_root = self.workdir / "static"
+        static_root.mkdir(exist_ok=True)
+        upstreams = [self.children[web].port for web in webs]
+        env = caddy_env(port=self.proxy_port, tls=self.tls, upstreams=upstreams, static_root=static_root, home=home)
+        argv = [self.caddy, "run", "--config", str(CADDYFILE), "--adapter", "caddyfile"]
+        child = self.spawn("proxy", argv, port=self.proxy_port, env=env)
+        self.wait_until(child, lambda: port_open(self.proxy_port), 30)
 
     def start_worker(self, name: str) -> Child:
         child = self.spawn(name, [sys.executable, str(ROOT / "manage.py"), "run_worker", "--concurrency", "50"])

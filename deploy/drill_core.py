@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from deploy.drill_client import Client, Org, StreamResult, Tally, ws_watch
+from bench.wsclient import WebSocket
+from deploy.drill_client import Client, Org, StreamResult, Tally, ws_connect, ws_watch
 from deploy.drill_cluster import Cluster, Timings
 
 WEBS = ("web-a", "web-b")
@@ -96,7 +97,7 @@ class Drill:
     def __init__(self, plan: Plan, workdir: Path) -> None:
         self.plan = plan
         self.cluster = Cluster(workdir=workdir, timings=plan.timings)
-        self.client = Client()
+        self.client = Client(self.cluster.client_tls)
         self.orgs: list[Org] = []
         self.sessions: dict[str, dict[str, str]] = {}  # org id -> session cookies (signed in on web A)
         self.runs: dict[str, RunRecord] = {}
@@ -120,6 +121,8 @@ class Drill:
         self.orgs = [Org(**seeded) for seeded in cluster.seed(self.plan.orgs)]
         for web in WEBS:
             cluster.start_web(web)
+        cluster.start_proxy(list(WEBS))
+        print(f"drill clients: {cluster.proxy_note}", flush=True)
         for name in ("worker-a", "worker-b"):
             self.worker_pids[cluster.start_worker(name).pid] = name
 
@@ -132,6 +135,10 @@ class Drill:
         if len(parts) >= 3 and parts[2].isdigit():
             return self.worker_pids.get(int(parts[2]), worker_id)
         return worker_id or "-"
+
+    async def ws_connect(self, base: str, run_id: str, cookies: dict[str, str]) -> WebSocket:
+        """A run's websocket at ``base`` (the proxy's, or a web process's own address), as a browser on the site."""
+        return await ws_connect(base, run_id, cookies, origin=self.cluster.origin(), tls=self.cluster.client_tls)
 
     async def sign_in_all(self) -> None:
         base = self.cluster.base_url("web-a")
@@ -172,8 +179,9 @@ class Drill:
     # --- Runs ---------------------------------------------------------------------------------------------------
 
     async def create(self, org: Org, body: dict[str, Any], *, web: int, source: str, deadline_s: float = 90) -> str:
-        """Create a run through the REST API; on 503 (an outage), 429 (org queue full) or a dead web process, retry
-        through the other web process until the deadline. Returns the run id ("" if it never got one)."""
+        """Create a run through the REST API; on 503 (an outage), 429 (org queue full), 502 (the proxy's answer when
+        the POST met a stopped web process: Caddy cannot replay a body) or a dead web process, retry (through the
+        other web process when there is no proxy) until the deadline. Returns the run id ("" if it never got one)."""
         nonce = f"drill-{uuid.uuid4().hex[:12]}"
         body = {**body, "objective": f"{source} {nonce}"}
         deadline = time.monotonic() + deadline_s
@@ -192,15 +200,16 @@ class Drill:
                 run_id = str(response.json()["id"])
                 self.runs[run_id] = RunRecord(run_id, org, nonce, str(body.get("kind", "chat")), source)
                 return run_id
-            if response.status_code not in (429, 503):
+            if response.status_code not in (429, 502, 503):
                 raise RuntimeError(f"creating a run: HTTP {response.status_code} {response.text[:300]}")
             await asyncio.sleep(0.5)
         return ""
 
     async def watch(self, run_id: str, via: str, *, timeout: float = 60.0) -> RunRecord:
-        """Watch a run to its end as a client would: first over ``via`` (``sse-a``, ``sse-b``, or ``ws-a`` with the
-        org's dashboard session), and when a stream breaks or is refused (a process killed, an outage), again over
-        SSE through either web process, until ``run.finished`` or the deadline; then the REST API as a last word."""
+        """Watch a run to its end as a client would: first over ``via`` (``sse-a``, ``sse-b``: SSE through the proxy,
+        which picks the web process; ``ws-a``: a websocket with the org's dashboard session straight to web A), and
+        when a stream breaks or is refused (a process killed, an outage), again over SSE through the proxy, until
+        ``run.finished`` or the deadline; then the REST API as a last word."""
         record = self.runs[run_id]
         record.via = via
         deadline = time.monotonic() + timeout
@@ -214,7 +223,17 @@ class Drill:
             if attempt == 0 and via.startswith("ws"):
                 cookies = self.sessions[record.org.org_id]
                 # A load run streams for about a second: a socket silent for 20 s is given up, as a client would.
-                await ws_watch(base, run_id, cookies, timeout=min(left, 20.0), result=record.stream)
+                # Straight to web A (not through the proxy, which would pick either): the load's check is that a
+                # websocket on web A receives the events of runs executed by worker B.
+                await ws_watch(
+                    self.cluster.direct_url("web-a"),
+                    run_id,
+                    cookies,
+                    origin=self.cluster.origin(),
+                    tls=self.cluster.client_tls,
+                    timeout=min(left, 20.0),
+                    result=record.stream,
+                )
                 if record.stream.events == 0 and record.stream.error == "TimeoutError":
                     self.silent_sockets += 1
             else:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from deploy.drill_client import TERMINAL, StreamResult, Tally, ws_connect, ws_read
+from deploy.drill_client import TERMINAL, StreamResult, Tally, ws_read
 from deploy.drill_core import NONCE_RE, Drill, Row, secs
 
 
@@ -101,8 +101,9 @@ async def web_kill(drill: Drill, row: Row) -> None:
     cookies = drill.sessions[org.org_id]
     ids = [await drill.create(org, {"model": "fake/drill_long"}, web=0, source="web-kill") for _ in range(3)]
     ids = [run_id for run_id in ids if run_id]
-    base_b = drill.cluster.base_url("web-b")
-    sockets = [await ws_connect(base_b, run_id, cookies) for run_id in ids]
+    # Straight to web B (the proxy would pick either); they come back through the proxy, which only web A answers.
+    base_b = drill.cluster.direct_url("web-b")
+    sockets = [await drill.ws_connect(base_b, run_id, cookies) for run_id in ids]
     first = [StreamResult() for _ in ids]
     reads = [asyncio.create_task(ws_read(s, r, timeout=60)) for s, r in zip(sockets, first, strict=True)]
     deadline = time.monotonic() + 20
@@ -118,7 +119,7 @@ async def web_kill(drill: Drill, row: Row) -> None:
 
     async def reconnect(run_id: str) -> tuple[float, str, set[str], StreamResult]:
         status_before = (await drill.db())[run_id]["status"]
-        socket = await ws_connect(drill.cluster.base_url("web-a"), run_id, cookies)
+        socket = await drill.ws_connect(drill.cluster.base_url("web-a"), run_id, cookies)
         result = StreamResult()
         reading = asyncio.create_task(ws_read(socket, result, timeout=60))
         while result.events == 0 and not reading.done():
@@ -136,7 +137,8 @@ async def web_kill(drill: Drill, row: Row) -> None:
     slowest = max((took for took, *_ in outcomes), default=0.0)
     row.passed = bool(ids) and dropped == len(ids) and current == len(ids) and finished == len(ids)
     row.observed = (
-        f"{len(ids)} websockets on web B saw text, then {dropped} dropped at the kill; reconnected to web A "
+        f"{len(ids)} websockets on web B saw text, then {dropped} dropped at the kill; reconnected "
+        f"{'through the proxy (web B down: on web A)' if drill.cluster.proxied else 'to web A'} "
         f"within {slowest:.2f} s; {current}/{len(ids)} snapshots matched the database's status; "
         f"{finished}/{len(ids)} followed to run.finished succeeded"
     )
@@ -215,7 +217,7 @@ async def redis_restart(drill: Drill, row: Row) -> None:
     ids = [await drill.create(org, {"model": "fake/drill_long"}, web=0, source="redis-restart") for _ in range(2)]
     ids = [run_id for run_id in ids if run_id]
     streams = [StreamResult() for _ in ids]
-    sockets = [await ws_connect(base_a, run_id, cookies) for run_id in ids]
+    sockets = [await drill.ws_connect(base_a, run_id, cookies) for run_id in ids]
     reads = [asyncio.create_task(ws_read(s, r, timeout=120)) for s, r in zip(sockets, streams, strict=True)]
     deadline = time.monotonic() + 20
     while any(r.text_deltas < 1 for r in streams) and time.monotonic() < deadline:

@@ -1,18 +1,31 @@
 """Production settings for CesaFlow processes started on loopback by the benchmark (``bench/``), the deployment drill
 (``deploy/drill.py``) and the deployment tests (``tests/deploy``): fresh secrets on every call, never written
-anywhere or reused, and nothing of the caller's own ``CESAFLOW_*`` environment."""
+anywhere or reused, and nothing of the caller's own ``CESAFLOW_*`` environment; and the TLS proxy in front of them
+(``throwaway_tls``: a throwaway CA and certificate; ``caddy_env``: what deploy/proxy/Caddyfile reads)."""
 
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
 import os
 import secrets
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+# The TLS proxy (Caddy with deploy/proxy/Caddyfile) in front of the web processes: its site name, which the
+# throwaway certificate carries and the web processes allow (CESAFLOW_ALLOWED_HOSTS).
+CADDYFILE = ROOT / "deploy" / "proxy" / "Caddyfile"
+SITE_HOST = "localhost"
 
 
 def free_port(host: str = HOST) -> int:
@@ -66,3 +79,91 @@ def production_env(
         env["CESAFLOW_TRUST_X_FORWARDED_FOR"] = "false"  # clients connect directly (and check --deploy agrees)
     env.update(extra or {})
     return env
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path  # the CA certificate clients trust
+    cert: Path  # the server's certificate (for localhost and 127.0.0.1)
+    key: Path  # its private key
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def throwaway_tls(directory: Path) -> TLSFiles:
+    """A CA and a one-day certificate for ``localhost`` / 127.0.0.1 signed by it (P-256 keys)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CesaFlow test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE_HOST)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(SITE_HOST), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TLSFiles(ca=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem")
+    files.ca.write_bytes(_pem(ca))
+    files.cert.write_bytes(_pem(cert))
+    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return files
+
+
+def caddy_env(*, port: int, tls: TLSFiles, upstreams: list[int], static_root: Path, home: Path) -> dict[str, str]:
+    """Exactly what deploy/proxy/Caddyfile reads, plus a HOME and XDG directories of the caller's own."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_DATA_HOME": str(home / "data"),
+        "TMPDIR": str(home / "tmp"),
+        "CADDY_SITE": f"https://{SITE_HOST}:{port}",
+        "CADDY_BIND": "127.0.0.1",
+        "CADDY_TLS_CERT": str(tls.cert),
+        "CADDY_TLS_KEY": str(tls.key),
+        "CADDY_UPSTREAMS": " ".join(f"127.0.0.1:{upstream}" for upstream in upstreams),
+        "CADDY_STATIC_ROOT": str(static_root),
+    }

@@ -1,11 +1,12 @@
 """A production-like CesaFlow behind the TLS proxy, as real processes on loopback, for the deployment tests.
 
-* ``throwaway_tls``: a CA and a ``localhost`` certificate it signed (``cryptography``), written under a directory.
+* ``throwaway_tls`` (from ``deploy/throwaway.py``, shared with the drill): a CA and a ``localhost`` certificate it
+  signed (``cryptography``), written under a directory.
 * ``production_web``: ``python -m cesaflow.serve`` with ``CESAFLOW_ENV=production`` (fresh secrets, the test
   database and Redis, the test process's provider keyring so keys sealed by the test open there) behind a trusted
   proxy (``CESAFLOW_TRUST_X_FORWARDED_FOR=true``), on its own TMPDIR.
-* ``caddy_proxy``: Caddy with ``deploy/proxy/Caddyfile`` and the environment that file reads, its HOME and XDG
-  directories under the test's directory so everything it writes can be inspected.
+* ``caddy_proxy``: Caddy with ``deploy/proxy/Caddyfile`` and the environment that file reads (``caddy_env``, shared
+  with the drill), its HOME and XDG directories under the test's directory so everything it writes can be inspected.
 
 Each is a context manager that waits (bounded) for its port and kills its process on the way out.
 """
@@ -13,9 +14,6 @@ Each is a context manager that waits (bounded) for its port and kills its proces
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
-import os
 import shutil
 import subprocess
 import sys
@@ -24,25 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from django.conf import settings
 
 from deploy import throwaway
+from deploy.throwaway import CADDYFILE, SITE_HOST, TLSFiles, caddy_env
 from tests.live_server import ROOT, database_url, free_port, wait_for_port
 
-CADDYFILE = ROOT / "deploy" / "proxy" / "Caddyfile"
-SITE_HOST = "localhost"
 STOP_TIMEOUT = 15.0
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    ca: Path  # the CA certificate clients trust
-    cert: Path  # the server's certificate (for localhost and 127.0.0.1)
-    key: Path  # its private key
 
 
 @dataclass(frozen=True)
@@ -51,70 +37,6 @@ class Process:
     pid: int
     home: Path  # its TMPDIR (CesaFlow) or HOME with the XDG directories (Caddy)
     log: Path  # its stdout and stderr
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def throwaway_tls(directory: Path) -> TLSFiles:
-    """A CA and a one-day certificate for ``localhost`` / 127.0.0.1 signed by it (P-256 keys)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CesaFlow test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SITE_HOST)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(SITE_HOST), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    files = TLSFiles(ca=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem")
-    files.ca.write_bytes(_pem(ca))
-    files.cert.write_bytes(_pem(cert))
-    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return files
 
 
 def _test_keyring() -> str:
@@ -198,23 +120,6 @@ def production_web(workdir: Path, env: Mapping[str, str]) -> Iterator[Process]:
             yield process
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def caddy_env(*, port: int, tls: TLSFiles, upstreams: list[int], static_root: Path, home: Path) -> dict[str, str]:
-    """Exactly what deploy/proxy/Caddyfile reads, plus a HOME and XDG directories of the test's own."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / "config"),
-        "XDG_DATA_HOME": str(home / "data"),
-        "TMPDIR": str(home / "tmp"),
-        "CADDY_SITE": f"https://{SITE_HOST}:{port}",
-        "CADDY_BIND": "127.0.0.1",
-        "CADDY_TLS_CERT": str(tls.cert),
-        "CADDY_TLS_KEY": str(tls.key),
-        "CADDY_UPSTREAMS": " ".join(f"127.0.0.1:{upstream}" for upstream in upstreams),
-        "CADDY_STATIC_ROOT": str(static_root),
-    }
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The bounded deployment drill (``python deploy/drill.py``) with real processes: its own throwaway PostgreSQL and
-Redis, the provider simulator, two web processes, two ``run_worker`` processes, 24 chat and 4 agent runs from four
-organizations, and the four fault drills during that load. It runs once for the module (about two minutes on a
-2-core machine); each test checks one row of its table, whose expected outcome the drill wrote before it ran.
+Redis, the provider simulator, two web processes behind the TLS proxy (Caddy, when installed), two ``run_worker``
+processes, 24 chat and 4 agent runs from four organizations through the proxy over HTTPS, and the four fault drills
+during that load. It runs once for the module (about two minutes on a 2-core machine); each test checks one row of
+its table, whose expected outcome the drill wrote before it ran.
 Deselect with ``-m "not drill"``."""
 
 from __future__ import annotations

@@ -34,21 +34,13 @@ import httpx
 import pytest
 
 from bench.wsclient import WebSocket, WebSocketError
+from deploy.throwaway import SITE_HOST, TLSFiles, throwaway_tls
 from orgs.models import ApiKey, Organization, User
 from orgs.permissions import ADMIN_CAPABILITIES
 from orgs.services import api_key_create, organization_create
 from runs.models import AuditEvent, Run, RunStatus
 from tests.conftest import PASSWORD
-from tests.deploy.processes import (
-    SITE_HOST,
-    Process,
-    TLSFiles,
-    caddy_proxy,
-    collectstatic,
-    production_env,
-    production_web,
-    throwaway_tls,
-)
+from tests.deploy.processes import Process, caddy_proxy, collectstatic, production_env, production_web
 from tests.disk_traces import files_holding, holds
 from tests.runs.conftest import simulator, simulator_server  # noqa: F401 - fixtures, used below
 from tests.runs.test_execution_support import sim_key
