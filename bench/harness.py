@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from deploy.throwaway import HOST, ROOT, free_port, production_env
+from deploy.throwaway import HOST, ROOT, Child, free_port, production_env
 
 BIN = Path(sys.executable).parent
 PRIVATE_POSTGRES = "private"  # --database-url value: a throwaway cluster started for the run
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Tokens are 4 characters (the simulator's text_chunk_chars); one token = one SSE event.
 TOKEN_CHARS = 4
@@ -83,44 +82,6 @@ def _preexec(cpus: set[int] | None) -> Callable[[], None]:
             os.sched_setaffinity(0, cpus)
 
     return run
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no VmRSS for {self.name}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process (all its threads) so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 @dataclass

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import SCENARIOS, SERVER_CPUS, Child, Harness, wait_for_port
-from deploy.throwaway import HOST, ROOT, free_port
+from bench.harness import SCENARIOS, SERVER_CPUS, Harness, wait_for_port
+from deploy.throwaway import HOST, ROOT, Child, free_port
 
 # 1.82.6: the last release before the March 2026 compromise of LiteLLM's PyPI account (1.82.7 and 1.82.8 carried
 # a credential stealer; later 1.107.x releases were pulled too). Its proxy's SQL injection (CVE-2026-42208) needs

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from bench.client import Connection, Response, build_request, chat_body
-from bench.harness import PACED_EVENT_MS, SCENARIOS, Child
+from bench.harness import PACED_EVENT_MS, SCENARIOS
 from bench.tap import Tap
-from deploy.throwaway import HOST
+from deploy.throwaway import HOST, Child
 
 PACED_TOKENS_PER_S = 1000 / PACED_EVENT_MS
 

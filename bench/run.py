@@ -32,12 +32,12 @@ from typing import Any
 
 from bench import litellm, measure, runstream
 from bench.client import Connection
-from bench.harness import Child, Harness, harness, pin_self
+from bench.harness import Harness, harness, pin_self
 from bench.measure import CpuMeter, Errors, Target, percentile
 from bench.plan import FULL, PHASES, QUICK, STARTED, Plan, parse_args, rotated, say
 from bench.report import LITELLM, PROXIES, Figure, markdown_table, report_notes, run_stream_table, save
 from bench.tap import Tap
-from deploy.throwaway import HOST
+from deploy.throwaway import HOST, Child
 
 CHAT_PATH = "/api/v1/chat/completions"
 LOAD_STREAMS = 50

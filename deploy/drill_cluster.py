@@ -36,6 +36,7 @@ from deploy.throwaway import (
     HOST,
     ROOT,
     SITE_HOST,
+    Child,
     TLSFiles,
     caddy_env,
     free_port,
@@ -60,42 +61,6 @@ def _die_with_parent() -> None:
     """Runs in the child between fork and exec: SIGKILL it when the drill dies, however the drill dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def signal(self, signum: int) -> None:
-        if self.alive:
-            self.process.send_signal(signum)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if not self.alive:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
 
 
 @dataclass(frozen=True)

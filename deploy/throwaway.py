@@ -11,6 +11,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The TLS proxy (Caddy with deploy/proxy/Caddyfile) in front of the web processes: its site name, which the
 # throwaway certificate carries and the web processes allow (CESAFLOW_ALLOWED_HOSTS).
 CADDYFILE = ROOT / "deploy" / "proxy" / "Caddyfile"
@@ -167,3 +169,53 @@ def caddy_env(*, port: int, tls: TLSFiles, upstreams: list[int], static_root: Pa
         "CADDY_UPSTREAMS": " ".join(f"127.0.0.1:{upstream}" for upstream in upstreams),
         "CADDY_STATIC_ROOT": str(static_root),
     }
+
+
+@dataclass
+class Child:
+    """A process the benchmark or the drill started, with its log."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        if not self.alive:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for {self.name}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all its threads) so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
