@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from deploy.throwaway import HOST, ROOT, Child, free_port, production_env
+from deploy.throwaway import HOST, ROOT, Child, free_port, postgres_cluster, production_env
 
 BIN = Path(sys.executable).parent
 PRIVATE_POSTGRES = "private"  # --database-url value: a throwaway cluster started for the run
@@ -124,25 +122,11 @@ class Harness:
         The proxy holds one database connection per open stream, and the memory figures open hundreds: on a shared
         server (max_connections 100, other people's test suites) that would fail their connections and ours.
         """
-        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        initdb = shutil.which("initdb") or (candidates[-1] if candidates else None)
-        if initdb is None:
-            raise SystemExit("No initdb found: install PostgreSQL, or pass --database-url of an existing server.")
-        bindir = Path(initdb).parent
         data = self.workdir / "pg"
-        run_as: list[str] = []
-        if os.geteuid() == 0:
-            # initdb refuses to run as root: use the postgres system user the distribution package creates.
-            run_as = ["runuser", "-u", "postgres", "--"]
-            self.workdir.chmod(0o711)
-            data.mkdir(mode=0o700)
-            shutil.chown(data, user="postgres")
-        subprocess.run(
-            [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        try:
+            run_as, bindir = postgres_cluster(data)
+        except RuntimeError as exc:
+            raise SystemExit(f"{exc} Or pass --database-url of an existing server.") from None
         port = free_port()
         # Run in the foreground as our child (not pg_ctl's daemon), so it dies with the benchmark like the rest.
         argv = [*run_as, str(bindir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(port), "-k", str(data)]

@@ -16,7 +16,6 @@ URL clients use for a web process (the proxy's, which picks one); ``direct_url``
 from __future__ import annotations
 
 import ctypes
-import glob
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from deploy.throwaway import (
     TLSFiles,
     caddy_env,
     free_port,
+    postgres_cluster,
     production_env,
     throwaway_tls,
 )
@@ -212,27 +212,8 @@ class Cluster:
     # --- PostgreSQL and Redis -----------------------------------------------------------------------------------
 
     def start_postgres(self) -> None:
-        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        initdb = shutil.which("initdb") or (candidates[-1] if candidates else None)
-        if initdb is None:
-            raise RuntimeError("No initdb found: install PostgreSQL (Debian: apt-get install postgresql).")
-        bindir = Path(initdb).parent
         data = self.state / "pg"
-        run_as: list[str] = []
-        if os.geteuid() == 0:
-            # initdb refuses root: use the postgres system user the Debian package creates.
-            run_as = ["runuser", "-u", "postgres", "--"]
-            data.mkdir(mode=0o700)
-            shutil.chown(data, user="postgres")
-        initialized = subprocess.run(
-            [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if initialized.returncode != 0:
-            raise RuntimeError(f"initdb failed:\n{initialized.stderr[-2000:]}")
+        run_as, bindir = postgres_cluster(data)
         self.pg_port = free_port()
         # Foreground child, not pg_ctl's daemon, so it dies with the drill. fsync off: a throwaway cluster, and the
         # restart drill stops it cleanly (a fast shutdown writes everything committed).

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import glob
 import ipaddress
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -169,6 +171,34 @@ def caddy_env(*, port: int, tls: TLSFiles, upstreams: list[int], static_root: Pa
         "CADDY_UPSTREAMS": " ".join(f"127.0.0.1:{upstream}" for upstream in upstreams),
         "CADDY_STATIC_ROOT": str(static_root),
     }
+
+
+def postgres_cluster(data: Path) -> tuple[list[str], Path]:
+    """A new, empty PostgreSQL cluster in ``data`` (trust authentication, superuser ``postgres``), from the installed
+    binaries; returns the command prefix to run its server as (``runuser -u postgres --`` when we are root: initdb
+    and postgres refuse root) and the binaries' directory. The caller runs ``postgres`` in the foreground as its
+    own child, so the server dies with it."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = shutil.which("initdb") or (candidates[-1] if candidates else None)
+    if initdb is None:
+        raise RuntimeError("No initdb found: install PostgreSQL (Debian: apt-get install postgresql).")
+    bindir = Path(initdb).parent
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        run_as = ["runuser", "-u", "postgres", "--"]
+        data.parent.chmod(0o711)  # the postgres user must reach its data directory
+        data.mkdir(mode=0o700)
+        shutil.chown(data, user="postgres")
+    initialized = subprocess.run(  # noqa: S603 - the installed initdb, fixed arguments
+        [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if initialized.returncode != 0:
+        raise RuntimeError(f"initdb failed:\n{initialized.stderr[-2000:]}")
+    return run_as, bindir
 
 
 @dataclass

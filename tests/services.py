@@ -118,6 +118,25 @@ def start_redis() -> str | None:
     return f"redis://127.0.0.1:{REDIS_PORT}/1" if wait_for(REDIS_PORT) else None
 
 
+def ensure_database(database_url: str) -> None:
+    """The configured database exists (pytest creates ``test_<name>`` beside it; the migrations check before pytest
+    connects to ``<name>`` itself and would wait out the pool's timeout on a missing one)."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    if not name:
+        return
+    try:
+        with psycopg.connect(parts._replace(path="/postgres").geturl(), autocommit=True, connect_timeout=5) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                log(f"Created the database {name!r}.")
+    except psycopg.Error as exc:
+        log(f"Could not check the database {name!r} ({type(exc).__name__}); pytest will say more.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--database-url", required=True)
@@ -140,6 +159,7 @@ def main() -> int:
             log("No Redis found. Install it (Debian: apt-get install redis-server) or set TEST_REDIS_URL.")
             return 1
         redis_url = started
+    ensure_database(database_url)
     print(f"export CF_DATABASE_URL='{database_url}'")
     print(f"export CF_REDIS_URL='{redis_url}'")
     return 0
