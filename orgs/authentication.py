@@ -11,7 +11,7 @@ twice (Django joins repeated headers with a comma, so does ``scope_headers``), `
 disagree, and a key in the query string (URLs end up in logs). A presented key that is invalid is a failure,
 never a fallback to the session. Used by DRF (``OrgAuthentication``), the page mixin and the context processor
 (``orgs.tenancy.context_for_session``), the consumers and SSE streams (``principal_for_scope``, ``revalidate``)
-and the proxy (``principal_for_request`` with sessions refused).
+and the OpenAI-compatible proxy (``aapi_key_verify``: keys only, sessions refused, on the event loop).
 """
 
 from __future__ import annotations

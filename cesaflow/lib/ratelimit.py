@@ -177,6 +177,18 @@ def _failed(scopes: Sequence[Bucket], fail_open: bool) -> None:
     raise RateLimitUnavailable(names)
 
 
+def _queued(pipe: Any, increments: Sequence[tuple[str, int]], reads: Sequence[str]) -> Any:
+    """The one round trip's commands, on a sync or an asyncio Redis pipeline: INCR with the window's expiry per
+    counted bucket, GET per peeked one."""
+    for key, ttl in increments:
+        full = cache.make_key(key)
+        pipe.incr(full)
+        pipe.expire(full, ttl)
+    for key in reads:
+        pipe.get(cache.make_key(key))
+    return pipe
+
+
 def hit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: bool) -> Exceeded | None:
     """Count one request in ``counted`` and read ``peeked``: the limit it exceeds (the longest wait), or None.
     When the cache fails: None if ``fail_open``, else ``RateLimitUnavailable``."""
@@ -188,13 +200,7 @@ def hit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: 
         if not settings.REDIS_URL:
             counts, seen = _count_locally(increments, reads)
         else:
-            pipe = get_redis_connection("default").pipeline(transaction=False)
-            for key, ttl in increments:
-                full = cache.make_key(key)
-                pipe.incr(full)
-                pipe.expire(full, ttl)
-            for key in reads:
-                pipe.get(cache.make_key(key))
+            pipe = _queued(get_redis_connection("default").pipeline(transaction=False), increments, reads)
             counts, seen = _split(pipe.execute(), len(increments))
     except (RedisError, OSError):
         _failed([*counted, *peeked], fail_open)
@@ -213,13 +219,7 @@ async def ahit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail
     increments, reads = _plan(counted, peeked, now)
     try:
         async with client.pipeline(transaction=False) as pipe:
-            for key, ttl in increments:
-                full = cache.make_key(key)
-                pipe.incr(full)
-                pipe.expire(full, ttl)
-            for key in reads:
-                pipe.get(cache.make_key(key))
-            counts, seen = _split(await pipe.execute(), len(increments))
+            counts, seen = _split(await _queued(pipe, increments, reads).execute(), len(increments))
     except (RedisError, OSError):
         _failed([*counted, *peeked], fail_open)
         return None
