@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -296,6 +296,11 @@ def _record_decrypt_failure(
 
 # ``last_used_at`` moves at most this often (like org API keys): it says "in use lately", not each call.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# When this process last moved each key's ``last_used_at``. The gateway's key rows come from a cache whose copy of
+# the column is as old as the entry: without this, every call after the first minute would send a conditional
+# UPDATE that changes nothing (issue #13). The UPDATE's own condition still holds the rule across processes.
+_LAST_USED_MOVED: dict[uuid.UUID, datetime] = {}
+_LAST_USED_MOVED_MAX = 10_000
 
 
 @sensitive_variables(*_SENSITIVE)
@@ -317,11 +322,17 @@ def provider_key_record_use(*, key: ProviderKey, actor: Actor, purpose: str, ref
     ``last_used_at`` (at most once a minute per key: it says "in use lately"; the audit row is the per-call record)."""
     reference = reference or request_context.current().request_id
     now = timezone.now()
+    moved = _LAST_USED_MOVED.get(key.pk)
+    if moved is not None and (key.last_used_at is None or moved > key.last_used_at):
+        key.last_used_at = moved
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
         ProviderKey.objects.filter(pk=key.pk).exclude(last_used_at__gt=now - LAST_USED_RESOLUTION).update(
             last_used_at=now
         )
         key.last_used_at = now
+        if len(_LAST_USED_MOVED) >= _LAST_USED_MOVED_MAX:
+            _LAST_USED_MOVED.clear()
+        _LAST_USED_MOVED[key.pk] = now
     signals.provider_key_used.send(
         sender=ProviderKey, org=key.org, actor=actor, provider_key=key, purpose=purpose, reference=reference
     )

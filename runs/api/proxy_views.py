@@ -204,7 +204,7 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
         return run_create(
             org=context.org,
             actor=context.actor,
-            provider_key_id=key.id,
+            held_key=key,
             model=completion.model,
             kind=RunKind.COMPLETION,
             publish_status=False,  # published by the view without waiting (``ProxyCall.attach``)

@@ -17,6 +17,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from cesaflow.lib.metrics import RUNS_FINISHED
+from keys.models import KeyStatus, ProviderKey
 from keys.selectors import provider_key_get_usable_for_org
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
 from orgs.permissions import ORG_SUSPENDED
@@ -89,7 +90,7 @@ def run_create(
     *,
     org: Organization,
     actor: Actor,
-    provider_key_id: uuid.UUID | str,
+    provider_key_id: uuid.UUID | str | None = None,
     model: str,
     objective: str = "",
     kind: str = RunKind.CHAT,
@@ -99,6 +100,7 @@ def run_create(
     created_by_label: str | None = None,
     publish_status: bool = True,
     token_estimate: int | None = None,
+    held_key: ProviderKey | None = None,
 ) -> Run:
     """A new run. ``chat`` and ``agent`` runs are queued and handed to the executor after commit (refused with
     ``org_run_queue_full`` when the org's queue is full: ``runs.services.claiming``); ``completion`` runs (the
@@ -118,12 +120,21 @@ def run_create(
     persistent workspace. ``created_by_label``: who started it when neither a user nor a key did (a webhook).
 
     ``publish_status=False``: the caller publishes the run's first status event itself after commit (the proxy
-    does it from its event loop without waiting, so Redis is not on the path to the first token)."""
+    does it from its event loop without waiting, so Redis is not on the path to the first token).
+
+    ``held_key`` instead of ``provider_key_id``: the key row the caller resolved in ``org`` during this request and
+    is about to use (the gateway, from its generation-checked cache: a revocation replaces the generation, so the
+    row is as fresh as a second read would be); it is held to the same rules (the org's, not revoked)."""
     if org.is_suspended:
         # The gates refuse a suspended org before this (with the operators' reason); this is the wall every other
         # way in meets. No reason here: a webhook's refusal goes back to GitHub, for the repository's readers.
         raise ValidationError("This organization is suspended: no run can start.", code=ORG_SUSPENDED)
-    key = provider_key_get_usable_for_org(org=org, key_id=provider_key_id)
+    if held_key is not None:
+        key = held_key if held_key.org_id == org.id and held_key.status != KeyStatus.REVOKED else None
+    elif provider_key_id is not None:
+        key = provider_key_get_usable_for_org(org=org, key_id=provider_key_id)
+    else:
+        key = None
     if key is None:
         # Another org's key and a missing one look the same.
         raise ValidationError({"provider_key": "No such provider key."}, code="not_found")

@@ -22,6 +22,7 @@ from keys.services import (
     provider_key_create,
     provider_key_open,
     provider_key_record_check,
+    provider_key_record_use,
     provider_key_revoke,
     provider_keys_disable_all,
 )
@@ -402,4 +403,34 @@ def test_last_used_moves_at_most_once_a_minute_while_every_opening_is_audited(ke
     later = ProviderKey.objects.get(pk=key_a.pk).last_used_at
     assert later is not None
     assert later > first
+    assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, target_id=str(key_a.pk)).count() == 3
+
+
+def test_stale_copies_of_a_key_row_move_last_used_once_a_minute(cast, key_a):
+    """The gateway records uses on rows from its cache, whose last_used_at is as old as the entry: the process
+    remembers its own moves, so a stale copy sends no UPDATE within the minute; the audit row is still per use."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from freezegun import freeze_time
+
+    start = timezone.now()
+
+    def stale_copy() -> ProviderKey:
+        copy = ProviderKey.objects.select_related("org").get(pk=key_a.pk)
+        copy.last_used_at = None  # as cached before any use
+        return copy
+
+    def updates_sent() -> int:
+        with CaptureQueriesContext(connection) as queries:
+            provider_key_record_use(key=stale_copy(), actor=cast.admin_a.user, purpose="completion")
+        return sum('UPDATE "keys_providerkey"' in q["sql"] for q in queries.captured_queries)
+
+    with freeze_time(start):
+        assert updates_sent() == 1
+    with freeze_time(start + timedelta(seconds=30)):
+        assert updates_sent() == 0
+    with freeze_time(start + timedelta(seconds=61)):
+        assert updates_sent() == 1
+    assert ProviderKey.objects.get(pk=key_a.pk).last_used_at == start + timedelta(seconds=61)
     assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, target_id=str(key_a.pk)).count() == 3

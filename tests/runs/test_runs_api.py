@@ -57,6 +57,30 @@ def _body(key, **extra):
     return {"objective": "Write a haiku about tenancy.", "provider_key": str(key.id), "model": "gpt-4o", **extra}
 
 
+def test_a_held_key_is_used_without_reading_it_again_and_held_to_the_same_rules(cast, key_a, key_b):
+    """The gateway hands run_create the key row it resolved this request: no second read, but another org's row
+    and a revoked one are refused exactly like an unknown id."""
+    from django.core.exceptions import ValidationError
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from keys.models import KeyStatus
+
+    with CaptureQueriesContext(connection) as queries:
+        run = run_create(org=cast.org_a, actor=cast.admin_a.user, held_key=key_a, model="m", kind=RunKind.COMPLETION)
+    assert run.provider_key_id == key_a.id and run.status == RunStatus.RUNNING
+    assert not any('FROM "keys_providerkey"' in q["sql"] for q in queries.captured_queries)
+    key_a.status = KeyStatus.REVOKED  # a row revoked since it was read
+    for held in (key_b, key_a):
+        with pytest.raises(ValidationError) as refused:
+            run_create(org=cast.org_a, actor=cast.admin_a.user, held_key=held, model="m", kind=RunKind.COMPLETION)
+        assert "provider_key" in refused.value.message_dict
+    with pytest.raises(ValidationError) as refused:
+        run_create(org=cast.org_a, actor=cast.admin_a.user, model="m", kind=RunKind.COMPLETION)  # neither given
+    assert "provider_key" in refused.value.message_dict
+    assert Run.objects.filter(org=cast.org_a).count() == 1
+
+
 # --- The isolation matrix -------------------------------------------------------------------------------------
 
 
