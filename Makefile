@@ -9,7 +9,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/cesaflow
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/1
 
-.PHONY: run test lint typecheck pytest install install-dev lock clean bench image image-smoke compose-smoke
+.PHONY: run test lint typecheck pytest install install-dev lock clean bench bench-profile image image-smoke compose-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ fuzz: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Where the gateway's CPU goes: py-spy (installed under var/ on first use) over one server under sequential load.
+bench-profile: $(VENV)/.dev
+	$(BIN)/python bench/profile.py $(PROFILE_ARGS)
 
 # The container image with podman, from a Debian base built here (README "Container image and compose").
 image:

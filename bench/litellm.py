@@ -15,15 +15,11 @@ with a generated provider key. Clients authenticate with a generated master key.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import toolvenv
 from bench.harness import SCENARIOS, SERVER_CPUS, Harness, wait_for_port
 from deploy.throwaway import HOST, ROOT, Child, free_port
 
@@ -33,7 +29,6 @@ from deploy.throwaway import HOST, ROOT, Child, free_port
 PIN = "1.82.6"
 REQUIREMENT = f"litellm[proxy]=={PIN}"
 VENV = ROOT / "var" / "bench-litellm"
-MARKER = VENV / "bench-requirement.txt"  # written once an install succeeded: what is in the venv
 INSTALL_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 120.0
 CHAT_PATH = "/v1/chat/completions"
@@ -42,68 +37,20 @@ NAME = "litellm"
 _KNOWN_BAD_FILES = ("litellm_init.pth",)
 
 
-class Unavailable(Exception):
-    """LiteLLM cannot be measured in this run; the message says why (it goes to the table's notes and the JSON)."""
+Unavailable = toolvenv.Unavailable
 
 
-def _pip_env() -> dict[str, str]:
-    # The registry settings (PIP_* variables) stay; nothing of the benchmark's own Python path leaks in.
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-
-
-def _site_packages() -> list[Path]:
-    return list(VENV.glob("lib/python*/site-packages"))
+def _refuse_known_bad(venv: Path) -> str | None:
+    for site in venv.glob("lib/python*/site-packages"):
+        for bad in _KNOWN_BAD_FILES:
+            if (site / bad).exists():
+                return f"the installed {REQUIREMENT} contains {bad} (a known malicious file); removed"
+    return None
 
 
 def ensure_installed() -> tuple[Path, str]:
     """The ``litellm`` executable of the venv, and how it got there ("reused" or "installed in N s")."""
-    executable = VENV / "bin" / "litellm"
-    try:
-        if MARKER.read_text().strip() == REQUIREMENT and executable.exists():
-            return executable, "reused"
-    except OSError:
-        pass
-    started = time.monotonic()
-    shutil.rmtree(VENV, ignore_errors=True)
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # The base interpreter of the project's venv: same Python version, none of the project's packages.
-        subprocess.run(
-            [sys.executable, "-m", "venv", str(VENV)], check=True, capture_output=True, timeout=120, env=_pip_env()
-        )
-        subprocess.run(
-            [
-                str(VENV / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--quiet",
-                REQUIREMENT,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=INSTALL_TIMEOUT_S,
-            env=_pip_env(),
-        )
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(VENV, ignore_errors=True)
-        raise Unavailable(f"pip install {REQUIREMENT} took longer than {INSTALL_TIMEOUT_S:.0f} s") from None
-    except (subprocess.CalledProcessError, OSError) as exc:
-        shutil.rmtree(VENV, ignore_errors=True)
-        detail = getattr(exc, "stderr", b"") or b""
-        lines = [line for line in detail.decode(errors="replace").splitlines() if line.strip()]
-        reason = lines[-1][:200] if lines else str(exc)[:200]
-        raise Unavailable(f"pip install {REQUIREMENT} failed: {reason}") from None
-    for site in _site_packages():
-        for bad in _KNOWN_BAD_FILES:
-            if (site / bad).exists():
-                shutil.rmtree(VENV, ignore_errors=True)
-                raise Unavailable(f"the installed {REQUIREMENT} contains {bad} (a known malicious file); removed")
-    if not executable.exists():
-        raise Unavailable(f"{REQUIREMENT} installed no 'litellm' command")
-    MARKER.write_text(REQUIREMENT + "\n")
-    return executable, f"installed in {time.monotonic() - started:.0f} s"
+    return toolvenv.ensure(VENV, REQUIREMENT, "litellm", timeout_s=INSTALL_TIMEOUT_S, verify=_refuse_known_bad)
 
 
 @dataclass(frozen=True)

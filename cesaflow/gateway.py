@@ -5,18 +5,31 @@ These views authenticate with org API keys only (``orgs.authentication``, throug
 CSRF-exempt and render nothing: no session, CSRF, login redirect, messages or template middleware applies to
 them. They keep what every response needs: the security headers, the request context (request id, client IP,
 user agent for the audit trail) and the CSP header. ``cesaflow.asgi`` routes exactly these paths here; everything
-else takes Django's full handler. Every middleware here is async-capable, so the chain runs on the event loop
-without a thread hop before the view.
+else takes Django's full handler.
+
+No thread hop outside the views' own database work: the middleware here is pure header work (settings in, headers
+out: no I/O, no database), so the Django ``MiddlewareMixin`` classes among it (``ON_THE_LOOP``) have their
+``process_request`` and ``process_response`` called on the event loop rather than sent to a thread each, and the
+request signals' receivers (Django's own: query log reset, stale connection and cache closing, urlconf reset, none
+of which has anything to do in the loop's thread) run inline too. Under Django's handler those were seven thread
+hops per request; the ORM on the loop would raise ``SynchronousOnlyOperation``, so a middleware that needed the
+database could not pass unnoticed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any, Final
 
-from asgiref.sync import iscoroutinefunction
-from django.core.exceptions import ImproperlyConfigured
-from django.core.handlers.asgi import ASGIHandler
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.core import signals
+from django.core.exceptions import ImproperlyConfigured, RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest, HttpResponseBadRequest, HttpResponseBase
+from django.urls import set_script_prefix
+from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 
 GATEWAY_PATHS: Final = frozenset({"/api/v1/chat/completions", "/api/v1/models"})
@@ -30,9 +43,39 @@ GATEWAY_MIDDLEWARE: Final = (
     "cesaflow.lib.middleware.RequestContextMiddleware",
 )
 
+# Django's MiddlewareMixin classes of the chain whose hooks are pure header work (settings in, headers out: no I/O,
+# no database, nothing that blocks), read for that: their hooks run on the event loop (``_OnTheLoop``). Any other
+# MiddlewareMixin keeps Django's adaptation, a thread hop per hook.
+ON_THE_LOOP: Final = frozenset(
+    {
+        "django.middleware.security.SecurityMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "csp.middleware.CSPMiddleware",
+    }
+)
+
 
 def is_gateway_path(path: str) -> bool:
     return path in GATEWAY_PATHS
+
+
+class _OnTheLoop:
+    """A ``MiddlewareMixin`` middleware of the gateway's chain, its hooks called on the event loop (Django's
+    ``MiddlewareMixin.__acall__`` would send each hook to a thread)."""
+
+    def __init__(self, middleware: MiddlewareMixin, get_response: Any) -> None:
+        self.middleware = middleware
+        self.get_response = get_response
+        self.process_request = getattr(middleware, "process_request", None)
+        self.process_response = getattr(middleware, "process_response", None)
+        markcoroutinefunction(self)
+
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.process_request(request) if self.process_request is not None else None
+        response = response or await self.get_response(request)
+        if self.process_response is not None:
+            response = self.process_response(request, response)
+        return response  # type: ignore[no-any-return]
 
 
 class GatewayASGIHandler(ASGIHandler):
@@ -53,6 +96,54 @@ class GatewayASGIHandler(ASGIHandler):
             raise ValueError(f"The gateway serves HTTP only, not {scope['type']}.")
         await self.handle(scope, receive, send)
 
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        """``ASGIHandler.handle`` (Django 5.2) with the request signals sent and the response closed on the loop."""
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:  # Django answers what it could not parse
+            answer = error_response or HttpResponseBadRequest()
+            body_file.close()
+            await self.send_response(answer, send)
+            answer.close()
+            return
+
+        async def process_request() -> HttpResponseBase:
+            response: HttpResponseBase = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client left while the response was being sent
+                await self.send_response(response, send)
+            return response
+
+        # As Django does: a disconnect while the view works cancels it (a stream's generator is closed).
+        listening = asyncio.create_task(self.listen_for_disconnect(receive))
+        answering = asyncio.create_task(process_request())
+        tasks: list[asyncio.Task[Any]] = [listening, answering]  # in this order, as Django checks them
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            response = answering.result()
+        except asyncio.CancelledError:
+            signals.request_finished.send(sender=self.__class__)
+        else:
+            response.close()  # sends request_finished
+        body_file.close()
+
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []
         self._template_response_middleware: list[Any] = []
@@ -69,5 +160,7 @@ class GatewayASGIHandler(ASGIHandler):
             for hook in ("process_view", "process_template_response", "process_exception"):
                 if hasattr(instance, hook):
                     raise ImproperlyConfigured(f"{path} has {hook}: keep such middleware off the gateway's path.")
+            if path in ON_THE_LOOP:
+                instance = _OnTheLoop(instance, handler)
             handler = convert_exception_to_response(instance)
         self._middleware_chain = handler

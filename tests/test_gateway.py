@@ -31,8 +31,8 @@ def test_the_gateway_chain_is_an_ordered_subset_of_the_project_middleware():
     } <= skipped
 
 
-async def _get(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    communicator = HttpCommunicator(application, "GET", path, headers=[(b"host", b"testserver"), *headers])
+async def _get(path: str, headers: list[tuple[bytes, bytes]], app: Any = application) -> dict[str, Any]:
+    communicator = HttpCommunicator(app, "GET", path, headers=[(b"host", b"testserver"), *headers])
     try:
         response: dict[str, Any] = await communicator.get_response(timeout=5)
         return response
@@ -64,6 +64,51 @@ async def test_a_dashboard_session_opens_nothing_on_the_gateway(cast):
     # The same session works on the rest of the API, which keeps the full chain.
     org = await _get("/api/v1/org", [cookie_header(cookies)])
     assert org["status"] == 200
+
+
+async def test_the_gateway_runs_its_middleware_and_the_request_signals_on_the_event_loop(cast, monkeypatch):
+    """No thread hop outside the view's database work: Django's MiddlewareMixin hooks and the request signals'
+    receivers run in the loop's own thread (under Django's handler each was a trip to another thread)."""
+    import threading
+
+    from django.core import signals
+    from django.middleware.clickjacking import XFrameOptionsMiddleware
+    from django.middleware.security import SecurityMiddleware
+
+    threads: dict[str, int] = {}
+
+    def spy(name: str, original: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            threads[name] = threading.get_ident()
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(SecurityMiddleware, "process_request", spy("security", SecurityMiddleware.process_request))
+    frame = spy("x-frame", XFrameOptionsMiddleware.process_response)
+    monkeypatch.setattr(XFrameOptionsMiddleware, "process_response", frame)
+
+    def started(**kwargs: Any) -> None:
+        threads["started"] = threading.get_ident()
+
+    def finished(**kwargs: Any) -> None:
+        threads["finished"] = threading.get_ident()
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    try:
+        key = [(b"authorization", f"Bearer {cast.dev_a.api_secret}".encode())]
+        response = await _get("/api/v1/models", key, GatewayASGIHandler())  # its chain built with the spies
+    finally:
+        signals.request_started.disconnect(started)
+        signals.request_finished.disconnect(finished)
+    assert response["status"] == 200
+    assert response_header(response, "x-frame-options") == "DENY"
+    assert threads == dict.fromkeys(("security", "x-frame", "started", "finished"), threading.get_ident())
+
+
+def response_header(response: dict[str, Any], name: str) -> str:
+    return {key.decode().lower(): value.decode() for key, value in response["headers"]}[name]
 
 
 def test_middleware_that_would_need_a_thread_hop_or_view_hooks_cannot_join_the_gateway():
