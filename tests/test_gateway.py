@@ -108,7 +108,8 @@ async def test_the_gateway_runs_its_middleware_and_the_request_signals_on_the_ev
 
 
 def response_header(response: dict[str, Any], name: str) -> str:
-    return {key.decode().lower(): value.decode() for key, value in response["headers"]}[name]
+    headers: dict[str, str] = {key.decode().lower(): value.decode() for key, value in response["headers"]}
+    return headers[name]
 
 
 def test_middleware_that_would_need_a_thread_hop_or_view_hooks_cannot_join_the_gateway():

@@ -245,7 +245,12 @@ class ProxyCall:
 
     async def _record(self, run: Run, status: str, error_kind: str, error_message: str) -> None:
         self.run = await db_hop(run_finish)(
-            run_id=run.id, status=status, usage=self.usage, error_kind=error_kind, error_message=error_message
+            run_id=run.id,
+            status=status,
+            usage=self.usage,
+            error_kind=error_kind,
+            error_message=error_message,
+            held_run=run,
         )
         if self._status_published is not None:
             await self._status_published  # never raises: ``_publish`` logs failures

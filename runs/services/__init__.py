@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -247,6 +247,20 @@ def _count_ended(run: Run) -> None:
     transaction.on_commit(lambda: RUNS_FINISHED.labels(kind, status).inc())
 
 
+# What ending a run reads and writes: every column a writer other than the run's own caller may change.
+FINISH_COLUMNS: Final = (
+    "status",
+    "finished_at",
+    "usage_complete",
+    "error_kind",
+    "error_message",
+    "input_tokens",
+    "output_tokens",
+    "tokens_reserved",
+    "tokens_reserved_month",
+)
+
+
 @transaction.atomic
 def run_finish(
     *,
@@ -256,16 +270,27 @@ def run_finish(
     usage_complete: bool | None = None,
     error_kind: str = "",
     error_message: str = "",
+    held_run: Run | None = None,
 ) -> Run:
     """Record the end of a run: status, times, token totals and one usage-ledger row per provider call. The
     usage counts against the org's monthly cap, and what is left of the run's reservation is released.
+
+    ``held_run``: the instance of run ``run_id`` the caller created in this request (the gateway). Under the row
+    lock only the columns another writer may have changed since (``FINISH_COLUMNS``: a cancel, the reaper, usage
+    recorded meanwhile) are read again, into it, instead of the whole row; the same instance is returned.
 
     Idempotent: a run that already ended (reaped, cancelled while queued) keeps its first outcome, but the
     usage of calls that really happened is still recorded, because the provider bills them.
     """
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"not a terminal status: {status!r}")
-    run = Run.objects.select_for_update().get(id=run_id)
+    if held_run is not None and held_run.id == run_id:
+        run = held_run
+        locked = Run.objects.select_for_update().filter(id=run_id).values_list(*FINISH_COLUMNS).get()
+        for column, value in zip(FINISH_COLUMNS, locked, strict=True):
+            setattr(run, column, value)
+    else:
+        run = Run.objects.select_for_update().get(id=run_id)
     fields = tokens_used(run=run, tokens=sum(max(0, e.input_tokens) + max(0, e.output_tokens) for e in usage))
     fields += tokens_release(run=run)
     for entry in usage:

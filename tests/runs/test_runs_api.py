@@ -68,7 +68,8 @@ def test_a_held_key_is_used_without_reading_it_again_and_held_to_the_same_rules(
 
     with CaptureQueriesContext(connection) as queries:
         run = run_create(org=cast.org_a, actor=cast.admin_a.user, held_key=key_a, model="m", kind=RunKind.COMPLETION)
-    assert run.provider_key_id == key_a.id and run.status == RunStatus.RUNNING
+    assert run.provider_key_id == key_a.id
+    assert run.status == RunStatus.RUNNING
     assert not any('FROM "keys_providerkey"' in q["sql"] for q in queries.captured_queries)
     key_a.status = KeyStatus.REVOKED  # a row revoked since it was read
     for held in (key_b, key_a):
@@ -79,6 +80,34 @@ def test_a_held_key_is_used_without_reading_it_again_and_held_to_the_same_rules(
         run_create(org=cast.org_a, actor=cast.admin_a.user, model="m", kind=RunKind.COMPLETION)  # neither given
     assert "provider_key" in refused.value.message_dict
     assert Run.objects.filter(org=cast.org_a).count() == 1
+
+
+def test_finishing_a_held_run_rereads_what_others_may_have_changed(cast, key_a):
+    """The gateway ends the run instance it created: under the row lock it reads only the columns another writer
+    may have changed, and a run cancelled meanwhile keeps that first outcome (its usage still counts)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from runs.services import UsageEntry, run_finish
+
+    held = run_create(org=cast.org_a, actor=cast.admin_a.user, held_key=key_a, model="m", kind=RunKind.COMPLETION)
+    Run.objects.filter(id=held.id).update(status=RunStatus.CANCELLED, error_kind="cancelled_by_user")
+    usage = [UsageEntry(provider="openai", model="m", input_tokens=3, output_tokens=4, complete=True)]
+    with CaptureQueriesContext(connection) as queries:
+        ended = run_finish(run_id=held.id, status=RunStatus.SUCCEEDED, usage=usage, held_run=held)
+    assert ended is held
+    assert (ended.status, ended.error_kind, ended.input_tokens, ended.output_tokens) == (
+        "cancelled",
+        "cancelled_by_user",
+        3,
+        4,
+    )
+    stored = Run.objects.get(id=held.id)
+    assert (stored.status, stored.error_kind, stored.total_tokens) == ("cancelled", "cancelled_by_user", 7)
+    locking = [q["sql"] for q in queries.captured_queries if "FOR UPDATE" in q["sql"]]
+    assert len(locking) == 1
+    assert '"runs_run"."objective"' not in locking[0]
+    assert UsageRecord.objects.filter(run_id=held.id).count() == 1
 
 
 # --- The isolation matrix -------------------------------------------------------------------------------------
