@@ -33,7 +33,6 @@ from typing import Any
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import transaction
 from django.db.models.functions import Lower
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -52,7 +51,6 @@ from keys.services import (
     ProviderKeyUnavailable,
     provider_key_record_check,
     provider_key_record_decrypt_failure,
-    provider_key_record_use,
     provider_key_unseal,
 )
 from orgs import rate_limits
@@ -65,7 +63,6 @@ from runs.api.proxy_keys import akey_for_label
 from runs.models import Run, RunKind, RunStatus
 from runs.providers.events import ErrorKind, ProviderError, ProviderEvent
 from runs.proxy import (
-    CompletionRequest,
     ProxyError,
     error_for_provider,
     max_body_bytes,
@@ -199,17 +196,22 @@ def _read_body(request: HttpRequest) -> bytes:
 # --- The run's bookkeeping (sync, one thread hop each) ----------------------------------------------------------
 
 
-def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionRequest, prompt_bytes: int) -> Run:
+def _start_run(*, call: ProxyCall, key_use: str | None) -> Run:
+    """The run row (with ``key_use``: and the ``key.used`` audit row, in one transaction; the provider call may
+    already be on its way). Refusals become OpenAI-shaped errors."""
     try:
         return run_create(
-            org=context.org,
-            actor=context.actor,
-            held_key=key,
-            model=completion.model,
+            org=call.context.org,
+            actor=call.context.actor,
+            held_key=call.key,
+            model=call.completion.model,
             kind=RunKind.COMPLETION,
             publish_status=False,  # published by the view without waiting (``ProxyCall.attach``)
             # What the call can cost, reserved against a monthly token cap: the body's size and its max_tokens.
-            token_estimate=tokens_estimate(prompt_bytes=prompt_bytes, max_output_tokens=completion.chat.max_tokens),
+            token_estimate=tokens_estimate(
+                prompt_bytes=call.prompt_bytes, max_output_tokens=call.completion.chat.max_tokens
+            ),
+            key_use=key_use,
         )
     except ValidationError as exc:
         if getattr(exc, "code", None) == ORG_SUSPENDED:  # suspended since the key was checked
@@ -224,22 +226,19 @@ def _start_run(*, context: OrgContext, key: ProviderKey, completion: CompletionR
             ) from None
         fields = exc.message_dict if hasattr(exc, "error_dict") else {}
         if "provider_key" in fields:
-            raise _model_not_found(completion.requested_model) from None
+            raise _model_not_found(call.completion.requested_model) from None
         raise ProxyError(400, " ".join(exc.messages), param="model" if "model" in fields else None) from None
 
 
-@transaction.atomic
 def _record_start(call: ProxyCall) -> Run:
     """The run row and the ``key.used`` audit row, committed together (the provider call is already on its way)."""
-    run = _start_run(context=call.context, key=call.key, completion=call.completion, prompt_bytes=call.prompt_bytes)
-    provider_key_record_use(key=call.key, actor=call.context.actor, purpose="completion", reference=str(run.id))
-    return run
+    return _start_run(call=call, key_use="completion")
 
 
 def _record_unreadable(call: ProxyCall) -> None:
     """A stored value that does not open: audited ``key.decrypt_failed``, and the run recorded as failed."""
     provider_key_record_decrypt_failure(key=call.key, actor=call.context.actor, purpose="completion")
-    run = _start_run(context=call.context, key=call.key, completion=call.completion, prompt_bytes=call.prompt_bytes)
+    run = _start_run(call=call, key_use=None)
     run_finish(
         run_id=run.id,
         status=RunStatus.FAILED,

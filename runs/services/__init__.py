@@ -19,6 +19,7 @@ from django.utils import timezone
 from cesaflow.lib.metrics import RUNS_FINISHED
 from keys.models import KeyStatus, ProviderKey
 from keys.selectors import provider_key_get_usable_for_org
+from keys.services import provider_key_record_use
 from orgs.models import Actor, ApiKey, Organization, User, actor_label
 from orgs.permissions import ORG_SUSPENDED
 from orgs.services import org_update, signups_unconfirmed_purge
@@ -101,6 +102,7 @@ def run_create(
     publish_status: bool = True,
     token_estimate: int | None = None,
     held_key: ProviderKey | None = None,
+    key_use: str | None = None,
 ) -> Run:
     """A new run. ``chat`` and ``agent`` runs are queued and handed to the executor after commit (refused with
     ``org_run_queue_full`` when the org's queue is full: ``runs.services.claiming``); ``completion`` runs (the
@@ -124,7 +126,10 @@ def run_create(
 
     ``held_key`` instead of ``provider_key_id``: the key row the caller resolved in ``org`` during this request and
     is about to use (the gateway, from its generation-checked cache: a revocation replaces the generation, so the
-    row is as fresh as a second read would be); it is held to the same rules (the org's, not revoked)."""
+    row is as fresh as a second read would be); it is held to the same rules (the org's, not revoked).
+
+    ``key_use``: the purpose of an opening of the key that starts with the run (the gateway's call): its
+    ``key.used`` audit row and ``last_used_at`` are written in the run's transaction, the run's id as reference."""
     if org.is_suspended:
         # The gates refuse a suspended org before this (with the operators' reason); this is the wall every other
         # way in meets. No reason here: a webhook's refusal goes back to GitHub, for the repository's readers.
@@ -189,6 +194,8 @@ def run_create(
     if created_by_label is not None and actor is None:
         run.created_by_label = created_by_label[:254]
         run.save(update_fields=["created_by_label"])
+    if key_use is not None:
+        provider_key_record_use(key=key, actor=actor, purpose=key_use, reference=str(run.id))
     transaction.on_commit(lambda: _after_create(run, publish_status=publish_status))
     return run
 
