@@ -17,6 +17,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 
+from cesaflow.lib.channel_layer import RedisChannelLayer
 from runs.models import Run
 
 EventType = Literal[
@@ -244,11 +245,15 @@ async def apublish(run: Run, event: RunEvent, *, layer: BaseChannelLayer | None 
     layer = layer or get_channel_layer()
     if layer is None:
         return
-    message = {"type": "run.event", "event": dict(event)}
-    await layer.group_send(run_group(run.id), message)
+    sends = [(run_group(run.id), {"type": "run.event", "event": dict(event)})]
     if event["type"] in ("run.status", "run.finished"):
         summary = status_event(run, seq=event["seq"]) if event["type"] == "run.finished" else event
-        await layer.group_send(org_runs_group(run.org_id), {"type": "run.event", "event": dict(summary)})
+        sends.append((org_runs_group(run.org_id), {"type": "run.event", "event": dict(summary)}))
+    if isinstance(layer, RedisChannelLayer):
+        await layer.group_send_many(sends)  # both groups' members looked up in one round trip
+        return
+    for group, message in sends:
+        await layer.group_send(group, message)
 
 
 def publish(run: Run, event: RunEvent) -> None:

@@ -150,7 +150,7 @@ def test_production_uses_redis_for_cache_sessions_and_channel_layer_with_encrypt
         "django_redis.cache.RedisCache",
         "redis",
         "django_redis.cache.RedisCache",
-        "channels_redis.core.RedisChannelLayer",
+        "cesaflow.lib.channel_layer.RedisChannelLayer",
         "True",
         "False",
         "__Host-cf_session",

@@ -1,0 +1,67 @@
+"""The production channel layer (``cesaflow.lib.channel_layer``): channels_redis's, against the real Redis, with
+group sends that look up several groups' members in one round trip and skip the groups nobody listens to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from channels.layers import get_channel_layer
+
+from cesaflow.lib.channel_layer import RedisChannelLayer
+
+
+@pytest.fixture
+async def layer():
+    layer = get_channel_layer()
+    assert isinstance(layer, RedisChannelLayer)
+    yield layer
+    await layer.flush()
+
+
+async def test_group_send_many_reaches_each_listened_group_in_order_and_skips_the_rest(layer):
+    first = await layer.new_channel()
+    second = await layer.new_channel()
+    await layer.group_add("watched", first)
+    await layer.group_add("watched", second)
+    await layer.group_add("other", second)
+    await layer.group_send_many(
+        [
+            ("nobody", {"type": "t", "n": 0}),
+            ("watched", {"type": "t", "n": 1}),
+            ("other", {"type": "t", "n": 2}),
+            ("watched", {"type": "t", "n": 3}),
+        ]
+    )
+    assert [(await layer.receive(first))["n"] for _ in range(2)] == [1, 3]
+    assert [(await layer.receive(second))["n"] for _ in range(3)] == [1, 2, 3]
+    # Nothing else arrived, and the unlistened group left nothing behind in Redis.
+    connection = layer.connection(layer.consistent_hash("nobody"))
+    assert await connection.zcard(layer._group_key("nobody")) == 0
+    assert await connection.zcard(layer._group_key("watched")) == 2
+
+
+async def test_a_member_past_the_group_expiry_is_dropped_not_sent_to(layer):
+    stale = await layer.new_channel()
+    await layer.group_add("expiring", stale)
+    connection = layer.connection(layer.consistent_hash("expiring"))
+    # As if it had joined longer ago than the group expiry (a consumer that died without leaving).
+    await connection.zadd(layer._group_key("expiring"), {stale: int(time.time()) - layer.group_expiry - 10})
+    await layer.group_send("expiring", {"type": "t", "n": 1})
+    assert await connection.zcard(layer._group_key("expiring")) == 0
+    await _nothing_for(layer, stale)
+
+
+async def test_an_invalid_group_name_is_refused_before_anything_is_sent(layer):
+    listener = await layer.new_channel()
+    await layer.group_add("fine", listener)
+    with pytest.raises((TypeError, ValueError)):
+        await layer.group_send_many([("fine", {"type": "t"}), ("not valid!", {"type": "t"})])
+    await _nothing_for(layer, listener)
+
+
+async def _nothing_for(layer: RedisChannelLayer, channel: str) -> None:
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await layer.receive(channel)
