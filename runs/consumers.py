@@ -44,6 +44,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from cesaflow.lib import shutdown
+from cesaflow.lib.channel_layer import join_groups
 from cesaflow.lib.metrics import ACTIVE_STREAMS
 from orgs import revocation
 from orgs.authentication import (
@@ -124,13 +125,15 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         self.principal, self.org_context = principal, context
         return context
 
-    async def join_revocations(self) -> None:
-        """Listen for revocation signals (before the check that follows ``connect``'s, so none is missed)."""
+    async def join_revocations(self, *also: str) -> None:
+        """Listen for revocation signals (before the check that follows ``connect``'s, so none is missed), and join
+        the groups ``also`` names in the same round trip."""
         if self.principal is None or self.org_context is None:
             return
-        await self.join(revocation.org_group(self.org_context.org.pk))
+        groups = [*also, revocation.org_group(self.org_context.org.pk)]
         if isinstance(self.principal, SessionPrincipal):
-            await self.join(revocation.user_group(self.principal.user.pk))
+            groups.append(revocation.user_group(self.principal.user.pk))
+        await self.join(*groups)
 
     async def watch_credentials(self) -> None:
         """After accepting: listen for revocation signals, check once more, then re-check on a timer."""
@@ -182,9 +185,9 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         """A revocation signal (``orgs.revocation``): check now."""
         await self.credentials_revoked()
 
-    async def join(self, group: str) -> None:
-        await self.channel_layer.group_add(group, self.channel_name)
-        self._joined.append(group)
+    async def join(self, *groups: str) -> None:
+        await join_groups(self.channel_layer, groups, self.channel_name)  # one round trip for all
+        self._joined.extend(groups)
 
     async def disconnect(self, code: int) -> None:
         if self._counted:
@@ -227,8 +230,7 @@ class RunConsumer(_RunEventsConsumer):
             return
         self.run_id = self.run.id
         # Join before taking the snapshot: an event published in between is then queued for us, not missed.
-        await self.join(events.run_group(self.run.id))
-        await self.join_revocations()
+        await self.join_revocations(events.run_group(self.run.id))
         await self.accept()
         # One hop: the credentials once more, the snapshot, and start on attach (now that this socket receives the
         # run's events, a waiting run may call the provider, and an unwatched one is recorded as watched).

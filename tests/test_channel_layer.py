@@ -65,3 +65,14 @@ async def _nothing_for(layer: RedisChannelLayer, channel: str) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.3):
             await layer.receive(channel)
+
+
+async def test_group_add_many_joins_every_group_with_its_expiry(layer):
+    channel = await layer.new_channel()
+    await layer.group_add_many(["one", "two"], channel)
+    for group in ("one", "two"):
+        connection = layer.connection(layer.consistent_hash(group))
+        assert await connection.zrange(layer._group_key(group), 0, -1) == [channel.encode()]
+        assert 0 < await connection.ttl(layer._group_key(group)) <= layer.group_expiry
+    await layer.group_send_many([("one", {"type": "t", "n": 1}), ("two", {"type": "t", "n": 2})])
+    assert [(await layer.receive(channel))["n"] for _ in range(2)] == [1, 2]

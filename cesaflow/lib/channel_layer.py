@@ -6,6 +6,9 @@ moment (a completion's own run group; the org's live list when no dashboard is o
 published four of them, eight round trips (issue #13). Here the two commands go in one pipelined round trip, and
 ``group_send_many`` checks several groups in that same round trip; a group with members is then sent to by
 channels_redis's own ``group_send``, unchanged (which asks again: one more round trip only when someone listens).
+Joining is the same: ``group_add_many`` adds a channel to several groups (each an add and an expiry) in one round
+trip, where channels_redis awaits two commands per group (a run's websocket joins three groups before its first
+event).
 """
 
 from __future__ import annotations
@@ -19,6 +22,30 @@ from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
 
 
 class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_redis ships no type hints
+    async def group_add(self, group: str, channel: str) -> None:
+        await self.group_add_many([group], channel)
+
+    async def group_add_many(self, groups: Iterable[str], channel: str) -> None:
+        """Add ``channel`` to each of ``groups``: one pipelined round trip per Redis host."""
+        groups = list(groups)
+        for group in groups:
+            if not self.require_valid_group_name(group):
+                raise ValueError(f"Group name not valid: {group!r}")
+        if not self.require_valid_channel_name(channel):
+            raise ValueError(f"Channel name not valid: {channel!r}")
+        by_host: dict[int, list[str]] = defaultdict(list)
+        for group in groups:
+            by_host[self.consistent_hash(group)].append(group)
+        now = time.time()
+        for host, members in by_host.items():
+            pipe = self.connection(host).pipeline(transaction=False)
+            for group in members:
+                key = self._group_key(group)
+                pipe.zadd(key, {channel: now})
+                # Everything in the group expires before this: the set goes when its last member would have.
+                pipe.expire(key, self.group_expiry)
+            await pipe.execute()
+
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await self.group_send_many([(group, message)])
 
@@ -45,3 +72,13 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         for position, (group, message) in enumerate(sends):
             if position in listened:
                 await super().group_send(group, message)
+
+
+async def join_groups(layer: Any, groups: Iterable[str], channel: str) -> None:
+    """Add ``channel`` to ``groups`` on any channel layer: in one round trip on this one, one by one on another (the
+    in-memory layer of ``make run`` without Redis)."""
+    if isinstance(layer, RedisChannelLayer):
+        await layer.group_add_many(groups, channel)
+        return
+    for group in groups:
+        await layer.group_add(group, channel)

@@ -52,6 +52,7 @@ from rest_framework.request import Request
 
 from cesaflow.lib import shutdown
 from cesaflow.lib.api import error_responses
+from cesaflow.lib.channel_layer import join_groups
 from cesaflow.lib.metrics import ACTIVE_STREAMS
 from orgs import revocation
 from orgs.api.base import OrgAPIView
@@ -127,8 +128,7 @@ async def run_event_stream(
     groups = [group, revocation.org_group(org.pk)]
     if isinstance(principal, SessionPrincipal):
         groups.append(revocation.user_group(principal.user.pk))
-    for name in groups:
-        await layer.group_add(name, channel)
+    await join_groups(layer, groups, channel)
     receiver: asyncio.Future[Any] | None = None
     closing = asyncio.ensure_future(shutdown.streams_closing())
     ACTIVE_STREAMS.labels("sse").inc()
