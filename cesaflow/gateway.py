@@ -97,7 +97,10 @@ class GatewayASGIHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
-        """``ASGIHandler.handle`` (Django 5.2) with the request signals sent and the response closed on the loop."""
+        """``ASGIHandler.handle`` (Django 5.2) with the request signals sent and the response closed on the loop.
+        Their receivers are Django's own, sync and without I/O; an async receiver connected to ``request_started``
+        or ``request_finished`` would fail every gateway request at once (``send`` cannot run it inside a running
+        loop), so it could not go unnoticed either."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
