@@ -76,9 +76,20 @@ def serving(django_db_blocker: object) -> Iterator[AsgiServer]:
         settings_dict["CONN_MAX_AGE"] = saved_max_age
         with django_db_blocker.unblock(), connection.cursor() as cursor:  # type: ignore[attr-defined]
             cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
+            terminated = [row[0] for row in cursor.fetchall()]
+            # Its own statement: in one WHERE clause the planner may call pg_terminate_backend before the filter.
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [terminated])
+            # pg_terminate_backend only signals: until those backends are gone, a pooled connection to one of them
+            # still passes the pool's check on checkout, and the next test's queries die on it ("terminating
+            # connection due to administrator command", CI's failure). Wait until they have exited.
+            deadline = time.monotonic() + 10
+            while terminated and time.monotonic() < deadline:
+                cursor.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", [terminated])
+                terminated = [row[0] for row in cursor.fetchall()]
+                if terminated:
+                    time.sleep(0.02)
 
 
 def wait_until(predicate: object, timeout: float = 5.0, interval: float = 0.01) -> None:
