@@ -17,7 +17,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 
-from cesaflow.lib.channel_layer import RedisChannelLayer
+from cesaflow.lib.channel_layer import send_to_groups
 from runs.models import Run
 
 EventType = Literal[
@@ -249,11 +249,7 @@ async def apublish(run: Run, event: RunEvent, *, layer: BaseChannelLayer | None 
     if event["type"] in ("run.status", "run.finished"):
         summary = status_event(run, seq=event["seq"]) if event["type"] == "run.finished" else event
         sends.append((org_runs_group(run.org_id), {"type": "run.event", "event": dict(summary)}))
-    if isinstance(layer, RedisChannelLayer):
-        await layer.group_send_many(sends)  # both groups' members looked up in one round trip
-        return
-    for group, message in sends:
-        await layer.group_send(group, message)
+    await send_to_groups(layer, sends)  # both groups' members looked up in one round trip
 
 
 def publish(run: Run, event: RunEvent) -> None:

@@ -28,19 +28,13 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
     async def group_add_many(self, groups: Iterable[str], channel: str) -> None:
         """Add ``channel`` to each of ``groups``: one pipelined round trip per Redis host."""
         groups = list(groups)
-        for group in groups:
-            if not self.require_valid_group_name(group):
-                raise ValueError(f"Group name not valid: {group!r}")
         if not self.require_valid_channel_name(channel):
             raise ValueError(f"Channel name not valid: {channel!r}")
-        by_host: dict[int, list[str]] = defaultdict(list)
-        for group in groups:
-            by_host[self.consistent_hash(group)].append(group)
         now = time.time()
-        for host, members in by_host.items():
+        for host, positions in self._by_host(groups).items():
             pipe = self.connection(host).pipeline(transaction=False)
-            for group in members:
-                key = self._group_key(group)
+            for position in positions:
+                key = self._group_key(groups[position])
                 pipe.zadd(key, {channel: now})
                 # Everything in the group expires before this: the set goes when its last member would have.
                 pipe.expire(key, self.group_expiry)
@@ -53,15 +47,9 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         """``group_send`` for each ``(group, message)``, in order; the groups' memberships are read in one pipelined
         round trip per Redis host, and groups without members are skipped."""
         sends = list(sends)
-        for group, _ in sends:
-            if not self.require_valid_group_name(group):
-                raise ValueError(f"Group name not valid: {group!r}")
-        by_host: dict[int, list[int]] = defaultdict(list)
-        for position, (group, _) in enumerate(sends):
-            by_host[self.consistent_hash(group)].append(position)
         listened: set[int] = set()
         oldest = int(time.time()) - self.group_expiry
-        for host, positions in by_host.items():
+        for host, positions in self._by_host([group for group, _ in sends]).items():
             pipe = self.connection(host).pipeline(transaction=False)
             for position in positions:
                 key = self._group_key(sends[position][0])
@@ -73,6 +61,16 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
             if position in listened:
                 await super().group_send(group, message)
 
+    def _by_host(self, groups: list[str]) -> dict[int, list[int]]:
+        """The positions of ``groups`` per Redis host (channels_redis shards groups by name); every name is checked
+        before anything is sent."""
+        by_host: dict[int, list[int]] = defaultdict(list)
+        for position, group in enumerate(groups):
+            if not self.require_valid_group_name(group):
+                raise ValueError(f"Group name not valid: {group!r}")
+            by_host[self.consistent_hash(group)].append(position)
+        return by_host
+
 
 async def join_groups(layer: Any, groups: Iterable[str], channel: str) -> None:
     """Add ``channel`` to ``groups`` on any channel layer: in one round trip on this one, one by one on another (the
@@ -82,3 +80,13 @@ async def join_groups(layer: Any, groups: Iterable[str], channel: str) -> None:
         return
     for group in groups:
         await layer.group_add(group, channel)
+
+
+async def send_to_groups(layer: Any, sends: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    """``group_send`` each ``(group, message)`` in order on any channel layer: unlistened groups skipped in one round
+    trip on this one, one by one on another."""
+    if isinstance(layer, RedisChannelLayer):
+        await layer.group_send_many(sends)
+        return
+    for group, message in sends:
+        await layer.group_send(group, message)
