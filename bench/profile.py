@@ -98,8 +98,8 @@ def our_functions(stacks: list[tuple[list[str], int]], limit: int = 20) -> list[
     return [(name, n / total) for name, n in counts.most_common(limit)]
 
 
-async def _sequential(target: Target, *, seconds: float) -> tuple[int, int]:
-    raw = target.chat("fast")
+async def _sequential(target: Target, *, seconds: float, scenario: str = "fast") -> tuple[int, int]:
+    raw = target.chat(scenario)
     connection = Connection(HOST, target.port)
     done = errors = 0
     deadline = time.monotonic() + seconds
@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="how long py-spy records (default 20)")
     parser.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne")
+    parser.add_argument(
+        "--scenario",
+        choices=("fast", "long"),
+        default="fast",
+        help="fast: 10-token streams (per-request costs, the default); long: 2,000-token ones (per-chunk costs)",
+    )
     parser.add_argument("--database-url", default=PRIVATE_POSTGRES)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
     parser.add_argument("--no-pin", action="store_true")
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)  # attached before the first measured request
             cpu_before = server.cpu_seconds()
-            done, errors = asyncio.run(_sequential(target, seconds=args.seconds))
+            done, errors = asyncio.run(_sequential(target, seconds=args.seconds, scenario=args.scenario))
             cpu_s = server.cpu_seconds() - cpu_before
             _, spy_err = spy.communicate(timeout=args.seconds + 60)
             if spy.returncode != 0 or not raw_path.exists():
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"profile-{stamp}.txt").write_text(folded)
     print(
-        f"\n{args.server}, {done} sequential 10-token streams in {args.seconds:.0f} s ({errors} failed), "
+        f"\n{args.server}, {done} sequential {args.scenario} streams in {args.seconds:.0f} s ({errors} failed), "
         f"{cpu_s * 1000 / max(done, 1):.1f} ms of process CPU each; {samples} samples with the GIL held; "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )

@@ -136,7 +136,10 @@ async def _ws(connection: Connection, target: RunTarget, samples: Samples) -> No
                     kind = event.get("type")
                     if kind == "text.delta" and first_text_at is None:
                         first_text_at = now
-                    if kind == "run.status" and event.get("status") == "running" and running_at is None:
+                    # The executor's own (seq >= 1): a run claimed as the socket attached is already running in
+                    # the snapshot (seq 0).
+                    running = kind == "run.status" and event.get("status") == "running" and event.get("seq", 0) >= 1
+                    if running and running_at is None:
                         running_at = now
                     if event.get("type") == "run.finished":
                         status = str(event.get("status"))

@@ -7,7 +7,8 @@ The Origin is checked before (``AllowedHostsOriginValidator`` in ``cesaflow.asgi
 with a code, so clients can tell them apart: 4401 no or bad credentials, 4403 lacking ``runs:read`` or the org
 suspended by the CesaFlow operators, 4404 a run
 that is missing or another org's (the same answer), or a signed-in user of no organization; 4503 when sessions
-cannot be checked (the session store is down). Groups are derived server-side from the authorized run or org only.
+cannot be checked (the session store is down). Groups are derived server-side from the caller's org and the run id
+in the path only; a run socket forwards nothing of its run's group until the run is found to be the caller's org's.
 
 An open socket keeps checking: on every revocation signal for its org or its user (``orgs.revocation``) and at
 least every ``STREAM_REVALIDATE_SECONDS`` it re-runs the check, and closes with 4401 (the key or session is gone)
@@ -65,7 +66,7 @@ from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
 from runs.services import run_request_cancel
-from runs.watching import WatchStart, watch_start
+from runs.watching import WatchStart, awatch_start
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -86,7 +87,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
 
     org_context: OrgContext | None = None
     principal: Principal | None = None
-    run: Run | None = None
+    forwarding = False  # run events go to the client (once its right to them is established)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -99,13 +100,12 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         await self.accept()
         await self.close(code=code)
 
-    async def authorize(self, run_id: uuid.UUID | None = None) -> OrgContext | None:
-        """The caller's org context if it may read runs; otherwise the socket is refused and None returned. With
-        ``run_id``, the run is looked up in the same hop (``self.run``; None: refused 4404 by the caller)."""
+    async def authorize(self) -> OrgContext | None:
+        """The caller's org context if it may read runs; otherwise the socket is refused and None returned."""
         principal: Principal | None
         context: OrgContext | None
         try:
-            principal, context, self.run = await database_sync_to_async(_authorize)(self.scope, run_id)
+            principal, context = await database_sync_to_async(_authorize)(self.scope)
         except AuthenticationError:
             await self.refuse(CLOSE_UNAUTHENTICATED)
             return None
@@ -198,9 +198,12 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
             with suppress(asyncio.CancelledError, Exception):
                 await self._recheck
             self._recheck = None
-        for group in self._joined:
+        await self.leave_groups()
+
+    async def leave_groups(self) -> None:
+        joined, self._joined = self._joined, []
+        for group in joined:
             await self.channel_layer.group_discard(group, self.channel_name)
-        self._joined.clear()
 
     async def send_event(self, event: dict[str, Any] | events.RunEvent) -> None:
         await self.send(text_data=json.dumps(event, separators=(",", ":")))
@@ -209,7 +212,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
 
     async def run_event(self, message: dict[str, Any]) -> None:
         event = message.get("event")
-        if isinstance(event, dict):
+        if self.forwarding and isinstance(event, dict):
             await self.send_event(event)
 
     async def run_cancel(self, message: dict[str, Any]) -> None:
@@ -222,22 +225,19 @@ class RunConsumer(_RunEventsConsumer):
     run_id: uuid.UUID | None = None
 
     async def connect(self) -> None:
-        context = await self.authorize(run_id=self.scope["url_route"]["kwargs"]["run_id"])
+        context = await self.authorize()
         if context is None or self.principal is None:
             return
-        if self.run is None:
-            await self.refuse(CLOSE_NOT_FOUND)
-            return
-        self.run_id = self.run.id
-        # Join before taking the snapshot: an event published in between is then queued for us, not missed.
-        await self.join_revocations(events.run_group(self.run.id))
+        run_id: uuid.UUID = self.scope["url_route"]["kwargs"]["run_id"]
+        # Join before taking the snapshot: an event published in between is then queued for us, not missed. The
+        # run's group is joined before the run is looked up (in the hop below, one hop less on the path to its
+        # first words): nothing is forwarded until it is found to be the caller's org's (``forwarding``).
+        await self.join_revocations(events.run_group(run_id))
         await self.accept()
         # One hop: the credentials once more, the snapshot, and start on attach (now that this socket receives the
         # run's events, a waiting run may call the provider, and an unwatched one is recorded as watched).
         try:
-            start = await database_sync_to_async(watch_start)(
-                principal=self.principal, context=context, run_id=self.run.id
-            )
+            start = await awatch_start(principal=self.principal, context=context, run_id=run_id)
         except Exception:
             logger.warning("websocket credentials could not be re-checked; closing", exc_info=True)
             start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed
@@ -246,11 +246,16 @@ class RunConsumer(_RunEventsConsumer):
             self.principal = None
             await self.close(code=start.refused)
             return
+        if start.run is None:  # missing, or another org's: the same answer
+            await self.leave_groups()
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        self.run_id = start.run.id
+        self.forwarding = True
         self.recheck_periodically()
-        snapshot = start.run or self.run
-        await self.send_event(events.status_event(snapshot))
-        if snapshot.is_terminal:
-            await self.send_event(events.finished_event(snapshot, seq=0))
+        await self.send_event(events.status_event(start.run))
+        if start.run.is_terminal:
+            await self.send_event(events.finished_event(start.run, seq=0))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
@@ -277,14 +282,9 @@ class RunConsumer(_RunEventsConsumer):
         )
 
 
-def _authorize(
-    scope: dict[str, Any], run_id: uuid.UUID | None
-) -> tuple[Principal | None, OrgContext | None, Run | None]:
+def _authorize(scope: dict[str, Any]) -> tuple[Principal | None, OrgContext | None]:
     principal = principal_for_scope(scope)
-    context = org_context_for(principal) if principal is not None else None
-    readable = context is not None and not context.org.is_suspended and context.can(RUNS_READ)
-    run = run_get_for_org(org=context.org, run_id=run_id) if readable and run_id is not None and context else None
-    return principal, context, run
+    return principal, org_context_for(principal) if principal is not None else None
 
 
 def _cancel_run(*, principal: Principal, org_id: str, run_id: uuid.UUID) -> Run | None:
@@ -309,6 +309,7 @@ class OrgRunsConsumer(_RunEventsConsumer):
         if context is None:
             return
         await self.join(events.org_runs_group(context.org.id))
+        self.forwarding = True
         await self.accept()
         await self.watch_credentials()
 

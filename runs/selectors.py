@@ -121,13 +121,13 @@ def unscoped_org_run_slots(*, org_ids: Collection[uuid.UUID], status: str) -> di
 # --- Executor reads (no org: the executor acts for whichever org queued the run) ------------------------------
 
 
+# What executing a run reads beside it: its org's settings, its key, its creator.
+EXECUTION_RELATED = ("org", "provider_key", "created_by_user", "created_by_api_key")
+
+
 def unscoped_run_for_execution(*, run_id: uuid.UUID) -> Run | None:
     """The run with its key and creator, for the executor that claimed it."""
-    return (
-        Run.objects.select_related("org", "provider_key", "created_by_user", "created_by_api_key")
-        .filter(id=run_id)
-        .first()
-    )
+    return Run.objects.select_related(*EXECUTION_RELATED).filter(id=run_id).first()
 
 
 def unscoped_runs_to_stop(*, run_ids: list[uuid.UUID], worker_id: str) -> dict[uuid.UUID, str]:

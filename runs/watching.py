@@ -2,34 +2,70 @@
 
 The watcher subscribes to the run's group first (an event published meanwhile is queued, not missed), then this
 hop checks the credentials once more (a revocation committed before the subscription was not heard), takes the
-run's snapshot and attaches a run that waits for its watcher (start on attach), so the executor can start at once.
-Each of these was a hop of its own; on the path to a run's first words every hop counts (issue #13).
+run's snapshot and attaches a run that waits for its watcher (start on attach). Where this process executes runs
+(the inline executor, with a free slot), the run is claimed for it in the attach's transaction and starts at once,
+without a hand-over and a claim of its own. Each of these was a hop of its own; on the path to a run's first words
+every hop counts (issue #13).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
+
+from channels.db import database_sync_to_async
 
 from orgs.authentication import Principal, revalidate
 from orgs.tenancy import OrgContext
 from runs.models import Run
 from runs.selectors import run_get_for_org
-from runs.services import run_attach
+from runs.services import Attached, run_attach
 
 
 @dataclass(frozen=True)
 class WatchStart:
     refused: int | None  # the websocket close code when the credentials no longer hold (4401 / 4403)
     run: Run | None  # the snapshot (None: deleted meanwhile)
+    claimed: bool = False  # claimed for the ``claim_for`` executor, which must execute it
 
 
-def watch_start(*, principal: Principal, context: OrgContext, run_id: uuid.UUID) -> WatchStart:
-    """Sync (database and session store); raises ``SessionStoreUnavailable`` like ``revalidate``."""
+def watch_start(
+    *, principal: Principal, context: OrgContext, run_id: uuid.UUID, claim_for: str | None = None
+) -> WatchStart:
+    """Sync (database and session store); raises ``SessionStoreUnavailable`` like ``revalidate``. ``claim_for``:
+    see ``run_attach``."""
     refused = revalidate(principal, context)
     if refused is not None:
         return WatchStart(refused=refused, run=None)
     run = run_get_for_org(org=context.org, run_id=run_id)
-    if run is not None and not run.is_terminal and run.attached_at is None:
-        run_attach(run=run)
-    return WatchStart(refused=None, run=run)
+    if run is None or run.is_terminal or run.attached_at is not None:
+        return WatchStart(refused=None, run=run)
+    claimed = run_attach(run=run, claim_for=claim_for) is Attached.CLAIMED
+    return WatchStart(refused=None, run=run, claimed=claimed)
+
+
+async def awatch_start(*, principal: Principal, context: OrgContext, run_id: uuid.UUID) -> WatchStart:
+    """``watch_start`` from the event loop, claiming the run for this process's executor when it has a slot. A run
+    claimed for it is handed over even if the caller is cancelled meanwhile (its client left): once claimed, only
+    this executor runs it."""
+    from runs import executor  # the executor imports services; import at call time
+
+    local = executor.local_executor()
+    reserved = local is not None and local.reserve_slot()
+    hop = asyncio.ensure_future(
+        database_sync_to_async(watch_start)(
+            principal=principal,
+            context=context,
+            run_id=run_id,
+            claim_for=local.worker_id if local is not None and reserved else None,
+        )
+    )
+    if local is not None and reserved:
+
+        def hand_over(done: asyncio.Future[WatchStart]) -> None:
+            start = None if done.cancelled() or done.exception() is not None else done.result()
+            local.claimed_elsewhere(start.run if start is not None and start.claimed else None)
+
+        hop.add_done_callback(hand_over)
+    return await asyncio.shield(hop)

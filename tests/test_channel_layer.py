@@ -1,13 +1,15 @@
 """The production channel layer (``cesaflow.lib.channel_layer``): channels_redis's, against the real Redis, with
-group sends that look up several groups' members in one round trip and skip the groups nobody listens to."""
+group sends that look up several groups' members in one round trip, skip the groups nobody listens to, and queue the
+messages in a second one that channels_redis's own ``receive`` reads."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
-from channels.layers import get_channel_layer
+from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
 
 from cesaflow.lib.channel_layer import RedisChannelLayer
 
@@ -76,3 +78,35 @@ async def test_group_add_many_joins_every_group_with_its_expiry(layer):
         assert 0 < await connection.ttl(layer._group_key(group)) <= layer.group_expiry
     await layer.group_send_many([("one", {"type": "t", "n": 1}), ("two", {"type": "t", "n": 2})])
     assert [(await layer.receive(channel))["n"] for _ in range(2)] == [1, 2]
+
+
+async def test_a_full_channel_misses_the_message_and_the_others_still_get_it(layer):
+    other_process = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)  # its channels live under another key
+    small = await other_process.new_channel()
+    roomy = await layer.new_channel()
+    await layer.group_add_many(["crowded"], small)
+    await layer.group_add_many(["crowded"], roomy)
+    layer.channel_capacity = [(re.compile(re.escape(small)), 2)]
+    try:
+        for n in range(3):
+            await layer.group_send("crowded", {"type": "t", "n": n})
+        # The small channel's process holds two messages; the third was dropped for it alone.
+        assert [(await layer.receive(roomy))["n"] for _ in range(3)] == [0, 1, 2]
+        assert [(await other_process.receive(small))["n"] for _ in range(2)] == [0, 1]
+        await _nothing_for(other_process, small)
+    finally:
+        layer.channel_capacity = []
+        await other_process.close_pools()
+
+
+async def test_messages_past_the_expiry_are_dropped_from_a_channel_before_a_new_one_is_queued(layer):
+    listener = await layer.new_channel()
+    await layer.group_add("slow", listener)
+    await layer.group_send("slow", {"type": "t", "n": 1})
+    key = layer.prefix + layer.non_local_name(listener)
+    connection = layer.connection(layer.consistent_hash(layer.non_local_name(listener)))
+    (payload,) = await connection.zrange(key, 0, -1)
+    await connection.zadd(key, {payload: time.time() - layer.expiry - 10})  # as if queued long ago, never read
+    await layer.group_send("slow", {"type": "t", "n": 2})
+    assert (await layer.receive(listener))["n"] == 2
+    await _nothing_for(layer, listener)

@@ -1,24 +1,44 @@
-"""The production channel layer: channels_redis's, with group sends that cost one round trip when nobody listens.
+"""The production channel layer: channels_redis's, with group sends in two round trips, one when nobody listens.
 
-``RedisChannelLayer.group_send`` asks Redis twice before it knows whether a group has members (expire stale
-members, then list them), one awaited command each. Most run events go to groups nobody is subscribed to at that
-moment (a completion's own run group; the org's live list when no dashboard is open): every proxied completion
-published four of them, eight round trips (issue #13). Here the two commands go in one pipelined round trip, and
-``group_send_many`` checks several groups in that same round trip; a group with members is then sent to by
-channels_redis's own ``group_send``, unchanged (which asks again: one more round trip only when someone listens).
-Joining is the same: ``group_add_many`` adds a channel to several groups (each an add and an expiry) in one round
-trip, where channels_redis awaits two commands per group (a run's websocket joins three groups before its first
-event).
-"""
+``RedisChannelLayer.group_send`` awaits four commands per group: expire stale members, list them, expire stale
+messages of their channels, queue the message (a script). Most run events go to groups nobody is subscribed to at
+that moment (a completion's own run group; the org's live list when no dashboard is open): every proxied completion
+published four of them, eight round trips (issue #13); and every event a watcher does receive paid four, on the path
+to its screen. Here ``group_send_many`` reads the members of all the groups it is given in one pipelined round trip
+and stops there if none has any; otherwise it queues every message in a second one. Joining is the same:
+``group_add_many`` adds a channel to several groups (each an add and an expiry) in one round trip, where
+channels_redis awaits two commands per group (a run's websocket joins three groups before its first event)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
+
+logger = logging.getLogger("cesaflow.channel_layer")
+
+# Queues one message to each channel key given (KEYS; ARGV: one message per key, then one capacity per key, then the
+# time and the expiry in seconds) unless the channel is full; returns how many were full. The store is
+# channels_redis's own (4.3: a sorted set per channel, scored by time, that its ``receive`` pops), so its receivers
+# read these messages as theirs.
+_QUEUE_TO_CHANNELS = """
+local n = #KEYS
+local now, expiry = ARGV[2 * n + 1], ARGV[2 * n + 2]
+local full = 0
+for i = 1, n do
+    if redis.call('ZCARD', KEYS[i]) < tonumber(ARGV[n + i]) then
+        redis.call('ZADD', KEYS[i], now, ARGV[i])
+        redis.call('EXPIRE', KEYS[i], expiry)
+    else
+        full = full + 1
+    end
+end
+return full
+"""
 
 
 class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_redis ships no type hints
@@ -44,10 +64,12 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         await self.group_send_many([(group, message)])
 
     async def group_send_many(self, sends: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """``group_send`` for each ``(group, message)``, in order; the groups' memberships are read in one pipelined
-        round trip per Redis host, and groups without members are skipped."""
+        """``group_send`` for each ``(group, message)``, in order, in two pipelined round trips per Redis host: the
+        groups' members (stale ones expired first), then, for groups that have some, the messages queued to the
+        members' channels (the stale messages there expired first, a full channel skipped), as channels_redis does
+        in four round trips per group."""
         sends = list(sends)
-        listened: set[int] = set()
+        members: dict[int, list[str]] = {}
         oldest = int(time.time()) - self.group_expiry
         for host, positions in self._by_host([group for group, _ in sends]).items():
             pipe = self.connection(host).pipeline(transaction=False)
@@ -56,10 +78,31 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
                 pipe.zremrangebyscore(key, min=0, max=oldest)
                 pipe.zrange(key, 0, -1)
             results = await pipe.execute()
-            listened.update(position for position, members in zip(positions, results[1::2], strict=True) if members)
-        for position, (group, message) in enumerate(sends):
-            if position in listened:
-                await super().group_send(group, message)
+            for position, names in zip(positions, results[1::2], strict=True):
+                if names:
+                    members[position] = [name.decode() for name in names]
+        if not members:
+            return
+        # The messages per Redis host of the members' channels, in send order: each channel keeps its order.
+        batches: dict[int, list[tuple[list[str], list[Any]]]] = defaultdict(list)
+        for position, (_, message) in enumerate(sends):
+            if position in members:
+                by_host, payloads, capacities = self._map_channel_keys_to_connection(members[position], message)
+                for host, keys in by_host.items():
+                    batches[host].append((keys, [*(payloads[key] for key in keys), *(capacities[key] for key in keys)]))
+        expired_before = int(time.time()) - int(self.expiry)
+        for host, batch in batches.items():
+            pipe = self.connection(host).pipeline(transaction=False)
+            queued_at: list[int] = []  # the position of each script's result among the pipeline's
+            for keys, args in batch:
+                for key in keys:
+                    pipe.zremrangebyscore(key, min=0, max=expired_before)
+                queued_at.append(len(pipe))
+                pipe.eval(_QUEUE_TO_CHANNELS, len(keys), *keys, *args, time.time(), self.expiry)
+            results = await pipe.execute()
+            full = sum(int(results[at]) for at in queued_at)
+            if full:
+                logger.info("group send: %d channel(s) over capacity, message dropped for them", full)
 
     def _by_host(self, groups: list[str]) -> dict[int, list[int]]:
         """The positions of ``groups`` per Redis host (channels_redis shards groups by name); every name is checked

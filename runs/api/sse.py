@@ -64,7 +64,7 @@ from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
 from runs.services import run_request_cancel
-from runs.watching import WatchStart, watch_start
+from runs.watching import WatchStart, awatch_start
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -140,7 +140,7 @@ async def run_event_stream(
         # One hop: the credentials once more (a revocation committed before subscribing was not heard), the
         # snapshot, and start on attach.
         try:
-            start = await database_sync_to_async(watch_start)(principal=principal, context=context, run_id=run_id)
+            start = await awatch_start(principal=principal, context=context, run_id=run_id)
         except Exception:
             logger.warning("stream credentials could not be re-checked; ending the stream", exc_info=True)
             start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed

@@ -99,6 +99,17 @@ def submit(run_id: uuid.UUID) -> None:
     _call_in_loop(loop, executor.submit_run, run_id)
 
 
+def local_executor() -> Executor | None:
+    """The inline executor of the running loop (the server's), which services of this process may claim runs for
+    (``run_attach(claim_for=…)``); None in worker mode, off the server's loop, or before it is bound."""
+    if settings.RUN_EXECUTOR != "inline":
+        return None
+    server = _server
+    if server is None or server[0] is not asyncio.get_running_loop():
+        return None
+    return server[1]
+
+
 def _inline_executor() -> tuple[asyncio.AbstractEventLoop, Executor]:
     global _background
     with _state_lock:

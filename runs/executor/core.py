@@ -4,6 +4,7 @@ request (see the package docstring for how executors are deployed)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import secrets
@@ -24,7 +25,7 @@ from runs import events
 from runs.execution import STOP_CANCELLED, STOP_LOST, STOP_SHUTDOWN, RunControl, execute_run
 from runs.models import Run
 from runs.providers import CallLimits
-from runs.selectors import unscoped_run_for_execution, unscoped_runs_still_queued, unscoped_runs_to_stop
+from runs.selectors import unscoped_runs_still_queued, unscoped_runs_to_stop
 from runs.services import (
     retention_purge,
     run_claim,
@@ -203,14 +204,14 @@ class Executor:
         if self._free_slots() > 0:
             self._claiming += 1
             try:
-                run = await database_sync_to_async(_claim_for_execution)(run_id=run_id, worker_id=self.worker_id)
+                run = await database_sync_to_async(run_claim)(run_id=run_id, worker_id=self.worker_id)
             finally:
                 self._claiming -= 1
         if run is None:
             if not self.config.claim_queued:
                 self._submitted[run_id] = None
             return False
-        self._execute_claimed(run.id, run)
+        self._execute_claimed(run)
         return True
 
     async def claim_queued(self) -> int:
@@ -228,7 +229,7 @@ class Executor:
             self._claiming -= limit
         for run in runs:
             self._submitted.pop(run.id, None)
-            self._execute_claimed(run.id)
+            self._execute_claimed(run)
         if among:
             # Forget the submitted runs that will never start here (cancelled, claimed by someone else).
             waiting = await database_sync_to_async(unscoped_runs_still_queued)(run_ids=list(self._submitted))
@@ -237,20 +238,39 @@ class Executor:
             self._wake.set()  # there may be more
         return len(runs)
 
-    def _execute_claimed(self, run_id: uuid.UUID, run: Run | None = None) -> None:
+    def reserve_slot(self) -> bool:
+        """Hold a slot for a run about to be claimed for this executor by a service of this process
+        (``run_attach(claim_for=worker_id)``); False if none is free. ``claimed_elsewhere`` ends the reservation."""
+        if self._stopping or self._free_slots() <= 0:
+            return False
+        self.start()
+        self._claiming += 1
+        return True
+
+    def claimed_elsewhere(self, run: Run | None) -> None:
+        """End a ``reserve_slot`` reservation; ``run``: the run claimed for this executor meanwhile (``running``,
+        read as ``execution`` needs it), which it now executes. Call in the executor's loop."""
+        self._claiming -= 1
+        if run is not None:
+            self._execute_claimed(run)
+            if self._stopping:  # claimed while this executor stops: recorded at once, not left to the reaper
+                self._active[run.id].control.request_stop(STOP_SHUTDOWN)
+
+    def _execute_claimed(self, run: Run) -> None:
         active = _ActiveRun(control=RunControl())
-        self._active[run_id] = active
+        self._active[run.id] = active
         if self._idle is not None:
             self._idle.clear()
-        active.task = asyncio.create_task(self._execute(run_id, active.control, run), name=f"run-{run_id}")
+        # A fresh context: the claimer's (a watcher's request: its address, its request id) must not leak into the
+        # run's logs and audit records, which outlive it.
+        active.task = asyncio.create_task(
+            self._execute(run.id, active.control, run), name=f"run-{run.id}", context=contextvars.Context()
+        )
 
-    async def _execute(self, run_id: uuid.UUID, control: RunControl, run: Run | None = None) -> None:
-        # This task's log lines name its run (a copy of the context it was started from: the rest is unchanged).
-        context = request_context.current()
-        fields = {**context.log_fields, "run_id": str(run_id)}
-        if run is not None:
-            fields["org_id"] = str(run.org_id)
-        request_context.bind(replace(context, log_fields=fields))
+    async def _execute(self, run_id: uuid.UUID, control: RunControl, run: Run) -> None:
+        # This task's log lines name its run (its context is its own: ``_execute_claimed``).
+        fields = {"run_id": str(run_id), "org_id": str(run.org_id)}
+        request_context.bind(request_context.RequestContext(log_fields=fields))
         layer = self._layer()
         group = events.run_control_group(run_id)
         joined = False
@@ -458,10 +478,3 @@ def _close_db_connections() -> None:
     from django.db import connections
 
     connections.close_all()
-
-
-def _claim_for_execution(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
-    """``run_claim`` and, when it wins, the run as ``execute_run`` needs it, in one thread hop: on the path from a
-    watcher attaching to the run's first words, every hop counts (issue #13)."""
-    claimed = run_claim(run_id=run_id, worker_id=worker_id)
-    return unscoped_run_for_execution(run_id=claimed.id) if claimed is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import uuid
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from runs.models import (
 
 # Claiming and the token cap's reservations have modules of their own; what callers use is re-exported here.
 from runs.services.claiming import ORG_RUN_QUEUE_FULL as ORG_RUN_QUEUE_FULL
-from runs.services.claiming import org_queue_check
+from runs.services.claiming import org_queue_check, run_claim_on_attach, running_fields
 from runs.services.claiming import run_claim as run_claim
 from runs.services.claiming import runs_claim_queued as runs_claim_queued
 from runs.services.tokens import TOKEN_CAP_REACHED as TOKEN_CAP_REACHED
@@ -45,6 +46,14 @@ from runs.services.tokens import run_first_call_estimate, tokens_release, tokens
 from runs.services.tokens import tokens_estimate as tokens_estimate
 
 logger = logging.getLogger(__name__)
+
+
+class Attached(enum.Enum):
+    """What ``run_attach`` did with a run."""
+
+    NOTHING = "nothing"  # not waiting for a watcher (already started, unwatched, or over)
+    SUBMITTED = "submitted"  # handed to the executors once committed
+    CLAIMED = "claimed"  # claimed ``running`` for the caller's executor, which must now execute it
 
 
 @transaction.atomic
@@ -201,23 +210,33 @@ def run_create(
 
 
 @transaction.atomic
-def run_attach(*, run: Run) -> bool:
+def run_attach(*, run: Run, claim_for: str | None = None) -> Attached:
     """A watcher's stream is attached to ``run`` (already authorized for the caller's org): a watched run waiting
-    for it is handed to the executor. True if this call started it; idempotent (later watchers join the stream)."""
+    for it is handed to the executors, once committed. Idempotent (later watchers join the stream).
+
+    ``claim_for``: the id of an executor of this process holding a free slot for the run. The run is then claimed
+    for it in the same transaction when it may start (``run_claim_on_attach``): ``run`` is updated in place
+    (``running``, its org loaded) and the caller hands it to that executor; otherwise it is handed over as usual."""
     now = timezone.now()
+    claimed = claim_for is not None and run.waiting_for_watcher and run_claim_on_attach(run=run)
+    fields: dict[str, Any] = {"attached_at": now}
+    if claimed and claim_for is not None:
+        fields |= running_fields(claim_for)
     started = (
-        Run.objects.filter(id=run.id, status=RunStatus.QUEUED, watch=True, attached_at__isnull=True).update(
-            attached_at=now
-        )
+        Run.objects.filter(id=run.id, status=RunStatus.QUEUED, watch=True, attached_at__isnull=True).update(**fields)
         == 1
     )
     if not started and run.attached_at is None:
         # An unwatched run someone follows anyway: remembered, so its page does not claim nobody saw it.
         Run.objects.filter(id=run.id, attached_at__isnull=True).update(attached_at=now)
-    if started:
-        run.attached_at = now
-        transaction.on_commit(lambda: _submit(run.id))
-    return started
+    if not started:
+        return Attached.NOTHING
+    for name, value in fields.items():
+        setattr(run, name, value)
+    if claimed:
+        return Attached.CLAIMED
+    transaction.on_commit(lambda: _submit(run.id))
+    return Attached.SUBMITTED
 
 
 def _submit(run_id: uuid.UUID) -> None:

@@ -22,6 +22,7 @@ import heapq
 import uuid
 from collections.abc import Collection
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -31,7 +32,7 @@ from django.utils import timezone
 
 from orgs.models import Organization
 from runs.models import Project, Run, RunKind, RunStatus
-from runs.selectors import unscoped_org_run_slots
+from runs.selectors import EXECUTION_RELATED, unscoped_org_run_slots
 
 # Queued runs an executor may start: unwatched ones, and watched ones whose stream is attached.
 READY = Q(watch=False) | Q(attached_at__isnull=False)
@@ -95,28 +96,43 @@ def _serialized(candidates: list[Run]) -> list[Run]:
     return chosen
 
 
-def _start(runs: list[Run], worker_id: str) -> None:
+def running_fields(worker_id: str) -> dict[str, Any]:
+    """The columns a claim sets: the run is ``running`` for ``worker_id`` from now."""
     now = timezone.now()
+    return {"status": RunStatus.RUNNING, "started_at": now, "worker_id": worker_id[:64], "heartbeat_at": now}
+
+
+def _start(runs: list[Run], worker_id: str) -> None:
+    fields = running_fields(worker_id)
     for run in runs:
-        run.status = RunStatus.RUNNING
-        run.started_at = now
-        run.worker_id = worker_id[:64]
-        run.heartbeat_at = now
-    Run.objects.bulk_update(runs, ["status", "started_at", "worker_id", "heartbeat_at"])
+        for name, value in fields.items():
+            setattr(run, name, value)
+    if runs:
+        Run.objects.filter(id__in=[run.id for run in runs]).update(**fields)
 
 
 @transaction.atomic
 def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
     """Claim this queued run for execution: exactly one caller wins (row lock, skip locked); None otherwise — for a
     watched run nobody has attached to yet, and for a run whose org has no free slot (it stays queued: an executor
-    claims it once a slot is free)."""
-    org_id = Run.objects.filter(id=run_id).values_list("org_id", flat=True).first()
-    if org_id is None:
-        return None
+    claims it once a slot is free). The run comes as ``execution`` reads it (``unscoped_run_for_execution``)."""
     # The org first (waiting briefly for a creation or another claim of this org), then the run: every claim and
     # creation takes the org's lock before any run's, so they cannot deadlock.
-    list(Organization.objects.select_for_update(no_key=True).filter(id=org_id).values_list("id", flat=True))
-    run = _ready().select_for_update(skip_locked=True, of=("self",)).filter(id=run_id).first()
+    org_id = (
+        Organization.objects.select_for_update(no_key=True, of=("self",))
+        .filter(runs__id=run_id)
+        .values_list("id", flat=True)
+        .first()
+    )
+    if org_id is None:
+        return None
+    run = (
+        _ready()
+        .select_related(*EXECUTION_RELATED)
+        .select_for_update(skip_locked=True, of=("self",))
+        .filter(id=run_id)
+        .first()
+    )
     if run is None or not _serialized([run]):
         return None
     running = unscoped_org_run_slots(org_ids=[org_id], status=RunStatus.RUNNING).get(org_id, 0)
@@ -126,11 +142,32 @@ def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
     return run
 
 
+def run_claim_on_attach(*, run: Run) -> bool:
+    """Inside ``run_attach``'s transaction, before its update: may the watched run being attached be claimed at
+    once for an executor of the attaching process (which reserved a slot for it)? Then the run starts without a
+    hand-over and a claim of its own (issue #13: the run stream's first words). True if the run may be claimed;
+    ``run_attach`` then sets it ``running`` in the same update. Within the org's cap, as any claim: the org's row is
+    locked first (the lock order of every claim and creation), then its running slots counted. Runs of a project
+    are left to the executors' claims, which serialize a project's runs; so are runs of a suspended org, and
+    kinds no executor runs. On True, ``run.org`` is the org's row as locked (execution reads its settings)."""
+    if run.project_id is not None or run.kind not in EXECUTABLE_KINDS:
+        return False
+    org = Organization.objects.select_for_update(no_key=True).filter(id=run.org_id, suspended_at__isnull=True).first()
+    if org is None:
+        return False
+    running = unscoped_org_run_slots(org_ids=[org.id], status=RunStatus.RUNNING).get(org.id, 0)
+    if running + run_slots(run.kind) > int(settings.RUN_ORG_MAX_RUNNING):
+        return False
+    run.org = org
+    return True
+
+
 @transaction.atomic
 def runs_claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID] | None = None) -> list[Run]:
     """Claim up to ``limit`` queued runs for ``worker_id``, round-robin across orgs within their caps (see the
-    module docstring). ``among``: only these runs (an executor that does not look at the whole queue retries the
-    runs handed to it). Concurrent claimers never claim the same run and never wait for each other."""
+    module docstring), as ``execution`` reads them (``unscoped_run_for_execution``). ``among``: only these runs
+    (an executor that does not look at the whole queue retries the runs handed to it). Concurrent claimers never
+    claim the same run and never wait for each other."""
     if limit < 1:
         return []
     ready = _ready()
@@ -170,7 +207,8 @@ def runs_claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID
             wanted = 2 * min(cap - load, limit)
             queues[org_id] = _serialized(
                 list(
-                    ready.select_for_update(skip_locked=True, of=("self",))
+                    ready.select_related(*EXECUTION_RELATED)
+                    .select_for_update(skip_locked=True, of=("self",))
                     .filter(org_id=org_id)
                     .order_by("created_at", "id")[:wanted]
                 )

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
 from cesaflow.asgi import application
@@ -94,6 +95,18 @@ async def test_other_orgs_run_closes_4404_like_a_missing_one(cast, queued_run):
         assert await close_code(socket(f"/ws/runs/{queued_run.id}/", headers)) == 4404
     missing = uuid.uuid4()
     assert await close_code(socket(f"/ws/runs/{missing}/", await session_headers(cast.dev_a.user))) == 4404
+
+
+async def test_a_refused_run_socket_leaves_the_runs_group_and_never_attaches(cast, queued_run):
+    """The run's group is joined before the run is looked up (one hop less to its first words): a socket refused
+    for another org's run leaves it again, and the run still waits for its own org's watcher."""
+    assert await close_code(socket(f"/ws/runs/{queued_run.id}/", key_headers(cast.dev_b.api_secret))) == 4404
+    layer = get_channel_layer()
+    group_key = layer._group_key(events.run_group(queued_run.id))
+    assert await layer.connection(layer.consistent_hash(events.run_group(queued_run.id))).zcard(group_key) == 0
+    run = await Run.objects.aget(id=queued_run.id)
+    assert run.status == RunStatus.QUEUED
+    assert run.attached_at is None
 
 
 async def test_outsider_closes_4404(cast, queued_run):

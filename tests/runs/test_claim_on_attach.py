@@ -1,0 +1,128 @@
+"""Claiming a watched run as its stream attaches (``run_attach(claim_for=…)``, issue #13): where the process that
+serves the stream executes runs, the run is claimed for its executor in the attach's transaction, by the rules of
+every claim (``runs.services.claiming``); otherwise it is handed over as before. End to end through the ASGI
+application: ``test_start_on_attach`` (its inline executor) and ``test_awatch_start_hands_a_claimed_run_over``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from keys.models import Provider, ProviderKey
+from keys.services import provider_key_create
+from orgs.authentication import KeyPrincipal, org_context_for
+from orgs.models import Organization
+from runs import executor as executor_module
+from runs.models import Run, RunKind, RunStatus
+from runs.projects.services import project_create, project_run_create
+from runs.services import Attached, run_attach, run_claim, run_create
+from runs.watching import awatch_start
+from tests.runs.test_execution_support import (
+    asim_key,
+    async_isolation,  # noqa: F401 - a fixture, used below
+    wait_for_status,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_executes(settings):
+    settings.RUN_EXECUTOR = "worker"  # a submitted run only nudges workers (none listen): it stays queued
+    settings.RUN_AGENT_WEIGHT = 4
+
+
+def _key(org: Organization, actor: Any) -> ProviderKey:
+    return provider_key_create(
+        org=org, actor=actor, provider=Provider.OPENAI, label="attach", secret="sk-test-attach-0123456789abcdef"
+    )
+
+
+def _watched(key: ProviderKey, actor: Any, *, kind: str = RunKind.CHAT) -> Run:
+    return run_create(
+        org=key.org, actor=actor, provider_key_id=key.id, model="gpt-4o", objective="Go.", kind=kind, watch=True
+    )
+
+
+def _fresh(run: Run) -> Run:
+    return Run.objects.get(id=run.id)
+
+
+def test_a_waiting_run_is_claimed_for_the_attaching_executor_with_its_org_loaded(cast):
+    run = _watched(_key(cast.org_a, cast.admin_a.user), cast.admin_a.user)
+    assert run_attach(run=run, claim_for="inline-here") is Attached.CLAIMED
+    stored = _fresh(run)
+    assert (stored.status, stored.worker_id) == (RunStatus.RUNNING, "inline-here")
+    assert stored.attached_at is not None
+    assert stored.started_at is not None
+    assert stored.heartbeat_at is not None
+    # The caller's object is the claimed run, as execution reads it.
+    assert (run.status, run.worker_id, run.org.pk) == (RunStatus.RUNNING, "inline-here", cast.org_a.pk)
+    # Claimed once: a second watcher attaches to a run that is already going.
+    assert run_attach(run=_fresh(run), claim_for="inline-there") is Attached.NOTHING
+    assert run_claim(run_id=run.id, worker_id="elsewhere") is None
+    assert _fresh(run).worker_id == "inline-here"
+
+
+def test_without_an_executor_here_the_run_is_handed_over_as_before(cast):
+    run = _watched(_key(cast.org_a, cast.admin_a.user), cast.admin_a.user)
+    assert run_attach(run=run) is Attached.SUBMITTED
+    stored = _fresh(run)
+    assert (stored.status, stored.attached_at is not None) == (RunStatus.QUEUED, True)
+    assert run_claim(run_id=run.id, worker_id="w") is not None  # any executor may now claim it
+
+
+def test_the_orgs_running_cap_holds_for_a_claim_on_attach(cast, settings):
+    settings.RUN_ORG_MAX_RUNNING = 2
+    key = _key(cast.org_a, cast.admin_a.user)
+    first, second, third = (_watched(key, cast.admin_a.user) for _ in range(3))
+    assert run_attach(run=first, claim_for="x") is Attached.CLAIMED
+    assert run_attach(run=second, claim_for="x") is Attached.CLAIMED
+    assert run_attach(run=third, claim_for="x") is Attached.SUBMITTED  # attached, waits for a slot
+    assert _fresh(third).status == RunStatus.QUEUED
+    # An agent run takes RUN_AGENT_WEIGHT slots: with one chat run going and a cap of 4 it waits too.
+    settings.RUN_ORG_MAX_RUNNING = 4
+    agent = _watched(key, cast.admin_a.user, kind=RunKind.AGENT)
+    assert run_attach(run=agent, claim_for="x") is Attached.SUBMITTED
+    assert _fresh(agent).status == RunStatus.QUEUED
+
+
+def test_project_runs_and_suspended_orgs_are_left_to_the_executors_claims(cast):
+    key = _key(cast.org_a, cast.admin_a.user)
+    project = project_create(org=cast.org_a, actor=cast.admin_a.user, name="p")
+    on_project = project_run_create(
+        project=project, actor=cast.admin_a.user, objective="Go.", provider_key_id=key.id, model="gpt-4o", watch=True
+    )
+    assert run_attach(run=on_project, claim_for="x") is Attached.SUBMITTED  # projects serialize their runs
+    assert _fresh(on_project).status == RunStatus.QUEUED
+    run = _watched(key, cast.admin_a.user)
+    Organization.objects.filter(id=cast.org_a.id).update(suspended_at=timezone.now())
+    assert run_attach(run=run, claim_for="x") is Attached.SUBMITTED
+    assert _fresh(run).status == RunStatus.QUEUED
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gone(cast, simulator, settings):
+    """The watcher's task is cancelled (its client left) while the hop that claims the run is in flight: the run,
+    claimed for this process's executor, still executes there, and nobody else may claim it."""
+    settings.RUN_EXECUTOR = "inline"
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    run = await sync_to_async(_watched)(key, cast.admin_a.user)
+    principal = KeyPrincipal(cast.dev_a.api_key)
+    context = await sync_to_async(org_context_for)(principal)
+    local = executor_module.bind_server_loop()
+    assert local is not None
+    try:
+        watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id))
+        await asyncio.sleep(0)  # the hop has started
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+        finished = await wait_for_status(run.id, {RunStatus.SUCCEEDED}, timeout=10)
+        assert finished.worker_id == local.worker_id
+    finally:
+        await executor_module.unbind_server_loop()
