@@ -20,9 +20,9 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import httpx
 
@@ -32,6 +32,8 @@ from runs.providers.events import CONTENT_EVENTS, ErrorKind, Ping, ProviderError
 from runs.providers.sse import SSEDecoder, SSEEvent, SSEProtocolError
 
 logger = logging.getLogger("cesaflow.providers")
+
+_T = TypeVar("_T")
 
 _jitter = random.SystemRandom()
 
@@ -253,6 +255,7 @@ class ProviderAdapter(ABC):
         )
         parser = self.new_parser()
         response: httpx.Response | None = None
+        watchdog: _ReadWatchdog | None = None
         error_body = b""
         try:
             sent = time.perf_counter()
@@ -283,10 +286,10 @@ class ProviderAdapter(ABC):
             request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
             loop = asyncio.get_running_loop()
             progress_by = loop.time() + self.limits.idle_timeout_s
+            watchdog = _ReadWatchdog(loop)
             while not parser.is_done():
                 try:
-                    async with asyncio.timeout_at(min(deadline, progress_by)):
-                        chunk = await anext(chunks, None)
+                    chunk = await watchdog.read(anext(chunks, None), by=min(deadline, progress_by))
                     sse_events = decoder.feed(chunk) if chunk is not None else decoder.end()
                 except TimeoutError:
                     for event in _partial(parser):
@@ -322,6 +325,8 @@ class ProviderAdapter(ABC):
             self.abandoned_usage = parser.partial_usage()
             raise
         finally:
+            if watchdog is not None:
+                watchdog.close()
             if response is not None:
                 await response.aclose()
 
@@ -361,3 +366,51 @@ def _with_request_id(error: ProviderError, request_id: str | None) -> ProviderEr
     if error.request_id or not request_id:
         return error
     return dataclasses.replace(error, request_id=request_id[:200])
+
+
+class _ReadWatchdog:
+    """Time limits for the reads of one stream: ``read`` raises ``TimeoutError`` when a read is still waiting at its
+    ``by`` (a loop time), like ``asyncio.timeout_at`` around each read. But one timer serves the whole stream, re-armed
+    only when it finds the limit has moved on since (about once per idle timeout), where ``asyncio.timeout_at`` arms
+    and cancels one per read: about 4.5 µs each, an eighth of the gateway's CPU per streamed chunk (issue #13)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None  # the task waiting in a read, if any
+        self._by = 0.0
+        self._expired = False
+
+    async def read(self, awaitable: Awaitable[_T], *, by: float) -> _T:
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - streams are read in tasks
+        self._task, self._by, self._expired = task, by, False
+        if self._timer is None or self._timer.when() > by:
+            self._arm(by)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._expired and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, when: float) -> None:
+        self.close()
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._task is None:
+            return  # between reads: the next read arms it again
+        if self._loop.time() < self._by:
+            self._arm(self._by)  # the reads made progress since it was armed
+            return
+        self._expired = True
+        self._task.cancel()

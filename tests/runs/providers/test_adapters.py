@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from runs.providers.base import ChatRequest, Message, ToolCall
-from runs.providers.events import ErrorKind, ReadEnd, Retry, StopReason, TextDelta, Usage
+from runs.providers.events import ErrorKind, ProviderError, ReadEnd, Retry, StopReason, TextDelta, Usage
 from runs.simulator.scenarios import BUILTINS
 from tests.runs.conftest import FAKE_KEY
 from tests.runs.providers.conftest import ADAPTER_CLASSES, FAST, FLAVOURS, chat, run
@@ -493,6 +493,22 @@ async def test_steady_progress_is_never_cut_by_the_idle_limit(flavour, make_adap
     outcome = await run(make_adapter(flavour, limits), chat("fake/echo"))
 
     assert outcome.succeeded
+
+
+async def test_the_idle_limit_never_interrupts_the_reader_between_its_reads(flavour, make_adapter, simulator):
+    # One timer watches every read of a stream, and fires while the reader is busy elsewhere (here for longer than the
+    # idle limit, after the first event): that work is never interrupted. The limit is the reads': the next one ends
+    # the call, as a read that waited that long would.
+    simulator.enqueue(flavour, {"base": "echo", "timing": {"per_event_ms": 30}})
+    adapter = make_adapter(flavour, replace(FAST, idle_timeout_s=0.1))
+    events = []
+    async with aclosing(adapter.stream_chat(chat())) as stream:
+        async for event in stream:
+            events.append(event)
+            if len(events) == 1:
+                await asyncio.sleep(0.3)  # not cancelled by the adapter's timer
+    assert isinstance(events[-1], ProviderError)
+    assert events[-1].kind is ErrorKind.TIMEOUT
 
 
 async def test_read_marks_follow_the_events_of_each_upstream_read_only_when_asked(flavour, make_adapter, simulator):
