@@ -218,6 +218,21 @@ def principal_for_scope(scope: Mapping[str, Any]) -> Principal | None:
     return SessionPrincipal(state.user, state.record)
 
 
+async def aprincipal_and_context_for_scope(scope: Mapping[str, Any]) -> tuple[Principal | None, OrgContext | None]:
+    """``principal_for_scope`` and ``org_context_for`` from the event loop: an org API key verified recently costs
+    no thread hop (``aapi_key_verify``, as the gateway's), anything else one. Raises as ``principal_for_scope``."""
+    presented = presented_api_key(scope_headers(scope), scope_query(scope))
+    if presented is not None:
+        principal = KeyPrincipal(await aapi_key_verify(presented, token=await row_cache.ageneration()))
+        return principal, org_context_for(principal)
+    return await db_hop(_principal_and_context)(scope)
+
+
+def _principal_and_context(scope: Mapping[str, Any]) -> tuple[Principal | None, OrgContext | None]:
+    principal = principal_for_scope(scope)
+    return principal, org_context_for(principal) if principal is not None else None
+
+
 def org_context_for(principal: Principal) -> OrgContext | None:
     """The org context of a principal: the key's org and scopes, or the session's current org and the user's role
     there (None: a signed-in user of no organization)."""

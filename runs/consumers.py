@@ -54,9 +54,8 @@ from orgs.authentication import (
     AuthenticationError,
     Principal,
     SessionPrincipal,
+    aprincipal_and_context_for_scope,
     context_now,
-    org_context_for,
-    principal_for_scope,
     revalidate,
 )
 from orgs.permissions import RUNS_READ, RUNS_WRITE
@@ -105,7 +104,7 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         principal: Principal | None
         context: OrgContext | None
         try:
-            principal, context = await database_sync_to_async(_authorize)(self.scope)
+            principal, context = await aprincipal_and_context_for_scope(self.scope)
         except AuthenticationError:
             await self.refuse(CLOSE_UNAUTHENTICATED)
             return None
@@ -280,11 +279,6 @@ class RunConsumer(_RunEventsConsumer):
         await database_sync_to_async(_cancel_run)(
             principal=self.principal, org_id=str(self.org_context.org.pk), run_id=self.run_id
         )
-
-
-def _authorize(scope: dict[str, Any]) -> tuple[Principal | None, OrgContext | None]:
-    principal = principal_for_scope(scope)
-    return principal, org_context_for(principal) if principal is not None else None
 
 
 def _cancel_run(*, principal: Principal, org_id: str, run_id: uuid.UUID) -> Run | None:

@@ -271,17 +271,11 @@ class Executor:
         # This task's log lines name its run (its context is its own: ``_execute_claimed``).
         fields = {"run_id": str(run_id), "org_id": str(run.org_id)}
         request_context.bind(request_context.RequestContext(log_fields=fields))
-        layer = self._layer()
         group = events.run_control_group(run_id)
-        joined = False
+        # Cancel requests arrive on the run's control group, joined while the run starts (not before: a Redis round
+        # trip on the path to its first words). One sent before the join lands is caught by the cancel poll.
+        joining = asyncio.create_task(self._join(group, run_id))
         try:
-            channel = await self._ensure_channel()
-            if channel is not None:
-                try:
-                    await layer.group_add(group, channel)
-                    joined = True
-                except Exception as exc:  # the cancel poll still stops the run
-                    logger.warning("run %s: control group not joined (%s)", run_id, type(exc).__name__)
             await execute_run(run_id, control=control, layer=self.layer, limits=self.limits, run=run)
         except Exception as exc:  # e.g. the database went away while recording: the reaper will finish it
             logger.error("run %s: executor error %s", run_id, type(exc).__name__)
@@ -291,9 +285,21 @@ class Executor:
                 self._idle.set()
             if self._wake is not None and self._claims:
                 self._wake.set()  # capacity freed
-            if joined and self._channel is not None:
+            joined = await joining
+            if joined is not None:
                 with suppress(Exception):
-                    await layer.group_discard(group, self._channel)
+                    await self._layer().group_discard(group, joined)
+
+    async def _join(self, group: str, run_id: uuid.UUID) -> str | None:
+        """Join ``group`` with this executor's channel; the channel, or None if not joined (logged)."""
+        try:
+            channel = await self._ensure_channel()
+            if channel is not None:
+                await self._layer().group_add(group, channel)
+            return channel
+        except Exception as exc:  # the cancel poll still stops the run
+            logger.warning("run %s: control group not joined (%s)", run_id, type(exc).__name__)
+            return None
 
     # --- Supervision ----------------------------------------------------------------------------------------
 
