@@ -33,7 +33,7 @@ from bench import toolvenv
 from bench.client import Connection
 from bench.harness import PRIVATE_POSTGRES, harness, pin_self
 from bench.measure import Target
-from bench.run import CHAT_PATH
+from bench.run import API_PATH, CHAT_PATH
 from deploy.throwaway import HOST, ROOT
 
 PYSPY_REQUIREMENT = "py-spy==0.4.3"
@@ -99,7 +99,7 @@ def our_functions(stacks: list[tuple[list[str], int]], limit: int = 20) -> list[
 
 
 async def _sequential(target: Target, *, seconds: float, scenario: str = "fast") -> tuple[int, int]:
-    raw = target.chat(scenario)
+    raw = target.api() if scenario == "api" else target.chat(scenario)
     connection = Connection(HOST, target.port)
     done = errors = 0
     deadline = time.monotonic() + seconds
@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne")
     parser.add_argument(
         "--scenario",
-        choices=("fast", "long"),
+        choices=("fast", "long", "api"),
         default="fast",
-        help="fast: 10-token streams (per-request costs, the default); long: 2,000-token ones (per-chunk costs)",
+        help="fast: 10-token streams (per-request costs, the default); long: 2,000-token ones (per-chunk costs); "
+        "api: plain GET /api/v1/org requests",
     )
     parser.add_argument("--database-url", default=PRIVATE_POSTGRES)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://{HOST}:{simulator.port}"
             seeded = h.seed_cesaflow(simulator_url=url, tap_url=url)
             server = h.start_server(app="cesaflow", server=args.server, name=f"cesaflow-{args.server}")
-            target = Target(f"cesaflow-{args.server}", server.port, CHAT_PATH, seeded["api_key"], seeded["label"])
+            target = Target(
+                f"cesaflow-{args.server}", server.port, CHAT_PATH, seeded["api_key"], seeded["label"], api_path=API_PATH
+            )
             warm, warm_errors = asyncio.run(_sequential(target, seconds=3))
             if warm_errors:
                 print(f"{warm_errors} of {warm} warm-up requests failed:\n{server.log_tail()}", file=sys.stderr)

@@ -114,6 +114,7 @@ async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gon
     run = await sync_to_async(_watched)(key, cast.admin_a.user)
     principal = KeyPrincipal(cast.dev_a.api_key)
     context = await sync_to_async(org_context_for)(principal)
+    assert context is not None
     local = executor_module.bind_server_loop()
     assert local is not None
     try:
