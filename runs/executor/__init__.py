@@ -93,7 +93,7 @@ class _BackgroundLoop:
 def submit(run_id: uuid.UUID) -> None:
     """Hand a queued run to the executor. Called after the run's row is committed; returns at once."""
     if settings.RUN_EXECUTOR == "worker":
-        _nudge_workers()
+        _nudge_workers(run_id)
         return
     loop, executor = _inline_executor()
     _call_in_loop(loop, executor.submit_run, run_id)
@@ -150,12 +150,14 @@ async def _logged(func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         logger.error("executor: %s failed (%s)", getattr(func, "__name__", "task"), type(exc).__name__)
 
 
-def _nudge_workers() -> None:
+def _nudge_workers(run_id: uuid.UUID) -> None:
+    """Tell the workers a run may start: each with a free slot tries to claim it at once (the first wins), then looks
+    at the queue as on its poll."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(events.WORKERS_GROUP, {"type": "run.nudge"})
+        async_to_sync(layer.group_send)(events.WORKERS_GROUP, {"type": "run.nudge", "run_id": str(run_id)})
     except Exception as exc:  # workers poll the queue anyway
         logger.warning("run_worker nudge not sent (%s)", type(exc).__name__)
 

@@ -420,7 +420,23 @@ class Executor:
                 if active is not None:
                     active.control.request_stop(STOP_CANCELLED)
             elif kind == "run.nudge":
-                self._wake.set()
+                run_id = _parse_uuid(message.get("run_id"))
+                if run_id is not None and self._free_slots() > 0:
+                    self._spawn_internal(self._claim_nudged(run_id), "nudged-claim")
+                else:
+                    self._wake.set()
+
+    async def _claim_nudged(self, run_id: uuid.UUID) -> None:
+        """The run a nudge names, claimed directly (the path from a watcher attaching to its first words, one fair
+        pass over the queue shorter); if another executor won it, or its org has no slot, the queue is looked at as
+        on any nudge."""
+        try:
+            claimed = await self.submit_run(run_id)
+        except Exception as exc:  # the database went away: the supervisor's polls take over
+            logger.warning("executor %s: nudged claim failed (%s)", self.worker_id, type(exc).__name__)
+            claimed = False
+        if not claimed and self._wake is not None:
+            self._wake.set()
 
     async def _ensure_channel(self) -> str | None:
         layer = self._layer()
