@@ -1,6 +1,7 @@
 """ASGI entry point: HTTP through Django, websockets through Channels (Origin checked; the consumers authenticate
 through ``orgs.authentication``, the same path as every HTTP request). The OpenAI-compatible endpoint takes the
-gateway's lean path (``cesaflow.gateway``): the same Django views with only the middleware they need.
+gateway's lean path (``cesaflow.gateway``): the same Django views with only the middleware they need; every other
+request Django's full chain, its header middleware called on the event loop (``PageASGIHandler``).
 
 Every HTTP request passes the request-body limit table first (``cesaflow.lib.body_limit``): this is the limit's
 enforcement point under any ASGI server; ``cesaflow.serve``, the production server, enforces the same table before
@@ -11,15 +12,15 @@ from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cesaflow.settings")
 
-from django.core.asgi import get_asgi_application
+import django
 
 # Django must be set up before anything imports models.
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from cesaflow.gateway import GatewayASGIHandler, is_gateway_path  # noqa: E402
+from cesaflow.gateway import GatewayASGIHandler, PageASGIHandler, is_gateway_path  # noqa: E402
 from cesaflow.lib.api import error_body  # noqa: E402
 from cesaflow.lib.body_limit import BodyLimitMiddleware, TooLarge, too_large_message  # noqa: E402
 from cesaflow.routing import websocket_urlpatterns  # noqa: E402
@@ -27,6 +28,7 @@ from runs.executor import asgi_wrapper  # noqa: E402
 from runs.proxy.errors import ProxyError  # noqa: E402
 
 gateway_asgi_app = GatewayASGIHandler()
+django_asgi_app = PageASGIHandler()
 
 
 def too_large_answer(path: str, limit: int) -> TooLarge:

@@ -5,7 +5,7 @@ These views authenticate with org API keys only (``orgs.authentication``, throug
 CSRF-exempt and render nothing: no session, CSRF, login redirect, messages or template middleware applies to
 them. They keep what every response needs: the security headers, the request context (request id, client IP,
 user agent for the audit trail) and the CSP header. ``cesaflow.asgi`` routes exactly these paths here; everything
-else takes Django's full handler.
+else takes Django's full chain (``PageASGIHandler``, below), with the same header middleware on the loop.
 
 No thread hop outside the views' own database work: the middleware here is pure header work (settings in, headers
 out: no I/O, no database), so the Django ``MiddlewareMixin`` classes among it (``ON_THE_LOOP``) have their
@@ -23,8 +23,9 @@ import contextlib
 from typing import Any, Final
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
 from django.core import signals
-from django.core.exceptions import ImproperlyConfigured, RequestAborted
+from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBadRequest, HttpResponseBase
@@ -51,6 +52,12 @@ ON_THE_LOOP: Final = frozenset(
         "django.middleware.security.SecurityMiddleware",
         "django.middleware.clickjacking.XFrameOptionsMiddleware",
         "csp.middleware.CSPMiddleware",
+        # Django's full chain only (``PageASGIHandler``). The request's host and path, redirects to a slashed URL
+        # (resolving the URLconf), the CSRF cookie read and set (``process_view``, which may parse a form body
+        # already in memory, keeps Django's adaptation), flash messages kept in a cookie (``MESSAGE_STORAGE``).
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
     }
 )
 
@@ -167,3 +174,43 @@ class GatewayASGIHandler(ASGIHandler):
                 instance = _OnTheLoop(instance, handler)
             handler = convert_exception_to_response(instance)
         self._middleware_chain = handler
+
+
+class PageASGIHandler(ASGIHandler):
+    """Django's ASGI handler for every request but the gateway's: ``settings.MIDDLEWARE`` as Django loads it, except
+    that the hooks of the ``ON_THE_LOOP`` middleware run on the event loop (``_OnTheLoop``), not in a thread hop
+    each: under Django's ``MiddlewareMixin`` the full chain cost thirteen hops a request, most of them for header
+    work (issue #13: the plain API's requests per second). View-level hooks (``process_view`` and the rest) keep
+    Django's adaptation. The loading below is ``BaseHandler.load_middleware`` of Django 5.2 with that one change."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
+        handler: Any = convert_exception_to_response(get_response)
+        handler_is_async = is_async
+        for path in reversed(settings.MIDDLEWARE):
+            middleware = import_string(path)
+            if not getattr(middleware, "async_capable", False) or not getattr(middleware, "sync_capable", True):
+                raise ImproperlyConfigured(f"{path} must be both sync- and async-capable.")
+            middleware_is_async = handler_is_async
+            adapted = self.adapt_method_mode(middleware_is_async, handler, handler_is_async, name=f"middleware {path}")
+            try:
+                instance = middleware(adapted)
+            except MiddlewareNotUsed:
+                continue
+            handler = adapted
+            if hasattr(instance, "process_view"):
+                self._view_middleware.insert(0, self.adapt_method_mode(is_async, instance.process_view))
+            if hasattr(instance, "process_template_response"):
+                self._template_response_middleware.append(
+                    self.adapt_method_mode(is_async, instance.process_template_response)
+                )
+            if hasattr(instance, "process_exception"):
+                # Django keeps the exception-handling stack synchronous.
+                self._exception_middleware.append(self.adapt_method_mode(False, instance.process_exception))
+            chained = _OnTheLoop(instance, handler) if middleware_is_async and path in ON_THE_LOOP else instance
+            handler = convert_exception_to_response(chained)
+            handler_is_async = middleware_is_async
+        self._middleware_chain = self.adapt_method_mode(is_async, handler, handler_is_async)

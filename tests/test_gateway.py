@@ -1,5 +1,6 @@
 """The gateway's lean path (``cesaflow.gateway``): the OpenAI-compatible endpoint skips the middleware it never
-uses and keeps the headers every response needs; everything else keeps Django's full chain."""
+uses and keeps the headers every response needs; everything else keeps Django's full chain, its header middleware
+called on the event loop (``PageASGIHandler``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from cesaflow.asgi import application
-from cesaflow.gateway import GATEWAY_MIDDLEWARE, GatewayASGIHandler
+from cesaflow.gateway import GATEWAY_MIDDLEWARE, GatewayASGIHandler, PageASGIHandler
 from tests.runs.test_execution_support import async_isolation  # noqa: F401 - a fixture, used below
 from tests.signin import cookie_header, session_cookies_for
 
@@ -136,3 +137,68 @@ class SyncOnlyMiddleware:
 
     def __init__(self, get_response: object) -> None:
         self.get_response = get_response
+
+
+# --- Every other request: Django's full chain, header middleware on the loop ------------------------------------
+
+
+async def test_pages_run_their_header_middleware_on_the_event_loop_and_view_hooks_as_django_does(cast, monkeypatch):
+    """Under Django's handler each hook of a ``MiddlewareMixin`` was a thread hop (thirteen a request); the header
+    middleware's now run in the loop's own thread, where I/O would block the server (so only hooks without any are
+    listed in ``ON_THE_LOOP``). ``process_view`` hooks keep Django's adaptation, in the request's thread."""
+    import threading
+
+    from django.contrib.messages.middleware import MessageMiddleware
+    from django.middleware.common import CommonMiddleware
+    from django.middleware.csrf import CsrfViewMiddleware
+    from django.middleware.security import SecurityMiddleware
+
+    threads: dict[str, int] = {}
+
+    def spy(cls: type, hook: str) -> None:
+        original = getattr(cls, hook)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            threads[f"{cls.__name__}.{hook}"] = threading.get_ident()
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, hook, wrapper)
+
+    for cls, hook in (
+        (SecurityMiddleware, "process_request"),
+        (CommonMiddleware, "process_response"),
+        (CsrfViewMiddleware, "process_response"),
+        (MessageMiddleware, "process_response"),
+        (CsrfViewMiddleware, "process_view"),
+    ):
+        spy(cls, hook)
+    key = [(b"x-api-key", cast.dev_a.api_secret.encode())]
+    response = await _get("/api/v1/org", key, PageASGIHandler())  # its chain built with the spies
+    assert response["status"] == 200
+    assert response_header(response, "x-frame-options") == "DENY"
+    loop_thread = threading.get_ident()
+    on_the_loop = {name: ident for name, ident in threads.items() if name != "CsrfViewMiddleware.process_view"}
+    assert on_the_loop == dict.fromkeys(on_the_loop, loop_thread)
+    assert len(on_the_loop) == 4
+    assert threads["CsrfViewMiddleware.process_view"] != loop_thread
+
+
+async def test_pages_keep_what_their_middleware_does(cast):
+    login = await _get("/login/", [])
+    assert login["status"] == 200
+    assert "set-cookie" in {name.decode().lower() for name, _ in login["headers"]}  # the CSRF cookie
+    assert response_header(login, "x-content-type-options") == "nosniff"
+    assert "content-security-policy" in {name.decode().lower() for name, _ in login["headers"]}
+    slashless = await _get("/login", [])
+    assert (slashless["status"], response_header(slashless, "location")) == (301, "/login/")  # APPEND_SLASH
+    # Deny by default (LoginRequiredMiddleware, a view hook): a dashboard page without a session goes to sign-in.
+    sessions = await _get("/account/sessions/", [])
+    assert sessions["status"] == 302
+    assert response_header(sessions, "location").startswith("/login/")
+
+
+def test_the_page_handler_refuses_middleware_that_cannot_run_both_ways(settings):
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, "tests.test_gateway.SyncOnlyMiddleware"]
+    handler = PageASGIHandler.__new__(PageASGIHandler)
+    with pytest.raises(ImproperlyConfigured, match="sync- and async-capable"):
+        handler.load_middleware(is_async=True)
