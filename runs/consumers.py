@@ -229,8 +229,8 @@ class RunConsumer(_RunEventsConsumer):
             return
         run_id: uuid.UUID = self.scope["url_route"]["kwargs"]["run_id"]
         # Join before taking the snapshot: an event published in between is then queued for us, not missed. The
-        # run's group is joined before the run is looked up (in the hop below, one hop less on the path to its
-        # first words): nothing is forwarded until it is found to be the caller's org's (``forwarding``).
+        # run's group is joined before the run is looked up (in the hop below, so the run is read once on the path
+        # to its first words): nothing is forwarded until it is found to be the caller's org's (``forwarding``).
         await self.join_revocations(events.run_group(run_id))
         await self.accept()
         # One hop: the credentials once more, the snapshot, and start on attach (now that this socket receives the
