@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"profile-{stamp}.txt").write_text(folded)
     print(
-        f"\n{args.server}, {done} sequential {args.scenario} streams in {args.seconds:.0f} s ({errors} failed), "
+        f"\n{args.server}, {done} sequential {args.scenario} requests in {args.seconds:.0f} s ({errors} failed), "
         f"{cpu_s * 1000 / max(done, 1):.1f} ms of process CPU each; {samples} samples with the GIL held; "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )

@@ -85,7 +85,54 @@ class _OnTheLoop:
         return response  # type: ignore[no-any-return]
 
 
-class GatewayASGIHandler(ASGIHandler):
+class PageASGIHandler(ASGIHandler):
+    """Django's ASGI handler for every request but the gateway's: ``settings.MIDDLEWARE`` as Django loads it, except
+    that the hooks of the ``ON_THE_LOOP`` middleware run on the event loop (``_OnTheLoop``), not in a thread hop
+    each: under Django's ``MiddlewareMixin`` the full chain cost thirteen hops a request, most of them for header
+    work (issue #13: the plain API's requests per second). View-level hooks (``process_view`` and the rest) keep
+    Django's adaptation. The loading below is ``BaseHandler.load_middleware`` of Django 5.2 with that one change
+    (re-read it on a Django upgrade); the gateway's handler loads its own chain with it."""
+
+    middleware_paths: tuple[str, ...] | None = None  # None: settings.MIDDLEWARE
+
+    def admit(self, path: str, instance: Any) -> None:
+        """Refuse (``ImproperlyConfigured``) a middleware this chain cannot hold; any may join this one."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
+        handler: Any = convert_exception_to_response(get_response)
+        handler_is_async = is_async
+        for path in reversed(self.middleware_paths if self.middleware_paths is not None else settings.MIDDLEWARE):
+            middleware = import_string(path)
+            if not getattr(middleware, "async_capable", False) or not getattr(middleware, "sync_capable", True):
+                raise ImproperlyConfigured(f"{path} must be both sync- and async-capable.")
+            middleware_is_async = handler_is_async
+            adapted = self.adapt_method_mode(middleware_is_async, handler, handler_is_async, name=f"middleware {path}")
+            try:
+                instance = middleware(adapted)
+            except MiddlewareNotUsed:
+                continue
+            handler = adapted
+            self.admit(path, instance)
+            if hasattr(instance, "process_view"):
+                self._view_middleware.insert(0, self.adapt_method_mode(is_async, instance.process_view))
+            if hasattr(instance, "process_template_response"):
+                self._template_response_middleware.append(
+                    self.adapt_method_mode(is_async, instance.process_template_response)
+                )
+            if hasattr(instance, "process_exception"):
+                # Django keeps the exception-handling stack synchronous.
+                self._exception_middleware.append(self.adapt_method_mode(False, instance.process_exception))
+            chained = _OnTheLoop(instance, handler) if middleware_is_async and path in ON_THE_LOOP else instance
+            handler = convert_exception_to_response(chained)
+            handler_is_async = middleware_is_async
+        self._middleware_chain = self.adapt_method_mode(is_async, handler, handler_is_async)
+
+
+class GatewayASGIHandler(PageASGIHandler):
     """Django's ASGI handler with ``GATEWAY_MIDDLEWARE`` instead of ``settings.MIDDLEWARE``, and without a
     per-request ``ThreadSensitiveContext``.
 
@@ -96,7 +143,7 @@ class GatewayASGIHandler(ASGIHandler):
     receivers) run on asgiref's shared thread.
     """
 
-    middleware_paths: tuple[str, ...] = GATEWAY_MIDDLEWARE
+    middleware_paths: tuple[str, ...] | None = GATEWAY_MIDDLEWARE
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -154,63 +201,10 @@ class GatewayASGIHandler(ASGIHandler):
             response.close()  # sends request_finished
         body_file.close()
 
-    def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware: list[Any] = []
-        self._template_response_middleware: list[Any] = []
-        self._exception_middleware: list[Any] = []
-        handler: Any = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
-        for path in reversed(self.middleware_paths):
-            middleware = import_string(path)
-            if not getattr(middleware, "async_capable", False):
-                raise ImproperlyConfigured(f"{path} is not async-capable: it cannot be on the gateway's path.")
-            instance = middleware(handler)
-            if not iscoroutinefunction(instance):
-                raise ImproperlyConfigured(f"{path} did not adapt to the async chain.")
-            # View-level hooks would need Django's full adaptation; the gateway's middleware has none.
-            for hook in ("process_view", "process_template_response", "process_exception"):
-                if hasattr(instance, hook):
-                    raise ImproperlyConfigured(f"{path} has {hook}: keep such middleware off the gateway's path.")
-            if path in ON_THE_LOOP:
-                instance = _OnTheLoop(instance, handler)
-            handler = convert_exception_to_response(instance)
-        self._middleware_chain = handler
-
-
-class PageASGIHandler(ASGIHandler):
-    """Django's ASGI handler for every request but the gateway's: ``settings.MIDDLEWARE`` as Django loads it, except
-    that the hooks of the ``ON_THE_LOOP`` middleware run on the event loop (``_OnTheLoop``), not in a thread hop
-    each: under Django's ``MiddlewareMixin`` the full chain cost thirteen hops a request, most of them for header
-    work (issue #13: the plain API's requests per second). View-level hooks (``process_view`` and the rest) keep
-    Django's adaptation. The loading below is ``BaseHandler.load_middleware`` of Django 5.2 with that one change."""
-
-    def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware: list[Any] = []
-        self._template_response_middleware: list[Any] = []
-        self._exception_middleware: list[Any] = []
-        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
-        handler: Any = convert_exception_to_response(get_response)
-        handler_is_async = is_async
-        for path in reversed(settings.MIDDLEWARE):
-            middleware = import_string(path)
-            if not getattr(middleware, "async_capable", False) or not getattr(middleware, "sync_capable", True):
-                raise ImproperlyConfigured(f"{path} must be both sync- and async-capable.")
-            middleware_is_async = handler_is_async
-            adapted = self.adapt_method_mode(middleware_is_async, handler, handler_is_async, name=f"middleware {path}")
-            try:
-                instance = middleware(adapted)
-            except MiddlewareNotUsed:
-                continue
-            handler = adapted
-            if hasattr(instance, "process_view"):
-                self._view_middleware.insert(0, self.adapt_method_mode(is_async, instance.process_view))
-            if hasattr(instance, "process_template_response"):
-                self._template_response_middleware.append(
-                    self.adapt_method_mode(is_async, instance.process_template_response)
-                )
-            if hasattr(instance, "process_exception"):
-                # Django keeps the exception-handling stack synchronous.
-                self._exception_middleware.append(self.adapt_method_mode(False, instance.process_exception))
-            chained = _OnTheLoop(instance, handler) if middleware_is_async and path in ON_THE_LOOP else instance
-            handler = convert_exception_to_response(chained)
-            handler_is_async = middleware_is_async
-        self._middleware_chain = self.adapt_method_mode(is_async, handler, handler_is_async)
+    def admit(self, path: str, instance: Any) -> None:
+        if not iscoroutinefunction(instance):
+            raise ImproperlyConfigured(f"{path} did not adapt to the async chain.")
+        # View-level hooks would need Django's full adaptation; the gateway's middleware has none.
+        for hook in ("process_view", "process_template_response", "process_exception"):
+            if hasattr(instance, hook):
+                raise ImproperlyConfigured(f"{path} has {hook}: keep such middleware off the gateway's path.")

@@ -52,16 +52,14 @@ async def awatch_start(*, principal: Principal, context: OrgContext, run_id: uui
     from runs import executor  # the executor imports services; import at call time
 
     local = executor.local_executor()
-    reserved = local is not None and local.reserve_slot()
+    if local is not None and not local.reserve_slot():
+        local = None  # no free slot here: the run is handed over as usual
     hop = asyncio.ensure_future(
         database_sync_to_async(watch_start)(
-            principal=principal,
-            context=context,
-            run_id=run_id,
-            claim_for=local.worker_id if local is not None and reserved else None,
+            principal=principal, context=context, run_id=run_id, claim_for=local.worker_id if local else None
         )
     )
-    if local is not None and reserved:
+    if local is not None:
 
         def hand_over(done: asyncio.Future[WatchStart]) -> None:
             start = None if done.cancelled() or done.exception() is not None else done.result()
