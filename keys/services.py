@@ -338,6 +338,24 @@ def provider_key_record_use(*, key: ProviderKey, actor: Actor, purpose: str, ref
     )
 
 
+@sensitive_variables(*_SENSITIVE)
+def provider_key_record_opening(*, key: ProviderKey, actor: Actor, purpose: str, reference: str) -> bool:
+    """For a caller that will open ``key`` in memory (``provider_key_unseal``) for one call, from the row it read in
+    its own transaction: check now that the value opens (the plaintext is dropped at once) and record the opening
+    in that transaction, as ``provider_key_open`` does: ``key.used``, or ``key.decrypt_failed``. True if it opens;
+    False (and nothing recorded) for a revoked or wiped key. The claims of chat runs (``runs.services.claiming``):
+    the executor then calls the provider without a database hop of its own (issue #13)."""
+    try:
+        provider_key_unseal(key=key).drop()
+    except ProviderKeyUnavailable:
+        return False
+    except ProviderKeyDecryptionError:
+        provider_key_record_decrypt_failure(key=key, actor=actor, purpose=purpose, reference=reference)
+        return False
+    provider_key_record_use(key=key, actor=actor, purpose=purpose, reference=reference)
+    return True
+
+
 def provider_key_record_decrypt_failure(*, key: ProviderKey, actor: Actor, purpose: str, reference: str = "") -> None:
     """Audit ``key.decrypt_failed`` for a value ``provider_key_unseal`` could not open (metadata only)."""
     try:

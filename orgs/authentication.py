@@ -245,14 +245,20 @@ def _current(principal: Principal, *, org_id: str) -> tuple[bool, OrgContext | N
     """(are the credentials still live?, the principal's context in ``org_id`` as of now)."""
     if isinstance(principal, KeyPrincipal):
         key = ApiKey.objects.select_related("org", "created_by").filter(pk=principal.api_key.pk).first()
-        if key is None or not key.is_active() or (key.created_by is not None and not key.created_by.is_active):
+        if key is None or (key.created_by is not None and not key.created_by.is_active):
             return False, None
-        context = context_for_api_key(key)
-        return True, context if str(context.org.pk) == org_id else None
+        return _key_current(key, org_id=org_id)
     user = User.objects.filter(pk=principal.user.pk, is_active=True).first()
     if user is None or not session_is_live(key=principal.session.key, user_id=str(user.pk)):
         return False, None
     return True, context_for_user(user, org_id=org_id, fallback=False)
+
+
+def _key_current(key: ApiKey, *, org_id: str) -> tuple[bool, OrgContext | None]:
+    if not key.is_active():
+        return False, None
+    context = context_for_api_key(key)
+    return True, context if str(context.org.pk) == org_id else None
 
 
 def context_now(principal: Principal, *, org_id: str) -> OrgContext | None:
@@ -264,12 +270,40 @@ def revalidate(principal: Principal, context: OrgContext, *, capability: str = R
     """For an open stream: None if ``principal`` may still use ``capability`` in ``context``'s org, else the
     websocket close code (4401 credentials gone, 4403 rights gone or the org suspended). Sync (DB and session
     store); raises ``SessionStoreUnavailable`` (callers treat it as gone: fail closed)."""
-    live, fresh = _current(principal, org_id=str(context.org.pk))
+    return _verdict(*_current(principal, org_id=str(context.org.pk)), capability=capability)
+
+
+def _verdict(live: bool, fresh: OrgContext | None, *, capability: str) -> int | None:
     if not live:
         return CLOSE_UNAUTHENTICATED
     if fresh is None or fresh.org.is_suspended or not fresh.can(capability):
         return CLOSE_FORBIDDEN
     return None
+
+
+@dataclass(frozen=True)
+class CachedVerdict:
+    refused: int | None  # ``revalidate``'s answer
+
+
+async def arevalidate_cached(
+    principal: Principal, context: OrgContext, *, capability: str = RUNS_READ
+) -> CachedVerdict | None:
+    """``revalidate`` answered on the event loop, without the database, when it can be: for an org API key still
+    in the verified-keys cache for the authorization generation read now (``orgs.api_key_cache``, the gateway's).
+    None: it cannot be (a session, a key not cached, a generation changed since): call ``revalidate``.
+
+    Why a cached answer is as good as the database's right after a stream joined its revocation groups: every
+    revocation signal is sent only after the generation has been replaced, after the revocation committed
+    (``orgs.revocation``). A signal sent before the stream joined therefore replaced the generation before this
+    read, and every entry of the generation read here was remembered from a database read made after that
+    revocation committed. A signal sent after the stream joined is heard, and its check reads the database."""
+    if not isinstance(principal, KeyPrincipal):
+        return None
+    cached = api_key_cache.recall(digest=principal.api_key.digest, token=await row_cache.ageneration())
+    if cached is None or cached.pk != principal.api_key.pk:
+        return None
+    return CachedVerdict(_verdict(*_key_current(cached, org_id=str(context.org.pk)), capability=capability))
 
 
 # --- DRF -------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from channels.layers import get_channel_layer
 from django.db import transaction
 from django.dispatch import receiver
 
+from cesaflow.lib import row_cache
 from orgs import signals
 from orgs.models import Organization
 
@@ -35,6 +36,9 @@ def org_group(org_id: object) -> str:
 
 
 def _send(group: str) -> None:
+    # The generation first: a stream that joins after this signal went out, and so misses it, checks against a
+    # generation whose cached entries were all read after the change (``orgs.authentication.arevalidate_cached``).
+    row_cache.invalidate()
     layer = get_channel_layer()
     if layer is None:
         return

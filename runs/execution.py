@@ -24,7 +24,6 @@ import uuid
 from contextlib import aclosing
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from keys.services import (
@@ -57,7 +56,6 @@ from runs.execution_common import (
 from runs.models import Run, RunKind, RunStatus
 from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter
 from runs.providers.events import ErrorKind, ProviderError, Retry, TextDelta, TurnEnd, Usage
-from runs.selectors import unscoped_run_for_execution
 from runs.services import run_finish
 from runs.services.claiming import EXECUTABLE_KINDS
 from runs.services.tokens import CALL_MAX_OUTPUT_TOKENS
@@ -74,21 +72,11 @@ SYSTEM_PROMPT = (
 MAX_OUTPUT_TOKENS = CALL_MAX_OUTPUT_TOKENS
 
 
-async def execute_run(
-    run_id: uuid.UUID,
-    *,
-    control: RunControl,
-    layer: Any = None,
-    limits: CallLimits | None = None,
-    run: Run | None = None,
-) -> Run | None:
-    """Execute a run its executor has claimed (status ``running``) and record how it ended. Returns the finished
-    run (None if it vanished). Never raises for provider or channel-layer trouble: those end the run. ``run``: the
-    claimed run as ``unscoped_run_for_execution`` reads it, when the claim already did (one hop less)."""
-    if run is None:
-        run = await database_sync_to_async(unscoped_run_for_execution)(run_id=run_id)
-    if run is None:
-        return None
+async def execute_run(run: Run, *, control: RunControl, layer: Any = None, limits: CallLimits | None = None) -> Run:
+    """Execute a run its executor has claimed (status ``running``), as the claim returned it (read as
+    ``unscoped_run_for_execution`` reads it, its key's opening recorded: ``runs.services.claiming``), and record
+    how it ended. Returns the finished run. Never raises for provider or channel-layer trouble: those end the
+    run."""
     started = time.monotonic()
     publisher = RunPublisher(run, layer=layer, coalesce_s=settings.RUN_STREAM_COALESCE_SECONDS)
     tally = Tally()
@@ -160,7 +148,7 @@ async def _call_provider(
         return KEY_REVOKED
     try:
         # The key is open for this one call only; the adapter holding it is dropped with the block.
-        async with opened_adapter(run, key, limits=limits or call_limits()) as adapter:
+        async with opened_adapter(run, key, limits=limits or call_limits(), recorded=True) as adapter:
             request = ChatRequest(
                 model=run.model,
                 system=SYSTEM_PROMPT,

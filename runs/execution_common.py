@@ -17,9 +17,15 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from cesaflow.lib.http import get_http_client
+from keys.crypto import Secret
 from keys.egress import egress_policy
 from keys.models import KeyStatus, ProviderKey
-from keys.services import ProviderKeyUnavailable, aprovider_key_open, provider_key_record_check
+from keys.services import (
+    ProviderKeyUnavailable,
+    aprovider_key_open,
+    provider_key_record_check,
+    provider_key_unseal,
+)
 from runs import events
 from runs.models import Run, RunStatus
 from runs.providers import CallLimits, ProviderAdapter, adapter_for
@@ -321,18 +327,34 @@ def usable_key(run: Run) -> ProviderKey | None:
 
 
 @asynccontextmanager
-async def opened_adapter(run: Run, key: ProviderKey, *, limits: CallLimits) -> AsyncIterator[ProviderAdapter]:
+async def opened_adapter(
+    run: Run, key: ProviderKey, *, limits: CallLimits, recorded: bool = False
+) -> AsyncIterator[ProviderAdapter]:
     """The org's key opened for one provider call (audited ``key.used``) and an adapter holding it; both are
-    dropped with the block. Raises ``ProviderKeyUnavailable`` / ``ProviderKeyDecryptionError`` (see ``KEY_*``)."""
+    dropped with the block. Raises ``ProviderKeyUnavailable`` / ``ProviderKeyDecryptionError`` (see ``KEY_*``).
+    ``recorded``: the run's claim already recorded this opening (a chat run's one call:
+    ``runs.services.claiming.record_key_openings``), so the key is opened in memory from the row the claim read,
+    with no database hop."""
+    if recorded:
+        secret = provider_key_unseal(key=key)
+        try:
+            yield _adapter(run, key, secret, limits)
+        finally:
+            secret.drop()
+        return
     actor = run.created_by_user or run.created_by_api_key
     async with aprovider_key_open(key=key, actor=actor, purpose="run", reference=str(run.id)) as secret:
-        yield adapter_for(
-            run.provider,
-            base_url=key.base_url or None,
-            api_key=secret.reveal(),
-            client=get_http_client(egress_policy()),
-            limits=limits,
-        )
+        yield _adapter(run, key, secret, limits)
+
+
+def _adapter(run: Run, key: ProviderKey, secret: Secret, limits: CallLimits) -> ProviderAdapter:
+    return adapter_for(
+        run.provider,
+        base_url=key.base_url or None,
+        api_key=secret.reveal(),
+        client=get_http_client(egress_policy()),
+        limits=limits,
+    )
 
 
 async def record(func: Callable[..., Any], /, **kwargs: Any) -> Any:

@@ -1,7 +1,8 @@
 """Starting to watch a run (the SSE stream and the websocket): one database hop once the watcher is subscribed.
 
 The watcher subscribes to the run's group first (an event published meanwhile is queued, not missed), then this
-hop checks the credentials once more (a revocation committed before the subscription was not heard), takes the
+hop checks the credentials once more (a revocation committed before the subscription was not heard; for an org API
+key verified recently that check is answered on the event loop, ``arevalidate_cached``), takes the
 run's snapshot and attaches a run that waits for its watcher (start on attach). Where this process executes runs
 (the inline executor, with a free slot), the run is claimed for it in the attach's transaction and starts at once,
 without a hand-over and a claim of its own. Each of these was a hop of its own; on the path to a run's first words
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
 
-from orgs.authentication import Principal, revalidate
+from orgs.authentication import Principal, arevalidate_cached, revalidate
 from orgs.tenancy import OrgContext
 from runs.models import Run
 from runs.selectors import run_get_for_org
@@ -31,13 +32,20 @@ class WatchStart:
 
 
 def watch_start(
-    *, principal: Principal, context: OrgContext, run_id: uuid.UUID, claim_for: str | None = None
+    *,
+    principal: Principal,
+    context: OrgContext,
+    run_id: uuid.UUID,
+    claim_for: str | None = None,
+    revalidated: bool = False,
 ) -> WatchStart:
     """Sync (database and session store); raises ``SessionStoreUnavailable`` like ``revalidate``. ``claim_for``:
-    see ``run_attach``."""
-    refused = revalidate(principal, context)
-    if refused is not None:
-        return WatchStart(refused=refused, run=None)
+    see ``run_attach``. ``revalidated``: the credentials were checked once more since the subscription already
+    (``arevalidate_cached``)."""
+    if not revalidated:
+        refused = revalidate(principal, context)
+        if refused is not None:
+            return WatchStart(refused=refused, run=None)
     run = run_get_for_org(org=context.org, run_id=run_id)
     if run is None or run.is_terminal or run.attached_at is not None:
         return WatchStart(refused=None, run=run)
@@ -51,12 +59,19 @@ async def awatch_start(*, principal: Principal, context: OrgContext, run_id: uui
     this executor runs it."""
     from runs import executor  # the executor imports services; import at call time
 
+    cached = await arevalidate_cached(principal, context)  # an org API key: no database read
+    if cached is not None and cached.refused is not None:
+        return WatchStart(refused=cached.refused, run=None)
     local = executor.local_executor()
     if local is not None and not local.reserve_slot():
         local = None  # no free slot here: the run is handed over as usual
     hop = asyncio.ensure_future(
         database_sync_to_async(watch_start)(
-            principal=principal, context=context, run_id=run_id, claim_for=local.worker_id if local else None
+            principal=principal,
+            context=context,
+            run_id=run_id,
+            claim_for=local.worker_id if local else None,
+            revalidated=cached is not None,
         )
     )
     if local is not None:

@@ -276,7 +276,7 @@ class Executor:
         # trip on the path to its first words). One sent before the join lands is caught by the cancel poll.
         joining = asyncio.create_task(self._join(group, run_id))
         try:
-            await execute_run(run_id, control=control, layer=self.layer, limits=self.limits, run=run)
+            await execute_run(run, control=control, layer=self.layer, limits=self.limits)
         except Exception as exc:  # e.g. the database went away while recording: the reaper will finish it
             logger.error("run %s: executor error %s", run_id, type(exc).__name__)
         finally:

@@ -38,7 +38,7 @@ from runs.models import (
 
 # Claiming and the token cap's reservations have modules of their own; what callers use is re-exported here.
 from runs.services.claiming import ORG_RUN_QUEUE_FULL as ORG_RUN_QUEUE_FULL
-from runs.services.claiming import org_queue_check, run_claim_on_attach, running_fields
+from runs.services.claiming import org_queue_check, record_key_openings, run_claim_on_attach, running_fields
 from runs.services.claiming import run_claim as run_claim
 from runs.services.claiming import runs_claim_queued as runs_claim_queued
 from runs.services.tokens import TOKEN_CAP_REACHED as TOKEN_CAP_REACHED
@@ -234,6 +234,7 @@ def run_attach(*, run: Run, claim_for: str | None = None) -> Attached:
     for name, value in fields.items():
         setattr(run, name, value)
     if claimed:
+        record_key_openings([run])
         return Attached.CLAIMED
     transaction.on_commit(lambda: _submit(run.id))
     return Attached.SUBMITTED

@@ -30,6 +30,9 @@ from django.db import transaction
 from django.db.models import Exists, Min, OuterRef, Q, QuerySet
 from django.utils import timezone
 
+from cesaflow.lib import request_context
+from keys.models import KeyStatus
+from keys.services import provider_key_record_opening
 from orgs.models import Organization
 from runs.models import Project, Run, RunKind, RunStatus
 from runs.selectors import EXECUTION_RELATED, unscoped_org_run_slots
@@ -102,6 +105,29 @@ def running_fields(worker_id: str) -> dict[str, Any]:
     return {"status": RunStatus.RUNNING, "started_at": now, "worker_id": worker_id[:64], "heartbeat_at": now}
 
 
+def record_key_openings(runs: list[Run]) -> None:
+    """In a claim's transaction: a chat run's one provider call opens its key, and that opening is recorded here
+    (``key.used``, or ``key.decrypt_failed``; ``provider_key_record_opening``), with the claim, as the gateway
+    records its calls' with their run. The executor then opens the key in memory from the row the claim read
+    (``runs.execution_common.opened_adapter``), with no database hop between the claim and the provider call
+    (issue #13). Not for runs whose key is revoked or whose cancellation is already asked for (they make no call),
+    nor for agent runs: they open their key once per turn, each recorded then."""
+    # The run's own record, not the claimer's: a watcher's request (its address, its request id) that claimed the
+    # run on attaching must not be written on it, as it is on no other record of the run's execution.
+    token = request_context.bind(request_context.RequestContext())
+    try:
+        for run in runs:
+            key = run.provider_key
+            if run.kind != RunKind.CHAT or key is None or key.status == KeyStatus.REVOKED or run.cancel_requested_at:
+                continue
+            if key.org_id == run.org_id:
+                key.org = run.org  # the run's org row, already read: the audit row names it
+            actor = run.created_by_user or run.created_by_api_key
+            provider_key_record_opening(key=key, actor=actor, purpose="run", reference=str(run.id))
+    finally:
+        request_context.unbind(token)
+
+
 def _start(runs: list[Run], worker_id: str) -> None:
     fields = running_fields(worker_id)
     for run in runs:
@@ -109,6 +135,7 @@ def _start(runs: list[Run], worker_id: str) -> None:
             setattr(run, name, value)
     if runs:
         Run.objects.filter(id__in=[run.id for run in runs]).update(**fields)
+    record_key_openings(runs)
 
 
 @transaction.atomic

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from keys.models import Provider, ProviderKey
 from keys.services import provider_key_create
-from orgs.authentication import KeyPrincipal, org_context_for
+from orgs.authentication import SessionPrincipal, org_context_for
 from orgs.models import Organization
 from runs import executor as executor_module
 from runs.models import Run, RunKind, RunStatus
@@ -26,6 +26,7 @@ from tests.runs.test_execution_support import (
     async_isolation,  # noqa: F401 - a fixture, used below
     wait_for_status,
 )
+from tests.signin import record_for, session_cookies_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,11 +109,15 @@ def test_project_runs_and_suspended_orgs_are_left_to_the_executors_claims(cast):
 @pytest.mark.usefixtures("async_isolation")
 async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gone(cast, simulator, settings):
     """The watcher's task is cancelled (its client left) while the hop that claims the run is in flight: the run,
-    claimed for this process's executor, still executes there, and nobody else may claim it."""
+    claimed for this process's executor, still executes there, and nobody else may claim it. (A signed-in
+    watcher: its credentials are checked in the hop itself, which therefore starts before the watcher's first
+    pause.)"""
     settings.RUN_EXECUTOR = "inline"
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
     run = await sync_to_async(_watched)(key, cast.admin_a.user)
-    principal = KeyPrincipal(cast.dev_a.api_key)
+    record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
+    assert record is not None
+    principal = SessionPrincipal(user=cast.dev_a.user, session=record)
     context = await sync_to_async(org_context_for)(principal)
     assert context is not None
     local = executor_module.bind_server_loop()

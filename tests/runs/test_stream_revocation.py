@@ -12,12 +12,23 @@ from django.db import OperationalError
 from django.test import AsyncClient
 from django.utils import timezone
 
+from cesaflow.lib import row_cache
+from orgs import revocation
+from orgs.authentication import (
+    CachedVerdict,
+    KeyPrincipal,
+    SessionPrincipal,
+    api_key_verify,
+    arevalidate_cached,
+    org_context_for,
+)
 from orgs.models import ApiKey, Membership
 from orgs.services import api_key_revoke, membership_change_role, membership_remove
 from orgs.sessions.services import sessions_revoke_all
 from orgs.sessions.store import session_store
 from runs import consumers
 from runs.models import Run, RunStatus
+from runs.watching import awatch_start
 from tests.runs.test_consumers import ORIGIN, close_code, key_headers, open_run_socket, session_headers, socket
 from tests.runs.test_execution_support import (
     amake_run,
@@ -183,3 +194,49 @@ async def test_an_expired_api_key_ends_the_sse_stream_on_the_timer(cast, queued_
     await ApiKey.objects.filter(pk=cast.dev_a.api_key.pk).aupdate(expires_at=timezone.now())
     kind, _, event = await frames.next(timeout=4.0)
     assert (kind, event["kind"]) == ("error", "credentials_revoked")
+
+
+# --- The check right after subscribing, answered from the verified-keys cache (issue #13) ----------------------
+
+
+async def _verified(secret: str) -> KeyPrincipal:
+    """A principal as a stream's connect makes it: the key verified (and remembered by the cache)."""
+    return KeyPrincipal(await sync_to_async(api_key_verify)(secret))
+
+
+async def test_a_key_verified_recently_is_checked_again_without_the_database(cast):
+    principal = await _verified(cast.dev_a.api_secret)
+    context = await sync_to_async(org_context_for)(principal)
+    assert context is not None
+    assert await arevalidate_cached(principal, context) == CachedVerdict(refused=None)
+    # A capability the key lacks is refused from the cache too.
+    assert await arevalidate_cached(principal, context, capability="keys:write") == CachedVerdict(refused=4403)
+    # A session is always checked against the store and the database.
+    record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
+    assert record is not None
+    session = SessionPrincipal(user=cast.dev_a.user, session=record)
+    assert await arevalidate_cached(session, context) is None
+
+
+async def test_a_revocation_committed_before_the_subscription_is_seen_when_the_watch_starts(cast, queued_run):
+    """The key is verified (and cached) as the stream connects, then revoked before the stream subscribes, so its
+    signal reaches nobody: the check after subscribing must not trust the cached verdict."""
+    principal = await _verified(cast.dev_a.api_secret)
+    context = await sync_to_async(org_context_for)(principal)
+    assert context is not None
+    await sync_to_async(api_key_revoke)(api_key=cast.dev_a.api_key, actor=cast.admin_a.user)
+    assert await arevalidate_cached(principal, context) is None  # the cache cannot vouch for it any more
+    start = await awatch_start(principal=principal, context=context, run_id=queued_run.id)
+    assert (start.refused, start.run) == (4401, None)
+    assert (await Run.objects.aget(pk=queued_run.pk)).attached_at is None  # nothing attached for a revoked key
+
+
+def test_every_revocation_signal_replaces_the_authorization_generation_before_it_is_sent(cast):
+    """What ``arevalidate_cached`` relies on: a stream that missed a signal finds the generation changed."""
+    before = row_cache.generation()
+    revocation.signal_org(cast.org_a.pk)
+    after = row_cache.generation()
+    assert after is not None
+    assert after != before
+    revocation.signal_user(cast.dev_a.user.pk)
+    assert row_cache.generation() not in {before, after}
