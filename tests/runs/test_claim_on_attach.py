@@ -71,6 +71,7 @@ def test_a_waiting_run_is_claimed_for_the_attaching_executor_with_its_org_loaded
 
 def test_without_an_executor_here_the_run_is_handed_over_as_before(cast):
     run = _watched(_key(cast.org_a, cast.admin_a.user), cast.admin_a.user)
+    assert run_claim(run_id=run.id, worker_id="w") is None  # nobody watches it yet: no executor may start it
     assert run_attach(run=run) is Attached.SUBMITTED
     stored = _fresh(run)
     assert (stored.status, stored.attached_at is not None) == (RunStatus.QUEUED, True)
