@@ -94,11 +94,15 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         for host, batch in batches.items():
             pipe = self.connection(host).pipeline(transaction=False)
             queued_at: list[int] = []  # the position of each script's result among the pipeline's
+            stamp = 0.0
             for keys, args in batch:
                 for key in keys:
                     pipe.zremrangebyscore(key, min=0, max=expired_before)
                 queued_at.append(len(pipe))
-                pipe.eval(_QUEUE_TO_CHANNELS, len(keys), *keys, *args, time.time(), self.expiry)
+                # A channel pops its messages by this score: strictly increasing within the pipeline, so several
+                # messages to one channel in one call keep their order even on a coarse clock.
+                stamp = max(time.time(), stamp + 1e-6)
+                pipe.eval(_QUEUE_TO_CHANNELS, len(keys), *keys, *args, stamp, self.expiry)
             results = await pipe.execute()
             full = sum(int(results[at]) for at in queued_at)
             if full:
