@@ -50,14 +50,13 @@ from runs.execution_common import (
     record,
     retry_status,
     stopped_outcome,
-    usable_key,
     usage_event,
 )
 from runs.models import Run, RunKind, RunStatus
 from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter
 from runs.providers.events import ErrorKind, ProviderError, Retry, TextDelta, TurnEnd, Usage
 from runs.services import run_finish
-from runs.services.claiming import EXECUTABLE_KINDS
+from runs.services.claiming import EXECUTABLE_KINDS, usable_key
 from runs.services.tokens import CALL_MAX_OUTPUT_TOKENS
 
 logger = logging.getLogger("cesaflow.runs")

@@ -38,7 +38,6 @@ from runs.execution_common import (
     record,
     retry_status,
     stopped_outcome,
-    usable_key,
     usage_entry,
     usage_event,
 )
@@ -47,6 +46,7 @@ from runs.projects.services import project_record_run
 from runs.providers import CallLimits, ChatRequest
 from runs.providers.events import ErrorKind, ProviderEvent, Retry, Usage
 from runs.services import run_usage_add
+from runs.services.claiming import usable_key
 from runs.services.tokens import (
     CALL_MAX_OUTPUT_TOKENS,
     TOKEN_CAP_REACHED,

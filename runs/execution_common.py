@@ -320,12 +320,6 @@ KEY_REVOKED = Outcome(RunStatus.FAILED, "key_unavailable", "The provider key was
 KEY_UNREADABLE = Outcome(RunStatus.FAILED, "key_unavailable", "The provider key could not be decrypted.")
 
 
-def usable_key(run: Run) -> ProviderKey | None:
-    """The run's provider key, unless it was deleted or revoked since the run was created."""
-    key = run.provider_key
-    return None if key is None or key.status == KeyStatus.REVOKED else key
-
-
 @asynccontextmanager
 async def opened_adapter(
     run: Run, key: ProviderKey, *, limits: CallLimits, recorded: bool = False

@@ -31,7 +31,7 @@ from django.db.models import Exists, Min, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from cesaflow.lib import request_context
-from keys.models import KeyStatus
+from keys.models import KeyStatus, ProviderKey
 from keys.services import provider_key_record_opening
 from orgs.models import Organization
 from runs.models import Project, Run, RunKind, RunStatus
@@ -108,6 +108,12 @@ def running_fields(worker_id: str) -> dict[str, Any]:
     return {"status": RunStatus.RUNNING, "started_at": now, "worker_id": worker_id[:64], "heartbeat_at": now}
 
 
+def usable_key(run: Run) -> ProviderKey | None:
+    """The run's provider key, unless it was deleted or revoked since the run was created."""
+    key = run.provider_key
+    return None if key is None or key.status == KeyStatus.REVOKED else key
+
+
 def record_key_openings(runs: list[Run]) -> None:
     """In a claim's transaction: a chat run's one provider call opens its key, and that opening is recorded here
     (``key.used``, or ``key.decrypt_failed``; ``provider_key_record_opening``), with the claim, as the gateway
@@ -120,8 +126,8 @@ def record_key_openings(runs: list[Run]) -> None:
     token = request_context.bind(request_context.RequestContext())
     try:
         for run in runs:
-            key = run.provider_key
-            if run.kind != RunKind.CHAT or key is None or key.status == KeyStatus.REVOKED or run.cancel_requested_at:
+            key = usable_key(run)
+            if run.kind != RunKind.CHAT or key is None or run.cancel_requested_at:
                 continue
             if key.org_id == run.org_id:
                 key.org = run.org  # the run's org row, already read: the audit row names it
