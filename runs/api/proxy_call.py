@@ -1,11 +1,14 @@
 """One proxied completion (``runs.api.proxy_views``): the opened key, the provider stream, the run's bookkeeping.
 
 The provider call starts as soon as the request is authenticated and its key found (``begin``), concurrently with
-the thread hop that writes the run row and the ``key.used`` audit row; the view waits for both before the first
-byte goes out, so a refused run (cap, suspension) is still a real HTTP status and every answered call has its run
-and audit rows. The run's end is recorded off the response path (``finish``): the last frames go out at once and
-the run row, the usage ledger and the finished event follow in a background task of this process that a client's
-hang-up cannot cancel.
+the thread hop that writes the run row and the ``key.used`` audit row (``record_start``). The first byte does not
+wait for that hop; the last one does (issue #13): the answer's first words go out as soon as the provider sends
+them, and ``[DONE]`` (or the non-streaming answer) only once the run and its audit row are committed, so every
+answer a client received whole has its run and audit rows, and a call whose run could not be written ends with an
+error frame instead. A refusal known before the first byte (the monthly token cap, checked before the provider
+call) is a real HTTP status. The run's end is recorded off the response path (``finish``): the last frames go out
+at once and the run row, the usage ledger and the finished event follow in a background task of this process that
+a client's hang-up cannot cancel.
 
 Nothing here logs a body, a prompt or an answer.
 """
@@ -17,10 +20,11 @@ import contextlib
 import logging
 import time
 import traceback
+import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 from django.http import JsonResponse
 
@@ -42,6 +46,7 @@ from runs.proxy import (
     CompletionRequest,
     CompletionTranslator,
     ProxyAdapter,
+    ProxyError,
     UsageTotals,
     error_for_provider,
     proxy_adapter_for,
@@ -55,9 +60,12 @@ logger = logging.getLogger("cesaflow.proxy")
 # Timeouts and the retry budget of one proxied call; read at call time, so a deployment or a test can tune it.
 CALL_LIMITS = CallLimits()
 
-# Run endings recorded off the response path, and clean-ups scheduled from finalizers: referenced here until they
-# end (asyncio keeps only weak references to tasks). ``drain_background`` waits for them (graceful shutdown).
-_background: set[asyncio.Task[None]] = set()
+# Run rows being written, run endings recorded off the response path, and clean-ups scheduled from finalizers:
+# referenced here until they end (asyncio keeps only weak references to tasks). ``drain_background`` waits for them
+# (graceful shutdown).
+_background: set[asyncio.Task[Any]] = set()
+
+T = TypeVar("T")
 
 
 def log_failure(exc: BaseException, where: str) -> None:
@@ -67,8 +75,8 @@ def log_failure(exc: BaseException, where: str) -> None:
     logger.error("proxy failure in %s: %s at %s", where, type(exc).__name__, at)
 
 
-def in_background(coroutine: Any) -> asyncio.Task[None]:
-    task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+def in_background(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    task = asyncio.ensure_future(coroutine)
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task
@@ -83,9 +91,13 @@ async def drain_background(timeout_s: float) -> int:
     return len(left)
 
 
+def _unrecorded() -> ProxyError:
+    return ProxyError(500, "The proxy failed unexpectedly.", type="server_error", code="internal_error")
+
+
 class ProxyCall:
     """One completion. ``finish`` runs exactly once, whatever ends the call (the turn's end, a provider error, the
-    client hanging up); ``attach`` gives it its run once the bookkeeping hop has written it."""
+    client hanging up); ``record_start`` writes its run, named in advance (``run_id``)."""
 
     def __init__(
         self, *, context: OrgContext, completion: CompletionRequest, key: ProviderKey, prompt_bytes: int = 0
@@ -94,11 +106,19 @@ class ProxyCall:
         self.prompt_bytes = prompt_bytes  # the request body's size: the prompt's upper bound in tokens
         self.completion = completion
         self.key = key
-        self.run: Run | None = None
-        self.translator: CompletionTranslator | None = None
+        # The run's id, chosen here: the completion and the response's header are named after it before its row is
+        # committed.
+        self.run_id = uuid.uuid4()
+        request_context.note(run_id=self.run_id)
+        self.run: Run | None = None  # the row, once committed
         self.usage: list[UsageEntry] = []
-        self.totals = UsageTotals()  # the client's usage figures (they may start before the run is attached)
+        self.totals = UsageTotals()  # the client's usage figures
+        self.translator = CompletionTranslator(
+            completion_id=f"chatcmpl-{self.run_id.hex}", created=int(time.time()), model=completion.requested_model
+        )
+        self.translator.usage = self.totals
         self.finished = False
+        self._recording: asyncio.Task[Run] | None = None
         self._stack = AsyncExitStack()
         self._adapter: ProxyAdapter | None = None
         self._events: AsyncGenerator[ProviderEvent, None] | None = None
@@ -108,19 +128,48 @@ class ProxyCall:
         self._secret: Secret | None = None
 
     def __repr__(self) -> str:
-        run_id = self.run.id if self.run is not None else None
-        return f"<ProxyCall run={run_id} finished={self.finished}>"
+        return f"<ProxyCall run={self.run_id} finished={self.finished}>"
 
-    def attach(self, run: Run) -> None:
-        """The run row exists: name the completion after it and publish its first status event (concurrently with
-        the provider call; the finished event waits for it, so live views see them in order)."""
-        self.run = run
-        request_context.note(run_id=run.id)
-        self.translator = CompletionTranslator(
-            completion_id=f"chatcmpl-{run.id.hex}", created=int(time.time()), model=self.completion.requested_model
-        )
-        self.translator.usage = self.totals
-        self._status_published = asyncio.ensure_future(self._publish(run_events.status_event(run)))
+    def record_start(self, writing: Coroutine[Any, Any, Run]) -> None:
+        """Write the run row (``writing``: the thread hop that creates run ``run_id``; refusals raise
+        ``ProxyError``) in a task nothing cancels, not even the client leaving: the call goes on meanwhile, and its
+        last byte and its end wait for it (``recorded``)."""
+        self._recording = in_background(writing)
+        self._recording.add_done_callback(self._on_recorded)
+
+    def _on_recorded(self, task: asyncio.Task[Run]) -> None:
+        """The row is committed: publish the run's first status event (concurrently with the answer; the finished
+        event waits for it, so live views see them in order). A write that failed is logged here, once."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.run = task.result()
+            self._status_published = asyncio.ensure_future(self._publish(run_events.status_event(self.run)))
+        elif not isinstance(exc, ProxyError):
+            log_failure(exc, "record_start")
+
+    def refusal(self) -> ProxyError | None:
+        """Why the run could not be written, if that is already known (None: written, or still being written)."""
+        task = self._recording
+        if task is None or not task.done() or task.cancelled():
+            return None
+        exc = task.exception()
+        if exc is None:
+            return None
+        return exc if isinstance(exc, ProxyError) else _unrecorded()
+
+    async def recorded(self) -> Run | None:
+        """The run row, once committed (waiting for it). Raises the ``ProxyError`` that refused it, or a 500 for a
+        write that failed (logged). None only for a call that records nothing (a unit test's)."""
+        if self._recording is None:
+            return self.run
+        try:
+            return await asyncio.shield(self._recording)
+        except ProxyError:
+            raise
+        except Exception:
+            raise _unrecorded() from None
 
     def hold(self, secret: Secret) -> None:
         """The opened key, for ``begin``; dropped when the call ends, whichever way."""
@@ -237,9 +286,13 @@ class ProxyCall:
         try:
             await self._close_upstream()
         finally:
-            if self.run is not None:
+            try:
+                run = await self.recorded()
+            except ProxyError:
+                run = None  # never written (refused, or failed and logged): nothing to end
+            if run is not None:
                 try:
-                    await self._record(self.run, status, error_kind, error_message)
+                    await self._record(run, status, error_kind, error_message)
                 except Exception as exc:
                     log_failure(exc, "record")
 
@@ -269,8 +322,10 @@ class ProxyCall:
 
     async def stream(self, head: list[ProviderEvent]) -> AsyncIterator[bytes]:
         """The SSE body: role chunk, deltas, finish chunk, usage chunk (if asked for), ``[DONE]``. The frames
-        decoded from one upstream read go out as one write. The run's end is recorded off the response path."""
-        translator = self._translator()
+        decoded from one upstream read go out as one write. ``[DONE]`` waits for the run row; a run that could not
+        be written ends the stream with an error frame instead, as soon as that is known. The run's end is recorded
+        off the response path."""
+        translator = self.translator
         ACTIVE_STREAMS.labels("gateway").inc()
         try:
             pending = [sse(translator.role_chunk())]
@@ -283,6 +338,11 @@ class ProxyCall:
                     yield b"".join(pending)
                     return
                 if isinstance(event, ReadEnd):
+                    refused = self.refusal()
+                    if refused is not None:
+                        await self.finish(RunStatus.FAILED)
+                        yield sse(refused.body())
+                        return
                     if pending:
                         yield b"".join(pending)
                         pending = []
@@ -293,6 +353,14 @@ class ProxyCall:
                 if isinstance(event, TurnEnd):
                     break
             await self.finish(RunStatus.SUCCEEDED, wait=False)
+            if pending and self._recording is not None and not self._recording.done():
+                yield b"".join(pending)  # the answer's last words need not wait for the run's row, [DONE] does
+                pending = []
+            try:
+                await self.recorded()  # the last byte waits for the run row and its audit row
+            except ProxyError as refused:
+                yield sse(refused.body())
+                return
             if self.completion.include_usage:
                 pending.append(sse(translator.usage_chunk()))
             pending.append(DONE_FRAME)
@@ -304,7 +372,7 @@ class ProxyCall:
 
     async def collect(self, head: list[ProviderEvent]) -> JsonResponse:
         """The non-streaming answer: the whole turn as one ``chat.completion``."""
-        translator = self._translator()
+        translator = self.translator
         status: str = RunStatus.CANCELLED
         error: ProviderError | None = None
         try:
@@ -323,19 +391,10 @@ class ProxyCall:
             await self.finish(status, error=error, wait=status != RunStatus.SUCCEEDED)
         if error is not None:
             raise error_for_provider(error, key_label=self.key.label)
+        await self.recorded()  # the answer waits for the run row and its audit row (a refusal: its HTTP status)
         response = JsonResponse(translator.completion())
-        response["x-cesaflow-run-id"] = str(self.attached_run().id)
+        response["x-cesaflow-run-id"] = str(self.run_id)
         return response
-
-    def attached_run(self) -> Run:
-        if self.run is None:
-            raise RuntimeError("the call has no run yet")
-        return self.run
-
-    def _translator(self) -> CompletionTranslator:
-        if self.translator is None:
-            raise RuntimeError("the call has no run yet")
-        return self.translator
 
 
 @contextlib.asynccontextmanager

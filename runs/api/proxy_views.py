@@ -13,11 +13,12 @@ on the event loop (issue #13): the API key and the provider key row come from ge
 (``orgs.api_key_cache``, ``runs.api.proxy_keys``), the sealed value is opened in memory, and the provider call starts
 while one thread hop writes the run row and the audit row (for an org with a monthly token cap the hop comes
 first, so a reached cap never costs a provider call). Streaming responses are async generators (Django streams them
-under ASGI): the first provider events and the hop's result are awaited *before* the 200 goes out, so a refusal or
-a provider that fails at once (bad key, rate limit, outage) gets a real HTTP status the SDK turns into the right
-exception; a failure after that becomes one ``data: {"error": ...}`` frame. When the client hangs up, Django
-cancels or closes the generator: the upstream connection is closed at once and the run ends ``cancelled`` with
-the tokens known so far. The run's end is written off the response path (``runs.api.proxy_call``).
+under ASGI): the first provider events are awaited *before* the 200 goes out, so a provider that fails at once (bad
+key, rate limit, outage) gets a real HTTP status the SDK turns into the right exception; the run's row is not (the
+first words go out as soon as the provider sends them), but ``[DONE]`` and a non-streaming answer wait for it
+(``runs.api.proxy_call``). A failure after the 200 becomes one ``data: {"error": ...}`` frame. When the client
+hangs up, Django cancels or closes the generator: the upstream connection is closed at once and the run ends
+``cancelled`` with the tokens known so far. The run's end is written off the response path (``runs.api.proxy_call``).
 
 Nothing here logs a body, a prompt or an answer.
 """
@@ -25,7 +26,6 @@ Nothing here logs a body, a prompt or an answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -201,6 +201,7 @@ def _start_run(*, call: ProxyCall, key_use: str | None) -> Run:
     already be on its way). Refusals become OpenAI-shaped errors."""
     try:
         return run_create(
+            run_id=call.run_id,
             org=call.context.org,
             actor=call.context.actor,
             held_key=call.key,
@@ -283,30 +284,20 @@ async def _unseal(call: ProxyCall) -> Secret:
 
 
 async def _start(call: ProxyCall, secret: Secret) -> list[ProviderEvent]:
-    """Start the provider call and write the run (``_record_start``), concurrently unless the org has a monthly
-    token cap; return the call's first decisive events once both are done. If the client leaves while the run is
-    being written, the thread cannot be stopped: the run it writes ends ``cancelled``."""
+    """Start writing the run (``_record_start``) and the provider call, concurrently unless the org has a monthly
+    token cap (a reached cap must never cost a provider call: the run, which reserves against it, comes first);
+    return the call's first decisive events. The first byte does not wait for the run's row, the last one does
+    (``ProxyCall.recorded``); a refusal already known here is a real HTTP status."""
     call.hold(secret)
-    concurrent = call.context.org.monthly_token_cap is None
-    upstream = asyncio.ensure_future(call.begin()) if concurrent else None
-    recording = asyncio.ensure_future(db_hop(_record_start)(call))
-    try:
-        run = await asyncio.shield(recording)
-    except BaseException as exc:
-        if upstream is not None:
-            upstream.cancel()
-            with contextlib.suppress(BaseException):
-                await upstream
-        if isinstance(exc, asyncio.CancelledError):
-            with contextlib.suppress(Exception):
-                call.attach(await recording)
-            await call.finish(RunStatus.CANCELLED)
-        else:
-            await call.finish(RunStatus.FAILED)  # no run: drops the key and the upstream
-        raise
-    call.attach(run)
     async with ended_on_failure(call):
-        return await (upstream if upstream is not None else call.begin())
+        call.record_start(db_hop(_record_start)(call))
+        if call.context.org.monthly_token_cap is not None:
+            await call.recorded()
+        head = await call.begin()
+        refused = call.refusal()
+        if refused is not None:
+            raise refused
+        return head
 
 
 # --- Views --------------------------------------------------------------------------------------------------------
@@ -341,7 +332,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     response = StreamingHttpResponse(body, content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass every frame on at once
-    response["x-cesaflow-run-id"] = str(call.attached_run().id)
+    response["x-cesaflow-run-id"] = str(call.run_id)
     return response
 
 

@@ -14,6 +14,7 @@ from cesaflow.lib.body_limit import body_limit, too_large_message
 from runs.providers.base import ChatRequest, Message, ToolCall, ToolSpec
 from runs.proxy.errors import ProxyError
 from runs.proxy.errors import bad_request as _bad
+from runs.services import MODEL_MAX_CHARS
 
 COMPLETIONS_PATH = "/api/v1/chat/completions"
 DEFAULT_MAX_TOKENS = 4096  # the adapters always send a limit (Anthropic requires one)
@@ -85,6 +86,9 @@ def split_model(value: Any) -> tuple[str, str]:
         # The label is looked up and the model recorded in PostgreSQL, whose text holds no NUL byte.
         raise _bad("The model parameter must not contain a NUL character.", "model")
     label, slash, model = value.strip().partition("/")
+    if len(model.strip()) > MODEL_MAX_CHARS:
+        # Refused here, before the provider is called: the run that records the call could not hold the name.
+        raise _bad(f"The model name after the label may be at most {MODEL_MAX_CHARS} characters.", "model")
     if not slash or not label or not model:
         raise ProxyError(
             404,

@@ -112,6 +112,7 @@ def run_create(
     token_estimate: int | None = None,
     held_key: ProviderKey | None = None,
     key_use: str | None = None,
+    run_id: uuid.UUID | None = None,
 ) -> Run:
     """A new run. ``chat`` and ``agent`` runs are queued and handed to the executor after commit (refused with
     ``org_run_queue_full`` when the org's queue is full: ``runs.services.claiming``); ``completion`` runs (the
@@ -138,7 +139,10 @@ def run_create(
     row is as fresh as a second read would be); it is held to the same rules (the org's, not revoked).
 
     ``key_use``: the purpose of an opening of the key that starts with the run (the gateway's call): its
-    ``key.used`` audit row and ``last_used_at`` are written in the run's transaction, the run's id as reference."""
+    ``key.used`` audit row and ``last_used_at`` are written in the run's transaction, the run's id as reference.
+
+    ``run_id``: the new run's id, chosen by the caller (the gateway names its answer after the run before the row is
+    committed); a fresh one otherwise."""
     if org.is_suspended:
         # The gates refuse a suspended org before this (with the operators' reason); this is the wall every other
         # way in meets. No reason here: a webhook's refusal goes back to GitHub, for the repository's readers.
@@ -185,6 +189,7 @@ def run_create(
     if watch is None:
         watch = kind in WATCHED_BY_DEFAULT
     run = Run.objects.create(
+        id=run_id or uuid.uuid4(),
         org=org,
         kind=kind,
         objective=objective,

@@ -7,10 +7,13 @@ Every test here is transactional: the server's connections only see committed ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,7 +21,7 @@ import openai
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
-from django.db import connections
+from django.db import connections, transaction
 from django.test import AsyncRequestFactory
 from django.utils import timezone
 
@@ -28,7 +31,7 @@ from keys.checking import provider_key_check
 from keys.models import KeyStatus, Provider, ProviderKey
 from keys.services import provider_key_create, provider_key_revoke
 from orgs import api_key_cache
-from orgs.models import ApiKey
+from orgs.models import ApiKey, Organization
 from orgs.permissions import RUNS_READ, RUNS_WRITE
 from orgs.services import api_key_create
 from runs.api import proxy_call, proxy_keys, proxy_views
@@ -615,6 +618,11 @@ BAD_BODIES = [
         ).encode(),
         "tool_choice_unknown",
     ),
+    # The run could not record the name: refused before the provider is called, not after.
+    (
+        json.dumps({"model": "sim-openai/" + "m" * 201, "messages": [{"role": "user", "content": "x"}]}).encode(),
+        "model_too_long",
+    ),
     # NUL bytes reach PostgreSQL through the label lookup and the run's model: each was a 500 (found by fuzzing).
     *(
         (json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]}).encode(), f"nul_model_{i}")
@@ -701,6 +709,94 @@ def test_client_disconnect_closes_the_upstream_at_once_and_cancels_the_run(serve
         assert list(UsageRecord.objects.filter(run=run).values_list("complete", flat=True)) == [False]
     else:
         assert UsageRecord.objects.filter(run=run).count() == 0  # OpenAI reports usage only at the end
+
+
+# --- The run's row: the first words do not wait for it, the last byte does ----------------------------------------
+
+
+@contextlib.contextmanager
+def _run_rows_held(org: Organization) -> Iterator[None]:
+    """Hold the org's row FOR UPDATE in this test's connection: no run of the org can commit meanwhile (the run's
+    deferred foreign key check waits for this lock at commit) until the block ends."""
+    with transaction.atomic():
+        list(Organization.objects.select_for_update().filter(id=org.id).values_list("id", flat=True))
+        yield
+
+
+def _read_until(chunks: Iterator[bytes], marker: bytes) -> bytes:
+    """Read the stream up to ``marker`` (the client's read timeout fails the test if it never comes)."""
+    received = b""
+    while marker not in received:
+        received += next(chunks)
+    return received
+
+
+LAST_WORDS = b'"finish_reason":"stop"'
+
+
+def _completion_stream(client: httpx.Client, server: Any, cast: Any, model: str) -> Any:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"Authorization": f"Bearer {cast.admin_a.api_secret}"}
+    return client.stream("POST", f"{server.api}/chat/completions", json=body, headers=headers)
+
+
+def test_the_answer_does_not_wait_for_the_runs_row_and_done_does(server, cast, keys):
+    with httpx.Client(timeout=10) as client, contextlib.ExitStack() as held:
+        held.enter_context(_run_rows_held(cast.org_a))
+        with _completion_stream(client, server, cast, "sim-openai/fake/echo") as response:
+            assert response.status_code == 200
+            run_id = response.headers["x-cesaflow-run-id"]
+            chunks = response.iter_raw()
+            # The whole answer arrives while the run's row cannot be committed, already named after the run...
+            received = _read_until(chunks, LAST_WORDS)
+            assert f"chatcmpl-{uuid.UUID(run_id).hex}".encode() in received
+            assert b"[DONE]" not in received
+            held.close()  # ...and [DONE] only once the row is committed: the lock goes now.
+            received += b"".join(chunks)
+    assert received.endswith(b"data: [DONE]\n\n")
+    # Committed before [DONE] went out: visible at once, no waiting.
+    assert Run.objects.filter(id=run_id, kind=RunKind.COMPLETION).exists()
+    assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, metadata__reference=run_id).exists()
+
+
+def test_a_call_whose_run_cannot_be_written_ends_with_an_error_frame_not_done(server, cast, keys):
+    with httpx.Client(timeout=10) as client, contextlib.ExitStack() as held:
+        held.enter_context(_run_rows_held(cast.org_a))
+        with _completion_stream(client, server, cast, "sim-openai/fake/echo") as response:
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            _read_until(chunks, LAST_WORDS)
+            # The caller's key is deleted before the run's row commits: the row's foreign key check then fails.
+            ApiKey.objects.filter(id=cast.admin_a.api_key.id).delete()
+            held.close()
+            rest = b"".join(chunks)
+    assert b"[DONE]" not in rest
+    frames = [frame for frame in rest.split(b"\n\n") if frame]
+    assert json.loads(frames[-1][len(b"data: ") :]) == {
+        "error": {
+            "message": "The proxy failed unexpectedly.",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    assert not Run.objects.exists()
+    assert not AuditEvent.objects.filter(event=AuditEvent.KEY_USED).exists()
+
+
+def test_a_client_gone_while_its_run_is_being_written_still_gets_its_run_cancelled(server, cast, keys, simulator):
+    with httpx.Client(timeout=10) as client, contextlib.ExitStack() as held:
+        held.enter_context(_run_rows_held(cast.org_a))
+        with _completion_stream(client, server, cast, "sim-openai/fake/slow") as response:
+            assert response.status_code == 200
+            _read_until(response.iter_raw(), b'"content":"')
+        client.close()  # gone, with the run's row still waiting to commit
+        simulator.wait_for(lambda e: e["client_closed"], timeout=5.0)  # the upstream is closed at once anyway
+        held.close()
+    wait_until(lambda: Run.objects.filter(status=RunStatus.CANCELLED).exists())
+    run = only_run()
+    assert (run.kind, run.error_kind) == (RunKind.COMPLETION, "cancelled")
+    assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, metadata__reference=str(run.id)).exists()
 
 
 # --- Model listing -------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import json
 from keys.models import ProviderKey
 from orgs.models import ApiKey, Organization
 from orgs.tenancy import OrgContext
-from runs.api.proxy_call import ProxyCall
+from runs.api.proxy_call import ProxyCall, drain_background
 from runs.providers.events import ReadEnd, StopReason, TextDelta, TurnEnd, Usage
-from runs.proxy import CompletionTranslator, parse_completion_request
+from runs.proxy import parse_completion_request
 
 
 def _call() -> ProxyCall:
@@ -19,9 +19,7 @@ def _call() -> ProxyCall:
     )
     key = ProviderKey(label="main", provider="openai")
     context = OrgContext(org=Organization(name="o"), actor=ApiKey(name="k"), capabilities=frozenset())
-    call = ProxyCall(context=context, completion=completion, key=key)
-    call.translator = CompletionTranslator(completion_id="chatcmpl-t", created=0, model="main/m")
-    return call
+    return ProxyCall(context=context, completion=completion, key=key)
 
 
 def _deltas(write: bytes) -> list[str]:
@@ -52,3 +50,6 @@ async def test_the_frames_of_one_upstream_read_go_out_as_one_write():
     assert _deltas(writes[2])[0] == "d"
     assert writes[2].endswith(b"data: [DONE]\n\n")  # the rest of the answer and [DONE] in the last write
     assert call.finished
+    # The call's end, recorded off the response path, ends within this test's loop (left pending, it would hold up
+    # the next teardown: tests/conftest.py waits for it).
+    assert await drain_background(timeout_s=5) == 0
