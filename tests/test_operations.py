@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.wsclient import WebSocket, WebSocketClosed
@@ -25,7 +27,11 @@ from orgs.services import invitation_create
 from runs.models import Run, RunKind, RunStatus, UsageRecord
 from tests.live_server import LiveServer, live_server
 from tests.runs.conftest import simulator, simulator_server  # noqa: F401 - fixtures, used below
-from tests.runs.test_execution_support import make_run, sim_key
+from tests.runs.test_execution_support import (
+    async_isolation,  # noqa: F401 - a fixture, used below
+    make_run,
+    sim_key,
+)
 
 WAIT_SECONDS = 20.0  # a deadline for what must happen, never an expected duration
 METRICS_TOKEN = "m" * 40
@@ -144,7 +150,10 @@ def test_metrics_count_requests_by_route_and_runs_by_state(cast, client, setting
 
 
 @pytest.mark.django_db(transaction=True)  # the gateway's hops use connections of their own
-def test_a_finished_run_and_its_provider_call_are_counted(cast, settings, simulator):  # noqa: F811
+async def test_a_finished_run_and_its_provider_call_are_counted(cast, settings, simulator, async_isolation):  # noqa: F811
+    # An async test: the gateway records a run's end in a task of the server's event loop after the answer, and
+    # that loop must live on, as a server's does (the sync test client's loop ends with the view, its tasks
+    # cancelled).
     from prometheus_client import REGISTRY
 
     def value(name: str, **labels: str) -> float:
@@ -152,17 +161,18 @@ def test_a_finished_run_and_its_provider_call_are_counted(cast, settings, simula
 
     ok_before = value("cesaflow_provider_response_seconds_count", provider="openai", outcome="ok")
     done_before = value("cesaflow_runs_finished_total", kind="completion", status="succeeded")
-    key = sim_key(cast.org_a, cast.admin_a.user, simulator)
-    response = cast.admin_a.api().post(
+    key = await sync_to_async(sim_key)(cast.org_a, cast.admin_a.user, simulator)
+    response = await AsyncClient().post(
         "/api/v1/chat/completions",
         {"model": f"{key.label}/fake/echo", "messages": [{"role": "user", "content": "hi"}]},
-        format="json",
+        content_type="application/json",
+        headers={"x-api-key": cast.admin_a.api_secret},
     )
-    assert response.status_code == 200
+    assert response.status_code == 200, response.content
     deadline = time.monotonic() + WAIT_SECONDS
     while value("cesaflow_runs_finished_total", kind="completion", status="succeeded") == done_before:
         assert time.monotonic() < deadline, "the run's end was not counted"
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     assert value("cesaflow_provider_response_seconds_count", provider="openai", outcome="ok") == ok_before + 1
 
 
