@@ -88,18 +88,28 @@ async def warm_up(target: Target, *, streams: int = 10, api_requests: int = 10) 
 # --- Time to first token ----------------------------------------------------------------------------------------
 
 
-async def sequential_ttft(target: Target, requests: int) -> tuple[list[float], Errors]:
+@dataclass
+class Sequential:
+    """Sequential streams: time to the first words and to the last event (``[DONE]``) of each."""
+
+    ttft: list[float] = field(default_factory=list)
+    to_done: list[float] = field(default_factory=list)
+    errors: Errors = field(default_factory=Errors)
+
+
+async def sequential(target: Target, requests: int) -> Sequential:
     """One client, one kept-alive connection, short unpaced answers back to back."""
-    errors = Errors()
-    samples: list[float] = []
+    result = Sequential()
     connection = Connection(HOST, target.port)
     raw = target.chat("fast")
     for _ in range(requests):
         response = await connection.request(raw, timeout=10)
-        if errors.check(response) and response.ttft is not None:
-            samples.append(response.ttft)
+        if result.errors.check(response) and response.ttft is not None:
+            result.ttft.append(response.ttft)
+            if response.last_event_at is not None:
+                result.to_done.append(response.last_event_at - response.sent_at)
     connection.close()
-    return samples, errors
+    return result
 
 
 @dataclass

@@ -88,6 +88,7 @@ METRICS = (
     Metric("seq_added_ttft_p50", "Added TTFT p50, sequential", "ms", 2, Goal(floor=1.3, litellm=0.5, floor_slack=1)),
     Metric("seq_added_ttft_p95", "Added TTFT p95, sequential", "ms", 2),
     Metric("seq_added_ttft_p99", "Added TTFT p99, sequential", "ms", 2, Goal(floor=1.3, litellm=0.5, floor_slack=1)),
+    Metric("seq_added_done_p50", "Added time to the last event ([DONE]) p50, sequential", "ms", 2),
     Metric("load_added_ttft_p50", "Added TTFT p50, 50 paced streams", "ms", 2, Goal(limit=8, unit="ms")),
     Metric("load_added_ttft_p95", "Added TTFT p95, 50 paced streams", "ms", 2),
     Metric("load_added_ttft_p99", "Added TTFT p99, 50 paced streams", "ms", 2, Goal(limit=30, unit="ms")),

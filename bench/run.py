@@ -165,15 +165,19 @@ class Bench:
         plan = self.plan
         say(f"sequential TTFT: {plan.seq_rounds} rounds x {plan.seq_requests} requests per target")
         samples: dict[str, list[float]] = {t.name: [] for t in self.streaming}
+        to_done: dict[str, list[float]] = {t.name: [] for t in self.streaming}
         cpu = CpuMeter(self.processes)
         for round_no in range(plan.seq_rounds):
             for target in rotated(self.streaming, round_no):
                 with cpu.measure(target.name, plan.seq_requests):
-                    values, errors = await measure.sequential_ttft(target, plan.seq_requests)
-                samples[target.name] += values
-                self.record_errors("sequential_ttft", target, errors)
+                    seq = await measure.sequential(target, plan.seq_requests)
+                samples[target.name] += seq.ttft
+                to_done[target.name] += seq.to_done
+                self.record_errors("sequential_ttft", target, seq.errors)
         self.raw["sequential_ttft_s"] = samples
+        self.raw["sequential_to_done_s"] = to_done
         self._added("seq", samples)
+        self._added("seq", to_done, what="done")
         # CPU time per request does not depend on what else the machine runs: the figure to compare on a busy box.
         for name, per_request in cpu.per_unit().items():
             self.put("cpu_ms_per_stream", name, Figure(per_request * 1000))
@@ -213,18 +217,19 @@ class Bench:
             else:
                 self.put("paced_streams_cpu", target.name, self._missing(target))
 
-    def _added(self, prefix: str, samples: dict[str, list[float]]) -> None:
-        """Added TTFT = the proxy's percentile minus the simulator's own, both from the same rounds."""
+    def _added(self, prefix: str, samples: dict[str, list[float]], what: str = "ttft") -> None:
+        """Added TTFT (``what="done"``: added time to the last event) = the proxy's percentile minus the
+        simulator's own, both from the same rounds."""
         direct = samples["direct"]
         if not direct:
             return
         for q in (50, 95, 99):
             base = percentile(direct, q)
-            self.put(f"{prefix}_direct_ttft_p{q}", "direct", Figure(base * 1000))
+            self.put(f"{prefix}_direct_{what}_p{q}", "direct", Figure(base * 1000))
             for target in self.proxies:
                 values = samples.get(target.name) or []
                 figure = Figure((percentile(values, q) - base) * 1000) if values else self._missing(target)
-                self.put(f"{prefix}_added_ttft_p{q}", target.name, figure)
+                self.put(f"{prefix}_added_{what}_p{q}", target.name, figure)
 
     def _missing(self, target: Target) -> Figure:
         return Figure(None, note="not measured" if target.name in self.unavailable else "no samples")

@@ -182,10 +182,10 @@ async def measure_executor(target: RunTarget, direct: Target, *, rounds: int, sa
     for round_no in range(rounds):
         for item in rotated(["direct", *TRANSPORTS], round_no):
             if item == "direct":
-                values, errors = await measure.sequential_ttft(direct, samples_per_round)
-                result.direct_ttft += values
-                result.direct_errors.count += errors.count
-                result.direct_errors.examples = (result.direct_errors.examples + errors.examples)[:3]
+                seq = await measure.sequential(direct, samples_per_round)
+                result.direct_ttft += seq.ttft
+                result.direct_errors.count += seq.errors.count
+                result.direct_errors.examples = (result.direct_errors.examples + seq.errors.examples)[:3]
                 continue
             for _ in range(samples_per_round):
                 await one_run(connection, target, item, result.samples[item])
