@@ -83,7 +83,8 @@ def in_background(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 
 
 async def drain_background(timeout_s: float) -> int:
-    """Wait (bounded) for the run endings still being recorded; returns how many did not finish in time."""
+    """Wait (bounded) for the run rows and run endings still being written; returns how many did not finish in
+    time."""
     pending = set(_background)
     if not pending:
         return 0
@@ -106,8 +107,9 @@ class ProxyCall:
         self.prompt_bytes = prompt_bytes  # the request body's size: the prompt's upper bound in tokens
         self.completion = completion
         self.key = key
-        # The run's id, chosen here: the completion and the response's header are named after it before its row is
-        # committed.
+        # The run's id, chosen here: the completion, the response's header and the request's log lines are named
+        # after it before its row is committed (a call refused before its row is written names a run that never
+        # exists).
         self.run_id = uuid.uuid4()
         request_context.note(run_id=self.run_id)
         self.run: Run | None = None  # the row, once committed
@@ -197,6 +199,9 @@ class ProxyCall:
             event = await self.next_event()
             if not isinstance(event, Usage | Ping | Retry | ReadEnd):
                 return [event]
+            refused = self.refusal()
+            if refused is not None:  # the run cannot be written: no reason to wait for (and pay) the answer
+                raise refused
 
     async def _publish(self, event: run_events.RunEvent) -> None:
         if self.run is None:
@@ -382,6 +387,9 @@ class ProxyCall:
                 if isinstance(event, ProviderError):
                     status, error = RunStatus.FAILED, event
                     break
+                if isinstance(event, ReadEnd) and (refused := self.refusal()) is not None:
+                    status = RunStatus.FAILED
+                    raise refused  # the run cannot be written: the rest of the answer is not read (nor paid)
                 if not isinstance(event, Usage | ReadEnd):
                     translator.feed(event)
                 if isinstance(event, TurnEnd):

@@ -207,7 +207,7 @@ def _start_run(*, call: ProxyCall, key_use: str | None) -> Run:
             held_key=call.key,
             model=call.completion.model,
             kind=RunKind.COMPLETION,
-            publish_status=False,  # published by the view without waiting (``ProxyCall.attach``)
+            publish_status=False,  # published from the event loop once committed (``ProxyCall.record_start``)
             # What the call can cost, reserved against a monthly token cap: the body's size and its max_tokens.
             token_estimate=tokens_estimate(
                 prompt_bytes=call.prompt_bytes, max_output_tokens=call.completion.chat.max_tokens
@@ -232,7 +232,8 @@ def _start_run(*, call: ProxyCall, key_use: str | None) -> Run:
 
 
 def _record_start(call: ProxyCall) -> Run:
-    """The run row and the ``key.used`` audit row, committed together (the provider call is already on its way)."""
+    """The run row and the ``key.used`` audit row, committed together (while the provider call starts, or just
+    before it for an org with a monthly token cap)."""
     return _start_run(call=call, key_use="completion")
 
 

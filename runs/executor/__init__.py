@@ -247,4 +247,4 @@ async def stop_server_runs(
 
     left = await drain_background(timeout_s=max(1.0, deadline - loop.time()))
     if left:
-        logger.warning("shutdown: %d proxy run endings not recorded in time", left)
+        logger.warning("shutdown: %d proxy run rows or endings not recorded in time", left)

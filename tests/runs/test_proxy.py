@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import gc
 import json
+import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -715,11 +717,12 @@ def test_client_disconnect_closes_the_upstream_at_once_and_cancels_the_run(serve
 
 
 @contextlib.contextmanager
-def _run_rows_held(org: Organization) -> Iterator[None]:
-    """Hold the org's row FOR UPDATE in this test's connection: no run of the org can commit meanwhile (the run's
-    deferred foreign key check waits for this lock at commit) until the block ends."""
+def _rows_held(model: Any, pk: Any) -> Iterator[None]:
+    """Hold one row FOR UPDATE in this test's connection until the block ends. The org's row: no run of the org can
+    commit meanwhile (its deferred foreign key check waits for the lock at commit). The provider key's row: the
+    run's transaction waits at its first use of the key (``last_used_at``), before its commit."""
     with transaction.atomic():
-        list(Organization.objects.select_for_update().filter(id=org.id).values_list("id", flat=True))
+        list(model.objects.select_for_update().filter(pk=pk).values_list("pk", flat=True))
         yield
 
 
@@ -740,28 +743,48 @@ def _completion_stream(client: httpx.Client, server: Any, cast: Any, model: str)
     return client.stream("POST", f"{server.api}/chat/completions", json=body, headers=headers)
 
 
+def _recv_until(conn: socket.socket, marker: bytes, received: bytes = b"") -> bytes:
+    while marker not in received:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed before {marker!r}"
+        received += chunk
+    return received
+
+
 def test_the_answer_does_not_wait_for_the_runs_row_and_done_does(server, cast, keys):
-    with httpx.Client(timeout=10) as client, contextlib.ExitStack() as held:
-        held.enter_context(_run_rows_held(cast.org_a))
-        with _completion_stream(client, server, cast, "sim-openai/fake/echo") as response:
-            assert response.status_code == 200
-            run_id = response.headers["x-cesaflow-run-id"]
-            chunks = response.iter_raw()
-            # The whole answer arrives while the run's row cannot be committed, already named after the run...
-            received = _read_until(chunks, LAST_WORDS)
-            assert f"chatcmpl-{uuid.UUID(run_id).hex}".encode() in received
-            assert b"[DONE]" not in received
-            held.close()  # ...and [DONE] only once the row is committed: the lock goes now.
-            received += b"".join(chunks)
-    assert received.endswith(b"data: [DONE]\n\n")
-    # Committed before [DONE] went out: visible at once, no waiting.
-    assert Run.objects.filter(id=run_id, kind=RunKind.COMPLETION).exists()
-    assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, metadata__reference=run_id).exists()
+    body = json.dumps(
+        {"model": "sim-openai/fake/echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ).encode()
+    head = (
+        f"POST /api/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Authorization: Bearer {cast.admin_a.api_secret}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn, contextlib.ExitStack() as held:
+        held.enter_context(_rows_held(Organization, cast.org_a.id))
+        conn.sendall(head + body)
+        # The whole answer arrives while the run's row cannot be committed, already named after the run...
+        received = _recv_until(conn, LAST_WORDS)
+        found = re.search(rb"x-cesaflow-run-id: ([0-9a-f-]{36})", received, re.IGNORECASE)
+        assert found is not None
+        run_id = found[1].decode()
+        assert f"chatcmpl-{uuid.UUID(run_id).hex}".encode() in received
+        # ...and nothing more while it cannot: [DONE] waits for the row.
+        conn.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            received += conn.recv(65536)
+        assert b"[DONE]" not in received
+        held.close()  # the lock goes: the row commits, then [DONE] follows
+        conn.settimeout(10)
+        received = _recv_until(conn, b"data: [DONE]\n\n", received)
+        # Committed before [DONE] went out: visible at once, no waiting.
+        assert Run.objects.filter(id=run_id, kind=RunKind.COMPLETION).exists()
+        assert AuditEvent.objects.filter(event=AuditEvent.KEY_USED, metadata__reference=run_id).exists()
 
 
 def test_a_call_whose_run_cannot_be_written_ends_with_an_error_frame_not_done(server, cast, keys):
     with httpx.Client(timeout=10) as client, contextlib.ExitStack() as held:
-        held.enter_context(_run_rows_held(cast.org_a))
+        held.enter_context(_rows_held(ProviderKey, keys["openai"].id))
         with _completion_stream(client, server, cast, "sim-openai/fake/echo") as response:
             assert response.status_code == 200
             chunks = response.iter_raw()
@@ -784,9 +807,31 @@ def test_a_call_whose_run_cannot_be_written_ends_with_an_error_frame_not_done(se
     assert not AuditEvent.objects.filter(event=AuditEvent.KEY_USED).exists()
 
 
+def test_a_non_streaming_call_whose_run_cannot_be_written_stops_reading_the_answer(server, cast, keys, simulator):
+    answers: list[httpx.Response] = []
+    body = {"model": "sim-openai/fake/slow", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {cast.admin_a.api_secret}"}
+    with contextlib.ExitStack() as held:
+        held.enter_context(_rows_held(ProviderKey, keys["openai"].id))
+        caller = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{server.api}/chat/completions", json=body, headers=headers))
+        )
+        caller.start()
+        simulator.wait_for(lambda e: e["events_sent"] >= 2, timeout=5.0)  # the answer is on its way
+        ApiKey.objects.filter(id=cast.admin_a.api_key.id).delete()  # the run's row will fail its foreign key check
+    caller.join(timeout=10)
+    (answer,) = answers
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "internal_error"
+    # The provider's answer (about 40 events, 80 ms apart) was not read to its end: the connection was dropped.
+    entry = simulator.wait_for(lambda e: e["client_closed"], timeout=5.0)
+    assert not entry["completed"]
+    assert not Run.objects.exists()
+
+
 def test_a_client_gone_while_its_run_is_being_written_still_gets_its_run_cancelled(server, cast, keys, simulator):
     with httpx.Client(timeout=10) as client, contextlib.ExitStack() as held:
-        held.enter_context(_run_rows_held(cast.org_a))
+        held.enter_context(_rows_held(Organization, cast.org_a.id))
         with _completion_stream(client, server, cast, "sim-openai/fake/slow") as response:
             assert response.status_code == 200
             _read_until(response.iter_raw(), b'"content":"')
@@ -926,11 +971,12 @@ async def test_a_response_dropped_before_its_body_is_read_still_ends_the_run(cas
         assert response.status_code == 200
         del response
         gc.collect()
-        for _ in range(200):
-            run = await Run.objects.aget()
-            if run.status != RunStatus.RUNNING:
-                break
+        # The run's row may still be being written (the answer does not wait for it): poll for its end.
+        deadline = time.monotonic() + 10
+        while not await Run.objects.exclude(status=RunStatus.RUNNING).aexists():
+            assert time.monotonic() < deadline, "the run did not end"
             await asyncio.sleep(0.01)
+        run = await Run.objects.aget()
         assert (run.status, run.error_kind) == (RunStatus.CANCELLED, "cancelled")
     finally:
         await close_http_clients()
