@@ -38,6 +38,27 @@ def test_api_request_gets_503_database_unavailable_when_the_database_is_down(ser
     assert response.headers["cache-control"] == "no-store"
 
 
+def test_the_gateway_answers_503_database_unavailable_in_openais_shape(server_without_database):
+    # The OpenAI SDKs retry a 503 (after Retry-After); a 500 would say CesaFlow is broken.
+    key = generate_api_key().secret
+    response = httpx.post(
+        f"{server_without_database.url}/api/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "team/gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert response.status_code == 503, response.text[:300]
+    assert response.json() == {
+        "error": {
+            "message": "CesaFlow cannot reach its database right now; try again shortly.",
+            "type": "server_error",
+            "param": None,
+            "code": "database_unavailable",
+        }
+    }
+    assert response.headers["retry-after"] == "5"
+
+
 def test_dashboard_page_gets_a_503_page_when_the_database_is_down():
     request = RequestFactory().get("/team/")
     try:

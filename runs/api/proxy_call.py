@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
+from django.db import InterfaceError, OperationalError
 from django.http import JsonResponse
 
 from cesaflow.lib import request_context
@@ -48,6 +49,7 @@ from runs.proxy import (
     ProxyAdapter,
     ProxyError,
     UsageTotals,
+    database_unavailable,
     error_for_provider,
     proxy_adapter_for,
     sse,
@@ -92,7 +94,10 @@ async def drain_background(timeout_s: float) -> int:
     return len(left)
 
 
-def _unrecorded() -> ProxyError:
+def _unrecorded(exc: BaseException) -> ProxyError:
+    """What a client is told when its run's row could not be written (the failure itself is logged)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return database_unavailable()
     return ProxyError(500, "The proxy failed unexpectedly.", type="server_error", code="internal_error")
 
 
@@ -159,7 +164,7 @@ class ProxyCall:
         exc = task.exception()
         if exc is None:
             return None
-        return exc if isinstance(exc, ProxyError) else _unrecorded()
+        return exc if isinstance(exc, ProxyError) else _unrecorded(exc)
 
     async def recorded(self) -> Run | None:
         """The run row, once committed (waiting for it). Raises the ``ProxyError`` that refused it, or a 500 for a
@@ -170,8 +175,8 @@ class ProxyCall:
             return await asyncio.shield(self._recording)
         except ProxyError:
             raise
-        except Exception:
-            raise _unrecorded() from None
+        except Exception as exc:
+            raise _unrecorded(exc) from None
 
     def hold(self, secret: Secret) -> None:
         """The opened key, for ``begin``; dropped when the call ends, whichever way."""

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
+from django.db import InterfaceError, OperationalError
 from django.db.models.functions import Lower
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -64,12 +66,15 @@ from runs.models import Run, RunKind, RunStatus
 from runs.providers.events import ErrorKind, ProviderError, ProviderEvent
 from runs.proxy import (
     ProxyError,
+    database_unavailable,
     error_for_provider,
     max_body_bytes,
     parse_completion_request,
     parse_json_body,
 )
 from runs.services import run_create, run_finish, tokens_estimate
+
+logger = logging.getLogger("cesaflow.proxy")
 
 # A keys:write caller's listing checks the keys with nothing cached concurrently, never more than this many at once.
 MODELS_CONCURRENCY = 8
@@ -98,6 +103,9 @@ def _openai_errors(view: ViewFunc) -> ViewFunc:
             return await view(request)
         except ProxyError as exc:
             return _error_response(exc)
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("gateway %s: the database cannot be reached (%s)", view.__name__, type(exc).__name__)
+            return _error_response(database_unavailable())
         except Exception as exc:
             log_failure(exc, view.__name__)
             return _error_response(

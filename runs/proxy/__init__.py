@@ -20,7 +20,7 @@ Request fields honoured: ``model`` (``<provider key label>/<model>``, split at t
 """
 
 from runs.proxy.adapters import ProxyAdapter, apply_options, proxy_adapter_for
-from runs.proxy.errors import ERROR_SUMMARIES, ProxyError, error_for_provider
+from runs.proxy.errors import ERROR_SUMMARIES, ProxyError, database_unavailable, error_for_provider
 from runs.proxy.request import (
     CallOptions,
     CompletionRequest,
@@ -41,6 +41,7 @@ __all__ = [
     "ProxyError",
     "UsageTotals",
     "apply_options",
+    "database_unavailable",
     "error_for_provider",
     "max_body_bytes",
     "parse_completion_request",

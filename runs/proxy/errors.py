@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from cesaflow.lib.api import DATABASE_RETRY_AFTER_SECONDS, DATABASE_UNAVAILABLE_CODE, DATABASE_UNAVAILABLE_MESSAGE
 from runs.providers.events import ErrorKind, ProviderError
 
 
@@ -42,6 +43,18 @@ class ProxyError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ProxyError:
     return ProxyError(400, message, param=param, code=code)
+
+
+def database_unavailable() -> ProxyError:
+    """The database cannot be reached (PostgreSQL restarting, the pool out of connections): the rest of the API's
+    503 ``database_unavailable`` with ``Retry-After`` (``cesaflow.lib.api``), in OpenAI's shape. The SDKs retry it."""
+    return ProxyError(
+        503,
+        DATABASE_UNAVAILABLE_MESSAGE,
+        type="server_error",
+        code=DATABASE_UNAVAILABLE_CODE,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS), "Cache-Control": "no-store"},
+    )
 
 
 # Our own explanation per kind: the run row stores this, never the provider's text (it can quote the request).
