@@ -38,14 +38,23 @@ def watch_start(
     run_id: uuid.UUID,
     claim_for: str | None = None,
     revalidated: bool = False,
+    created: Run | None = None,
 ) -> WatchStart:
     """Sync (database and session store); raises ``SessionStoreUnavailable`` like ``revalidate``. ``claim_for``:
     see ``run_attach``. ``revalidated``: the credentials were checked once more since the subscription already
-    (``arevalidate_cached``)."""
+    (``arevalidate_cached``). ``created``: the run as the request that created it a moment ago holds it (a streamed
+    ``POST /runs``), with everything execution reads: not read again when it is still waiting for its watcher."""
     if not revalidated:
         refused = revalidate(principal, context)
         if refused is not None:
             return WatchStart(refused=refused, run=None)
+    if created is not None and created.id == run_id and created.org_id == context.org.id:
+        attached = run_attach(run=created, claim_for=claim_for)
+        if attached is not Attached.NOTHING:
+            # It was queued and waiting for this watcher when the attach's update matched it: the instance held is
+            # the run as it stands (updated in place), and its snapshot.
+            return WatchStart(refused=None, run=created, claimed=attached is Attached.CLAIMED)
+        # No longer waiting (cancelled meanwhile, or not a watched run): the snapshot comes from the database.
     run = run_get_for_org(org=context.org, run_id=run_id)
     if run is None or run.is_terminal or run.attached_at is not None:
         return WatchStart(refused=None, run=run)
@@ -53,10 +62,12 @@ def watch_start(
     return WatchStart(refused=None, run=run, claimed=claimed)
 
 
-async def awatch_start(*, principal: Principal, context: OrgContext, run_id: uuid.UUID) -> WatchStart:
+async def awatch_start(
+    *, principal: Principal, context: OrgContext, run_id: uuid.UUID, created: Run | None = None
+) -> WatchStart:
     """``watch_start`` from the event loop, claiming the run for this process's executor when it has a slot. A run
     claimed for it is handed over even if the caller is cancelled meanwhile (its client left): once claimed, only
-    this executor runs it."""
+    this executor runs it. ``created``: see ``watch_start``."""
     from runs import executor  # the executor imports services; import at call time
 
     cached = await arevalidate_cached(principal, context)  # an org API key: no database read
@@ -72,6 +83,7 @@ async def awatch_start(*, principal: Principal, context: OrgContext, run_id: uui
             run_id=run_id,
             claim_for=local.worker_id if local else None,
             revalidated=cached is not None,
+            created=created,
         )
     )
     if local is not None:

@@ -115,10 +115,12 @@ async def run_event_stream(
     run_id: uuid.UUID,
     keepalive_s: float,
     cancel_on_disconnect: Actor | None = None,
+    created: Run | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE body for one run (already authorized: ``principal`` in ``context``). A watched run waiting for its
     watcher starts once this stream is subscribed (start on attach). ``cancel_on_disconnect``: the actor in whose
-    name the run is cancelled if the client hangs up before it ends (otherwise hanging up never stops a run)."""
+    name the run is cancelled if the client hangs up before it ends (otherwise hanging up never stops a run).
+    ``created``: the run as the request that created it holds it (``watching.watch_start``)."""
     org = context.org
     layer = get_channel_layer()
     channel = await layer.new_channel()
@@ -140,7 +142,7 @@ async def run_event_stream(
         # One hop: the credentials once more (a revocation committed before subscribing was not heard), the
         # snapshot, and start on attach.
         try:
-            start = await awatch_start(principal=principal, context=context, run_id=run_id)
+            start = await awatch_start(principal=principal, context=context, run_id=run_id, created=created)
         except Exception:
             logger.warning("stream credentials could not be re-checked; ending the stream", exc_info=True)
             start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed

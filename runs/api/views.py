@@ -179,6 +179,7 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
                     run_id=run.id,
                     keepalive_s=float(settings.SSE_KEEPALIVE_SECONDS),
                     cancel_on_disconnect=self.org_context.actor if data["cancel_on_disconnect"] else None,
+                    created=run,
                 )
             )
             streamed["Location"] = location

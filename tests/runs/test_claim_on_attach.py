@@ -10,17 +10,19 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from keys.models import Provider, ProviderKey
 from keys.services import provider_key_create
-from orgs.authentication import SessionPrincipal, org_context_for
+from orgs.authentication import KeyPrincipal, SessionPrincipal, org_context_for
 from orgs.models import Organization
 from runs import executor as executor_module
 from runs.models import Run, RunKind, RunStatus
 from runs.projects.services import project_create, project_run_create
-from runs.services import Attached, run_attach, run_claim, run_create
-from runs.watching import awatch_start
+from runs.services import Attached, run_attach, run_claim, run_create, run_request_cancel
+from runs.watching import awatch_start, watch_start
 from tests.runs.test_execution_support import (
     asim_key,
     async_isolation,  # noqa: F401 - a fixture, used below
@@ -105,6 +107,52 @@ def test_project_runs_and_suspended_orgs_are_left_to_the_executors_claims(cast):
     Organization.objects.filter(id=cast.org_a.id).update(suspended_at=timezone.now())
     assert run_attach(run=run, claim_for="x") is Attached.SUBMITTED
     assert _fresh(run).status == RunStatus.QUEUED
+
+
+def _run_reads(queries: list[dict[str, Any]]) -> list[str]:
+    """The reads of a run's row (its columns first; the running-slot count reads other columns)."""
+    return [q["sql"] for q in queries if q["sql"].startswith('SELECT "runs_run"."id"')]
+
+
+def _key_principal(cast: Any) -> tuple[KeyPrincipal, Any]:
+    principal = KeyPrincipal(cast.admin_a.api_key)
+    context = org_context_for(principal)
+    assert context is not None
+    return principal, context
+
+
+def test_a_created_run_still_waiting_attaches_from_its_creators_instance_without_reading_it_again(cast):
+    """A streamed ``POST /runs`` hands its stream the run it just created: the run is not read again (a watcher who
+    only has its id reads it), and the outcome is the same."""
+    key = _key(cast.org_a, cast.admin_a.user)
+    principal, context = _key_principal(cast)
+    by_id, created = _watched(key, cast.admin_a.user), _watched(key, cast.admin_a.user)
+    with CaptureQueriesContext(connection) as reading:
+        from_id = watch_start(principal=principal, context=context, run_id=by_id.id, claim_for="here", revalidated=True)
+    with CaptureQueriesContext(connection) as holding:
+        held = watch_start(
+            principal=principal, context=context, run_id=created.id, claim_for="here", revalidated=True, created=created
+        )
+    assert len(_run_reads(reading.captured_queries)) == 1
+    assert _run_reads(holding.captured_queries) == []
+    assert (from_id.claimed, held.claimed) == (True, True)
+    assert held.run is created
+    assert created.status == RunStatus.RUNNING
+    assert (_fresh(created).status, _fresh(created).worker_id) == (RunStatus.RUNNING, "here")
+
+
+def test_a_created_run_cancelled_before_its_stream_attaches_is_read_again(cast):
+    key = _key(cast.org_a, cast.admin_a.user)
+    principal, context = _key_principal(cast)
+    created = _watched(key, cast.admin_a.user)
+    run_request_cancel(run=Run.objects.get(id=created.id), actor=cast.admin_a.user)  # the instance held is stale now
+    start = watch_start(
+        principal=principal, context=context, run_id=created.id, claim_for="here", revalidated=True, created=created
+    )
+    assert start.run is not None
+    assert start.run is not created
+    assert (start.run.status, start.claimed) == (RunStatus.CANCELLED, False)
+    assert _fresh(created).status == RunStatus.CANCELLED
 
 
 @pytest.mark.usefixtures("async_isolation")
