@@ -167,8 +167,9 @@ class ProxyCall:
         return exc if isinstance(exc, ProxyError) else _unrecorded(exc)
 
     async def recorded(self) -> Run | None:
-        """The run row, once committed (waiting for it). Raises the ``ProxyError`` that refused it, or a 500 for a
-        write that failed (logged). None only for a call that records nothing (a unit test's)."""
+        """The run row, once committed (waiting for it). Raises the ``ProxyError`` that refused it, or what the
+        client is told of a write that failed (``_unrecorded``; the failure is logged). None only for a call that
+        records nothing (a unit test's)."""
         if self._recording is None:
             return self.run
         try:
