@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import toolvenv
+from bench import runstream, toolvenv
 from bench.client import Connection
 from bench.harness import PRIVATE_POSTGRES, harness, pin_self
 from bench.measure import Target
@@ -39,11 +39,15 @@ from deploy.throwaway import HOST, ROOT
 PYSPY_REQUIREMENT = "py-spy==0.4.3"
 PYSPY_VENV = ROOT / "var" / "bench-pyspy"
 SAMPLES_PER_S = 250
+RUN_SCENARIOS = {"run-ws": "ws", "run-sse": "sse"}  # scenario -> bench.runstream transport
 
 # (category, frame substrings): a sample counts under the first category one of its frames matches.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run row + key.used audit row (one thread hop, ORM)", ("_record_start",)),
     ("run end + usage row (one thread hop, ORM)", ("run_finish (",)),
+    ("run created (REST API, one thread hop, ORM)", ("run_create (",)),
+    ("run attached: snapshot, claim, key.used (one thread hop, ORM)", ("watch_start (",)),
+    ("queue looked at after a run ends (one thread hop, ORM)", ("runs_claim_queued (",)),
     ("other database hops (ORM)", ("db_hop.<locals>.whole",)),
     ("database driver, stack cut short (psycopg)", ("psycopg/", "django/db/")),
     ("thread hand-offs (asgiref, thread pool)", ("asgiref/sync.py", "concurrent/futures/")),
@@ -113,16 +117,32 @@ async def _sequential(target: Target, *, seconds: float, scenario: str = "fast")
     return done, errors
 
 
+async def _run_streams(target: runstream.RunTarget, *, seconds: float, transport: str) -> tuple[int, int]:
+    """Runs created and streamed back to back (``bench/runstream.py``), each read to its end."""
+    connection = Connection(HOST, target.port)
+    samples = runstream.Samples()
+    done = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            await runstream.one_run(connection, target, transport, samples)
+            done += 1
+    finally:
+        connection.close()
+    return done, samples.errors.count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="how long py-spy records (default 20)")
     parser.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne")
     parser.add_argument(
         "--scenario",
-        choices=("fast", "long", "api"),
+        choices=("fast", "long", "api", *RUN_SCENARIOS),
         default="fast",
         help="fast: 10-token streams (per-request costs, the default); long: 2,000-token ones (per-chunk costs); "
-        "api: plain GET /api/v1/org requests",
+        "api: plain GET /api/v1/org requests; run-ws / run-sse: chat runs created through the REST API and "
+        "streamed on the websocket or SSE, executed inline (issue #13, point 4)",
     )
     parser.add_argument("--database-url", default=PRIVATE_POSTGRES)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
@@ -147,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             target = Target(
                 f"cesaflow-{args.server}", server.port, CHAT_PATH, seeded["api_key"], seeded["label"], api_path=API_PATH
             )
-            warm, warm_errors = asyncio.run(_sequential(target, seconds=3))
+            run_target = runstream.RunTarget("inline", server.port, seeded["api_key"], seeded["provider_key_id"])
+
+            def load(seconds: float, scenario: str) -> tuple[int, int]:
+                if scenario in RUN_SCENARIOS:
+                    return asyncio.run(_run_streams(run_target, seconds=seconds, transport=RUN_SCENARIOS[scenario]))
+                return asyncio.run(_sequential(target, seconds=seconds, scenario=scenario))
+
+            warm, warm_errors = load(3, args.scenario)
             if warm_errors:
                 print(f"{warm_errors} of {warm} warm-up requests failed:\n{server.log_tail()}", file=sys.stderr)
                 return 1
@@ -158,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)  # attached before the first measured request
             cpu_before = server.cpu_seconds()
-            done, errors = asyncio.run(_sequential(target, seconds=args.seconds, scenario=args.scenario))
+            done, errors = load(args.seconds, args.scenario)
             cpu_s = server.cpu_seconds() - cpu_before
             _, spy_err = spy.communicate(timeout=args.seconds + 60)
             if spy.returncode != 0 or not raw_path.exists():
@@ -171,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"profile-{stamp}.txt").write_text(folded)
+    unit = "runs" if args.scenario in RUN_SCENARIOS else "requests"
     print(
-        f"\n{args.server}, {done} sequential {args.scenario} requests in {args.seconds:.0f} s ({errors} failed), "
+        f"\n{args.server}, {done} sequential {args.scenario} {unit} in {args.seconds:.0f} s ({errors} failed), "
         f"{cpu_s * 1000 / max(done, 1):.1f} ms of process CPU each; {samples} samples with the GIL held; "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )

@@ -1,12 +1,15 @@
 """The production channel layer (``cesaflow.lib.channel_layer``): channels_redis's, against the real Redis, with
 group sends that look up several groups' members in one round trip, skip the groups nobody listens to, and queue the
-messages in a second one that channels_redis's own ``receive`` reads."""
+messages in a second one that channels_redis's own ``receive`` reads; messages for the sending instance's own
+channels go straight to their buffers. ``other_process``: a second instance, whose channels are another process's
+(its messages travel through Redis)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
+from typing import Any
 
 import pytest
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
@@ -20,6 +23,13 @@ async def layer():
     assert isinstance(layer, RedisChannelLayer)
     yield layer
     await layer.flush()
+
+
+@pytest.fixture
+async def other_process():
+    other = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    yield other
+    await other.close_pools()
 
 
 async def test_group_send_many_reaches_each_listened_group_in_order_and_skips_the_rest(layer):
@@ -48,15 +58,21 @@ async def test_group_send_many_reaches_each_listened_group_in_order_and_skips_th
     assert await connection.zcard(layer._group_key("watched")) == 2
 
 
-async def test_a_member_past_the_group_expiry_is_dropped_not_sent_to(layer):
-    stale = await layer.new_channel()
-    await layer.group_add("expiring", stale)
+async def test_a_member_past_the_group_expiry_is_dropped_not_sent_to(layer, other_process):
+    stale = await other_process.new_channel()
+    await other_process.group_add("expiring", stale)
     connection = layer.connection(layer.consistent_hash("expiring"))
     # As if it had joined longer ago than the group expiry (a consumer that died without leaving).
     await connection.zadd(layer._group_key("expiring"), {stale: int(time.time()) - layer.group_expiry - 10})
     await layer.group_send("expiring", {"type": "t", "n": 1})
     assert await connection.zcard(layer._group_key("expiring")) == 0
-    await _nothing_for(layer, stale)
+    await _nothing_for(other_process, stale)
+    # The same holds for a channel of the sending instance, which gets its messages without Redis.
+    own = await layer.new_channel()
+    await layer.group_add("expiring", own)
+    layer._local_groups["expiring"][own] = time.time() - layer.group_expiry - 10
+    await layer.group_send("expiring", {"type": "t", "n": 2})
+    await _nothing_for(layer, own)
 
 
 async def test_an_invalid_group_name_is_refused_before_anything_is_sent(layer):
@@ -103,14 +119,100 @@ async def test_a_full_channel_misses_the_message_and_the_others_still_get_it(lay
         await other_process.close_pools()
 
 
-async def test_messages_past_the_expiry_are_dropped_from_a_channel_before_a_new_one_is_queued(layer):
-    listener = await layer.new_channel()
-    await layer.group_add("slow", listener)
+async def test_messages_past_the_expiry_are_dropped_from_a_channel_before_a_new_one_is_queued(layer, other_process):
+    listener = await other_process.new_channel()
+    await other_process.group_add("slow", listener)
     await layer.group_send("slow", {"type": "t", "n": 1})
     key = layer.prefix + layer.non_local_name(listener)
     connection = layer.connection(layer.consistent_hash(layer.non_local_name(listener)))
     (payload,) = await connection.zrange(key, 0, -1)
     await connection.zadd(key, {payload: time.time() - layer.expiry - 10})  # as if queued long ago, never read
     await layer.group_send("slow", {"type": "t", "n": 2})
-    assert (await layer.receive(listener))["n"] == 2
-    await _nothing_for(layer, listener)
+    assert (await other_process.receive(listener))["n"] == 2
+    await _nothing_for(other_process, listener)
+
+
+async def test_a_channel_of_the_sending_instance_gets_its_messages_without_redis_and_the_others_through_it(
+    layer, other_process
+):
+    own = await layer.new_channel()
+    remote = await other_process.new_channel()
+    await layer.group_add_many(["room", "hall"], own)
+    await other_process.group_add("room", remote)
+    # Redis no longer lists the own channel in "room": what it still receives did not come through Redis.
+    connection = layer.connection(layer.consistent_hash("room"))
+    await connection.zrem(layer._group_key("room"), own)
+    await layer.group_send_many([("room", {"type": "t", "n": 1}), ("hall", {"type": "t", "n": 2})])
+    assert [(await layer.receive(own))["n"] for _ in range(2)] == [1, 2]
+    assert (await other_process.receive(remote))["n"] == 1
+    # Exactly once each: "hall" lists the own channel in Redis too, and nothing was queued there for it.
+    await _nothing_for(layer, own)
+    await _nothing_for(other_process, remote)
+    own_key = layer.prefix + layer.non_local_name(own)
+    assert await layer.connection(layer.consistent_hash(layer.non_local_name(own))).zcard(own_key) == 0
+    # After leaving, nothing more.
+    await layer.group_discard("hall", own)
+    await layer.group_send("hall", {"type": "t", "n": 3})
+    await _nothing_for(layer, own)
+
+
+async def test_each_own_member_gets_its_own_copy(layer):
+    first, second = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("pair", first)
+    await layer.group_add("pair", second)
+    event = {"text": "a"}
+    message = {"type": "t", "event": event}
+    await layer.group_send("pair", message)
+    got = await layer.receive(first)
+    got["event"]["text"] = "changed"
+    assert (await layer.receive(second))["event"]["text"] == "a"
+    assert event["text"] == "a"
+
+
+async def _holding_the_pop(layer: RedisChannelLayer, channel: str) -> asyncio.Future[dict[str, Any]]:
+    """A receiver of ``channel`` that holds the receive lock, waiting in Redis's blocking pop."""
+    receiver = asyncio.ensure_future(layer.receive(channel))
+    async with asyncio.timeout(5):
+        while layer._popping is None or layer._popping.done():
+            await asyncio.sleep(0.01)
+    assert layer.receive_lock.locked()
+    return receiver
+
+
+async def test_the_receiver_waiting_in_redis_gets_a_local_message_at_once_and_its_pop_ends(layer, other_process):
+    waiting = await layer.new_channel()
+    later = await layer.new_channel()
+    await layer.group_add("local", waiting)
+    receiver = await _holding_the_pop(layer, waiting)
+    pop = layer._popping
+    await layer.group_send("local", {"type": "t", "n": 1})
+    async with asyncio.timeout(2):  # not the blocking pop's 5 s
+        assert (await receiver)["n"] == 1
+    # The pop is not cancelled (a message Redis hands it then would be lost): a wake-up through Redis ends it, and
+    # the wake-up itself reaches nobody.
+    async with asyncio.timeout(2):
+        await asyncio.wait({pop})
+    assert not pop.cancelled()
+    assert pop.exception() is None
+    assert not layer.receive_lock.locked()
+    await _nothing_for(layer, waiting)
+    # Messages through Redis still arrive (another process's direct send to a channel of this one).
+    await other_process.send(later, {"type": "t", "n": 2})
+    async with asyncio.timeout(5):
+        assert (await layer.receive(later))["n"] == 2
+
+
+async def test_a_receiver_cancelled_during_its_pop_ends_it_and_loses_nothing(layer, other_process):
+    first = await layer.new_channel()
+    second = await layer.new_channel()
+    receiver = await _holding_the_pop(layer, first)
+    pop = layer._popping
+    receiver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await receiver
+    async with asyncio.timeout(2):
+        await asyncio.wait({pop})
+    assert not pop.cancelled()
+    await other_process.send(second, {"type": "t", "n": 1})
+    async with asyncio.timeout(5):
+        assert (await layer.receive(second))["n"] == 1

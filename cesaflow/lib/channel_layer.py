@@ -7,10 +7,21 @@ published four of them, eight round trips (issue #13); and every event a watcher
 to its screen. Here ``group_send_many`` reads the members of all the groups it is given in one pipelined round trip
 and stops there if none has any; otherwise it queues every message in a second one. Joining is the same:
 ``group_add_many`` adds a channel to several groups (each an add and an expiry) in one round trip, where
-channels_redis awaits two commands per group (a run's websocket joins three groups before its first event)."""
+channels_redis awaits two commands per group (a run's websocket joins three groups before its first event).
+
+Messages for this process's own channels skip Redis altogether: a group send hands a copy of each message to every
+member channel created by this instance (``new_channel``) at once, on the loop that receives them, and queues it in
+Redis only for the other members (other processes). A run executed in the process that serves its stream (the
+inline executor claims a run on attach) thus reaches its watcher's screen without two round trips out and one back
+(issue #13: the run stream's first words). ``receive`` is channels_redis's, with one change that local delivery
+needs: the receiver that pops the process's Redis queue (one at a time, under the receive lock) also watches its own
+channel's buffer, and returns a message delivered there at once; a wake-up it sends through Redis ends its pop (never
+cancelled: a pop cancelled just as Redis hands it a message would lose it), which releases the lock."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import time
 from collections import defaultdict
@@ -20,6 +31,9 @@ from typing import Any
 from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
 
 logger = logging.getLogger("cesaflow.channel_layer")
+
+# A message that only ends a pop of the process's Redis queue (``_end_pop_soon``); never handed to a receiver.
+_POKE = "cesaflow.layer.wake"
 
 # Queues one message to each channel key given (KEYS; ARGV: one message per key, then one capacity per key, then the
 # time and the expiry in seconds) unless the channel is full; returns how many were full. The store is
@@ -42,23 +56,190 @@ return full
 
 
 class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_redis ships no type hints
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The loop this instance's channels are received on (the first one that made a channel; another once that
+        # one is closed), and the groups those channels joined: group -> channel -> when it joined.
+        self._local_loop: asyncio.AbstractEventLoop | None = None
+        self._local_groups: dict[str, dict[str, float]] = defaultdict(dict)
+        self._popping: asyncio.Task[None] | None = None  # the pop of the Redis queue in flight (holds the lock)
+        self._pokes: set[asyncio.Future[None]] = set()
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        loop = asyncio.get_running_loop()
+        if self._local_loop is None or self._local_loop.is_closed():
+            self._local_loop = loop
+            self._local_groups.clear()  # the channels of a closed loop receive nothing more
+        channel: str = await super().new_channel(prefix)
+        return channel
+
+    def _is_own(self, channel: str) -> bool:
+        """A channel of this instance (``new_channel``): its messages end in this process's ``receive_buffer``."""
+        return "!" in channel and self.non_local_name(channel).endswith(self.client_prefix + "!")
+
+    def _on_local_loop(self) -> bool:
+        return self._local_loop is not None and self._local_loop is asyncio.get_running_loop()
+
     async def group_add(self, group: str, channel: str) -> None:
         await self.group_add_many([group], channel)
 
     async def group_add_many(self, groups: Iterable[str], channel: str) -> None:
-        """Add ``channel`` to each of ``groups``: one pipelined round trip per Redis host."""
+        """Add ``channel`` to each of ``groups``: one pipelined round trip per Redis host. A channel of this instance
+        joins locally too (before Redis: a message sent meanwhile reaches it)."""
         groups = list(groups)
         if not self.require_valid_channel_name(channel):
             raise ValueError(f"Channel name not valid: {channel!r}")
+        by_host = self._by_host(groups)
         now = time.time()
-        for host, positions in self._by_host(groups).items():
-            pipe = self.connection(host).pipeline(transaction=False)
-            for position in positions:
-                key = self._group_key(groups[position])
-                pipe.zadd(key, {channel: now})
-                # Everything in the group expires before this: the set goes when its last member would have.
-                pipe.expire(key, self.group_expiry)
-            await pipe.execute()
+        local = self._is_own(channel) and self._on_local_loop()
+        if local:
+            for group in groups:
+                self._local_groups[group][channel] = now
+        try:
+            for host, positions in by_host.items():
+                pipe = self.connection(host).pipeline(transaction=False)
+                for position in positions:
+                    key = self._group_key(groups[position])
+                    pipe.zadd(key, {channel: now})
+                    # Everything in the group expires before this: the set goes when its last member would have.
+                    pipe.expire(key, self.group_expiry)
+                await pipe.execute()
+        except BaseException:
+            if local:
+                self._leave_locally(groups, channel)
+            raise
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        self._leave_locally([group], channel)
+        await super().group_discard(group, channel)
+
+    def _leave_locally(self, groups: Iterable[str], channel: str) -> None:
+        for group in groups:
+            members = self._local_groups.get(group)
+            if members is not None:
+                members.pop(channel, None)
+                if not members:
+                    del self._local_groups[group]
+
+    def _deliver_locally(self, sends: list[tuple[str, dict[str, Any]]]) -> dict[int, set[str]]:
+        """Each message, copied, straight into the buffer of every member channel of this instance; the channels
+        served, by position in ``sends`` (Redis then queues the message for the other members only)."""
+        served: dict[int, set[str]] = {}
+        if not self._local_groups or not self._on_local_loop():
+            return served
+        joined_after = time.time() - self.group_expiry  # as Redis expires members
+        for position, (group, message) in enumerate(sends):
+            members = self._local_groups.get(group)
+            if not members:
+                continue
+            served[position] = set(members)
+            for channel, joined_at in members.items():
+                if joined_at > joined_after:
+                    self.receive_buffer[channel].put_nowait(copy.deepcopy(message))
+        return served
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """channels_redis's ``receive``; for this instance's channels (``!``), the receiver holding the receive lock
+        pops the Redis queue in a task of its own and returns as soon as its own buffer has a message, whichever
+        comes first: a message delivered locally must not wait for the next one through Redis. The pop then ends
+        with a wake-up sent through Redis (``_end_pop_soon``), hands any real message to the buffers and releases
+        the lock (which the other receivers wait for meanwhile, as they do for any receiver's pop). A receiver
+        cancelled during its pop ends it the same way."""
+        if "!" not in channel:
+            message: dict[str, Any] = await super().receive(channel)
+            return message
+        if not self.require_valid_channel_name(channel):
+            raise ValueError(f"Channel name not valid: {channel!r}")
+        real_channel = self.non_local_name(channel)
+        if not real_channel.endswith(self.client_prefix + "!"):
+            raise ValueError(f"Channel {channel!r} is not one of this channel layer's")
+        loop = asyncio.get_running_loop()
+        popping = self._popping
+        pop_alive = popping is not None and not popping.done() and not popping.get_loop().is_closed()
+        if self.receive_count == 0 and not pop_alive:
+            self.receive_lock = asyncio.Lock()
+            self.receive_event_loop = loop
+        elif self.receive_event_loop is not loop:
+            raise RuntimeError("Two event loops are trying to receive() on one channel layer at once!")
+        self.receive_count += 1
+        try:
+            return await self._receive_own(channel, real_channel)
+        finally:
+            self.receive_count -= 1
+
+    def _end_pop_soon(self, popping: asyncio.Future[None], channel: str) -> None:
+        """Its receiver stops waiting for ``popping``: a message of no consequence through Redis ends the pop now
+        (it was waiting for the next message of any channel of this process). A pop is never cancelled: one
+        cancelled just as Redis hands it a message would lose that message."""
+        if popping.done():
+            return
+        poke = asyncio.ensure_future(self.send(channel, {"type": _POKE}))
+        self._pokes.add(poke)
+        poke.add_done_callback(self._poked)
+
+    def _poked(self, poke: asyncio.Future[None]) -> None:
+        self._pokes.discard(poke)
+        if not poke.cancelled() and poke.exception() is not None:  # Redis away: the pop ends with it anyway
+            logger.warning("channel layer: wake-up not sent (%s)", type(poke.exception()).__name__)
+
+    async def _receive_own(self, channel: str, real_channel: str) -> dict[str, Any]:
+        lock: asyncio.Lock = self.receive_lock
+        queue = self.receive_buffer[channel]
+        while queue.empty():
+            getting = asyncio.ensure_future(queue.get())
+            acquiring = asyncio.ensure_future(lock.acquire())
+            try:
+                await asyncio.wait({getting, acquiring}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                _drop(getting, acquiring, lock)
+                self.receive_buffer.pop(channel, None)
+                raise
+            if getting.done():
+                _drop(None, acquiring, lock)
+                return self._taken(channel, getting.result())
+            getting.cancel()  # not done: nothing was taken from the queue
+            # This receiver holds the lock: it pops the process's Redis queue, and watches its own buffer meanwhile.
+            popping = self._popping = asyncio.ensure_future(self._pop_into_buffers(real_channel, lock))
+            popping.add_done_callback(_retrieve)
+            getting = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait({getting, popping}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                getting.cancel()
+                self._end_pop_soon(popping, channel)
+                self.receive_buffer.pop(channel, None)
+                raise
+            if getting.done():
+                self._end_pop_soon(popping, channel)
+                return self._taken(channel, getting.result())
+            getting.cancel()
+            if not popping.cancelled():  # (cancelled: its loop is closing)
+                popping.result()  # raises what the pop raised (a Redis error), as channels_redis's receive does
+        return self._taken(channel, queue.get_nowait())
+
+    def _taken(self, channel: str, message: dict[str, Any]) -> dict[str, Any]:
+        queue = self.receive_buffer.get(channel)
+        if queue is not None and queue.empty():
+            del self.receive_buffer[channel]
+        return message
+
+    async def _pop_into_buffers(self, real_channel: str, lock: asyncio.Lock) -> None:
+        """One message off the process's Redis queue, into the buffer of the channel it is for; then the lock goes
+        to the next receiver."""
+        try:
+            message_channel, message = await self.receive_single(real_channel)
+            if message.get("type") != _POKE:
+                for name in message_channel if isinstance(message_channel, list) else [message_channel]:
+                    self.receive_buffer[name].put_nowait(message)
+        finally:
+            lock.release()
+
+    async def close_pools(self) -> None:
+        popping = self._popping
+        if popping is not None and not popping.done() and popping.get_loop() is asyncio.get_running_loop():
+            await asyncio.wait({popping}, timeout=1.0)  # ended by a wake-up sent when its receiver left
+            popping.cancel()  # its connection is about to close anyway
+        await super().close_pools()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await self.group_send_many([(group, message)])
@@ -69,9 +250,11 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         members' channels (the stale messages there expired first, a full channel skipped), as channels_redis does
         in four round trips per group."""
         sends = list(sends)
+        by_host = self._by_host([group for group, _ in sends])  # every name checked before anything is sent
+        served = self._deliver_locally(sends)
         members: dict[int, list[str]] = {}
         oldest = int(time.time()) - self.group_expiry
-        for host, positions in self._by_host([group for group, _ in sends]).items():
+        for host, positions in by_host.items():
             pipe = self.connection(host).pipeline(transaction=False)
             for position in positions:
                 key = self._group_key(sends[position][0])
@@ -79,8 +262,10 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
                 pipe.zrange(key, 0, -1)
             results = await pipe.execute()
             for position, names in zip(positions, results[1::2], strict=True):
-                if names:
-                    members[position] = [name.decode() for name in names]
+                local = served.get(position, ())
+                remote = [name.decode() for name in names if name.decode() not in local]
+                if remote:
+                    members[position] = remote
         if not members:
             return
         # The messages per Redis host of the members' channels, in send order: each channel keeps its order.
@@ -117,6 +302,24 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
                 raise ValueError(f"Group name not valid: {group!r}")
             by_host[self.consistent_hash(group)].append(position)
         return by_host
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A pop that outlived its receiver and failed: logged here, not as an exception nobody retrieved (the next
+    receiver's pop meets the same Redis trouble and raises it)."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("channel layer: receive failed (%s)", type(task.exception()).__name__)
+
+
+def _drop(getting: asyncio.Future[Any] | None, acquiring: asyncio.Future[Any], lock: asyncio.Lock) -> None:
+    """Abandon a receiver's waits: a queue read not done takes nothing; a lock it was granted is released."""
+    if getting is not None:
+        getting.cancel()
+    if acquiring.done():
+        if not acquiring.cancelled() and acquiring.exception() is None and acquiring.result() is True:
+            lock.release()
+    else:
+        acquiring.cancel()
 
 
 async def join_groups(layer: Any, groups: Iterable[str], channel: str) -> None:
