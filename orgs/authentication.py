@@ -286,12 +286,13 @@ class CachedVerdict:
     refused: int | None  # ``revalidate``'s answer
 
 
-async def arevalidate_cached(
-    principal: Principal, context: OrgContext, *, capability: str = RUNS_READ
+def revalidate_cached(
+    principal: Principal, context: OrgContext, *, token: str | None, capability: str = RUNS_READ
 ) -> CachedVerdict | None:
     """``revalidate`` answered on the event loop, without the database, when it can be: for an org API key still
-    in the verified-keys cache for the authorization generation read now (``orgs.api_key_cache``, the gateway's).
-    None: it cannot be (a session, a key not cached, a generation changed since): call ``revalidate``.
+    in the verified-keys cache for ``token``, the authorization generation read once the stream had joined its
+    revocation groups (``row_cache.ageneration``; ``orgs.api_key_cache``, the gateway's cache). None: it cannot be
+    (a session, a key not cached, a generation changed since): call ``revalidate``.
 
     Why a cached answer is as good as the database's right after a stream joined its revocation groups: every
     revocation signal is sent only after the generation has been replaced, after the revocation committed
@@ -300,7 +301,7 @@ async def arevalidate_cached(
     revocation committed. A signal sent after the stream joined is heard, and its check reads the database."""
     if not isinstance(principal, KeyPrincipal):
         return None
-    cached = api_key_cache.recall(digest=principal.api_key.digest, token=await row_cache.ageneration())
+    cached = api_key_cache.recall(digest=principal.api_key.digest, token=token)
     if cached is None or cached.pk != principal.api_key.pk:
         return None
     return CachedVerdict(_verdict(*_key_current(cached, org_id=str(context.org.pk)), capability=capability))

@@ -37,7 +37,7 @@ def org_group(org_id: object) -> str:
 
 def _send(group: str) -> None:
     # The generation first: a stream that joins after this signal went out, and so misses it, checks against a
-    # generation whose cached entries were all read after the change (``orgs.authentication.arevalidate_cached``).
+    # generation whose cached entries were all read after the change (``orgs.authentication.revalidate_cached``).
     row_cache.invalidate()
     layer = get_channel_layer()
     if layer is None:

@@ -2,11 +2,18 @@
 
 The watcher subscribes to the run's group first (an event published meanwhile is queued, not missed), then this
 hop checks the credentials once more (a revocation committed before the subscription was not heard; for an org API
-key verified recently that check is answered on the event loop, ``arevalidate_cached``), takes the
+key verified recently that check is answered on the event loop, ``revalidate_cached``), takes the
 run's snapshot and attaches a run that waits for its watcher (start on attach). Where this process executes runs
 (the inline executor, with a free slot), the run is claimed for it in the attach's transaction and starts at once,
 without a hand-over and a claim of its own. Each of these was a hop of its own; on the path to a run's first words
 every hop counts (issue #13).
+
+A run created through the REST API a moment ago, in this process, is usually watched next (an IDE creates it, then
+opens its events on the same connection): ``remember_created`` keeps its row and the rows beside it (its provider
+key, its creator) for a few seconds, generation-checked like the gateway's caches (``cesaflow.lib.row_cache``: any
+change to a key, an org or a user, anywhere, and they are not trusted), so the attach starts from them instead of
+reading the run. The run's own state needs no such check: the attach's update matches only a run still queued and
+waiting for its watcher, and anything else is read from the database.
 """
 
 from __future__ import annotations
@@ -17,11 +24,45 @@ from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
 
-from orgs.authentication import Principal, arevalidate_cached, revalidate
+from cesaflow.lib import row_cache
+from cesaflow.lib.row_cache import RowCache
+from keys.models import ProviderKey
+from orgs.authentication import KeyPrincipal, Principal, revalidate, revalidate_cached
+from orgs.models import ApiKey, User
 from orgs.tenancy import OrgContext
 from runs.models import Run
 from runs.selectors import run_get_for_org
 from runs.services import Attached, run_attach
+
+# Runs created here a moment ago, by id (``remember_created``): long enough for a client to open the stream.
+_created = RowCache(ttl_s=10.0, max_entries=1024)
+
+
+def remember_created(run: Run, *, token: str | None) -> None:
+    """Keep a run just created and still waiting for its watcher, with ``token`` the authorization generation read
+    *before* its provider key and creator were read (a change committed after that read replaces the token)."""
+    if not run.waiting_for_watcher:
+        return
+    beside = (run.provider_key, run.created_by_user, run.created_by_api_key)
+    _created.remember(run.id, [run, *(row for row in beside if row is not None)], token=token)
+
+
+def _recall_created(run_id: uuid.UUID, *, token: str | None) -> Run | None:
+    instances = _created.recall(run_id, token=token)
+    if not instances:
+        return None
+    run: Run = instances[0]
+    run.provider_key = None
+    run.created_by_user = None
+    run.created_by_api_key = None
+    for row in instances[1:]:
+        if isinstance(row, ProviderKey):
+            run.provider_key = row
+        elif isinstance(row, User):
+            run.created_by_user = row
+        elif isinstance(row, ApiKey):
+            run.created_by_api_key = row
+    return run
 
 
 @dataclass(frozen=True)
@@ -39,15 +80,20 @@ def watch_start(
     claim_for: str | None = None,
     revalidated: bool = False,
     created: Run | None = None,
+    token: str | None = None,
 ) -> WatchStart:
     """Sync (database and session store); raises ``SessionStoreUnavailable`` like ``revalidate``. ``claim_for``:
     see ``run_attach``. ``revalidated``: the credentials were checked once more since the subscription already
-    (``arevalidate_cached``). ``created``: the run as the request that created it a moment ago holds it (a streamed
-    ``POST /runs``), with everything execution reads: not read again when it is still waiting for its watcher."""
+    (``revalidate_cached``). ``created``: the run as the request that created it a moment ago holds it (a streamed
+    ``POST /runs``), with everything execution reads: not read again when it is still waiting for its watcher.
+    ``token``: the authorization generation read since the subscription; a run this process remembers having
+    created (``remember_created``) under it is taken as ``created``."""
     if not revalidated:
         refused = revalidate(principal, context)
         if refused is not None:
             return WatchStart(refused=refused, run=None)
+    if created is None:
+        created = _recall_created(run_id, token=token)
     if created is not None and created.id == run_id and created.org_id == context.org.id:
         attached = run_attach(run=created, claim_for=claim_for)
         if attached is not Attached.NOTHING:
@@ -70,7 +116,10 @@ async def awatch_start(
     this executor runs it. ``created``: see ``watch_start``."""
     from runs import executor  # the executor imports services; import at call time
 
-    cached = await arevalidate_cached(principal, context)  # an org API key: no database read
+    # An org API key (an IDE or a CLI, which creates a run and then watches it): its verdict and the run it
+    # created come from this process's caches (no database read). A session's are read in the hop.
+    token = await row_cache.ageneration() if isinstance(principal, KeyPrincipal) else None
+    cached = revalidate_cached(principal, context, token=token)
     if cached is not None and cached.refused is not None:
         return WatchStart(refused=cached.refused, run=None)
     local = executor.local_executor()
@@ -84,6 +133,7 @@ async def awatch_start(
             claim_for=local.worker_id if local else None,
             revalidated=cached is not None,
             created=created,
+            token=token,
         )
     )
     if local is not None:

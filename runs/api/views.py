@@ -26,6 +26,7 @@ from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from cesaflow.lib import row_cache
 from cesaflow.lib.api import ApiError, error_responses
 from orgs.api.base import OrgAPIView
 from orgs.permissions import AUDIT_READ, ORG_SUSPENDED, RUNS_READ, RUNS_WRITE
@@ -56,6 +57,7 @@ from runs.services.workspaces import (
     run_workspace_download_renew,
     run_workspace_downloaded,
 )
+from runs.watching import remember_created
 from runs.workspaces import usage, workspace_path, zip_chunks
 
 
@@ -139,6 +141,8 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         stream = data["stream"] or wants_event_stream(request)
         # A streamed create watches from its first event, whatever the kind's default.
         watch = data.get("watch", True if stream else None)
+        # Read before the run's key and creator are: the run is remembered for the stream that usually follows.
+        token = None if stream else row_cache.generation()
         try:
             if "project" in data:
                 project = project_get_for_org(org=self.org, project_id=data["project"])
@@ -184,6 +188,7 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
             )
             streamed["Location"] = location
             return streamed
+        remember_created(run, token=token)
         response = Response(RunSerializer(run).data, status=status.HTTP_201_CREATED)
         response["Location"] = location
         return response

@@ -6,6 +6,7 @@ application: ``test_start_on_attach`` (its inline executor) and ``test_awatch_st
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
@@ -14,12 +15,14 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from keys.models import Provider, ProviderKey
-from keys.services import provider_key_create
+from cesaflow.lib import row_cache
+from keys.models import KeyStatus, Provider, ProviderKey
+from keys.services import provider_key_create, provider_key_revoke
 from orgs.authentication import KeyPrincipal, SessionPrincipal, org_context_for
 from orgs.models import Organization
 from runs import executor as executor_module
-from runs.models import Run, RunKind, RunStatus
+from runs import watching
+from runs.models import AuditEvent, Run, RunKind, RunStatus
 from runs.projects.services import project_create, project_run_create
 from runs.services import Attached, run_attach, run_claim, run_create, run_request_cancel
 from runs.watching import awatch_start, watch_start
@@ -181,3 +184,69 @@ async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gon
         assert finished.worker_id == local.worker_id
     finally:
         await executor_module.unbind_server_loop()
+
+
+def _created_through_the_api(cast: Any, key: ProviderKey) -> uuid.UUID:
+    response = cast.admin_a.api().post(
+        "/api/v1/runs", {"provider_key": str(key.id), "model": "gpt-4o", "objective": "Go."}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    return uuid.UUID(response.json()["id"])
+
+
+def _attached_by_its_creator(cast: Any, run_id: uuid.UUID) -> tuple[Any, list[dict[str, Any]]]:
+    """The creator's key watches the run (as ``awatch_start`` would, claiming it here), and the queries made."""
+    principal, context = _key_principal(cast)
+    with CaptureQueriesContext(connection) as queries:
+        start = watch_start(
+            principal=principal,
+            context=context,
+            run_id=run_id,
+            claim_for="here",
+            revalidated=True,
+            token=row_cache.generation(),
+        )
+    return start, queries.captured_queries
+
+
+def test_a_run_created_here_through_the_api_attaches_without_being_read_again(cast):
+    """``POST /runs`` remembers the run it created (its key and creator beside it, under the authorization
+    generation): the stream that follows attaches from those rows, and the outcome is the one a read would give."""
+    key = _key(cast.org_a, cast.admin_a.user)
+    run_id = _created_through_the_api(cast, key)
+    start, queries = _attached_by_its_creator(cast, run_id)
+    assert _run_reads(queries) == []
+    assert start.claimed
+    assert start.run is not None
+    assert start.run.provider_key is not None
+    assert start.run.provider_key.id == key.id
+    assert start.run.created_by_api_key == cast.admin_a.api_key
+    assert (_fresh(start.run).status, _fresh(start.run).worker_id) == (RunStatus.RUNNING, "here")
+    # The key's opening is recorded against the run's creator, as a claim after a read records it.
+    [used] = AuditEvent.objects.filter(event=AuditEvent.KEY_USED)
+    assert (used.metadata["reference"], used.actor_api_key_id) == (str(run_id), cast.admin_a.api_key.id)
+
+
+def test_a_remembered_run_is_read_again_once_keys_change_and_never_serves_another_org(cast):
+    key = _key(cast.org_a, cast.admin_a.user)
+    run_id = _created_through_the_api(cast, key)
+    # Another org's watcher with the run's id: the remembered rows are the run's org's only.
+    outsider = KeyPrincipal(cast.admin_b.api_key)
+    outsider_context = org_context_for(outsider)
+    assert outsider_context is not None
+    stranger = watch_start(
+        principal=outsider, context=outsider_context, run_id=run_id, revalidated=True, token=row_cache.generation()
+    )
+    assert stranger.run is None
+    # The provider key is revoked by another process after the run was created: that replaces the generation but
+    # leaves this process's caches as they are (a change made here also clears them: kept as they were). The
+    # attach reads the run and its key, now revoked, from the database, so no opening of that key is recorded.
+    held = dict(watching._created.entries)
+    provider_key_revoke(key=key, actor=cast.admin_a.user)
+    watching._created.entries.update(held)
+    start, queries = _attached_by_its_creator(cast, run_id)
+    assert len(_run_reads(queries)) == 1
+    assert start.run is not None
+    assert start.run.provider_key is not None
+    assert start.run.provider_key.status == KeyStatus.REVOKED
+    assert not AuditEvent.objects.filter(event=AuditEvent.KEY_USED).exists()

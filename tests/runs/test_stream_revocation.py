@@ -19,8 +19,8 @@ from orgs.authentication import (
     KeyPrincipal,
     SessionPrincipal,
     api_key_verify,
-    arevalidate_cached,
     org_context_for,
+    revalidate_cached,
 )
 from orgs.models import ApiKey, Membership
 from orgs.services import api_key_revoke, membership_change_role, membership_remove
@@ -208,14 +208,15 @@ async def test_a_key_verified_recently_is_checked_again_without_the_database(cas
     principal = await _verified(cast.dev_a.api_secret)
     context = await sync_to_async(org_context_for)(principal)
     assert context is not None
-    assert await arevalidate_cached(principal, context) == CachedVerdict(refused=None)
+    token = await row_cache.ageneration()
+    assert revalidate_cached(principal, context, token=token) == CachedVerdict(refused=None)
     # A capability the key lacks is refused from the cache too.
-    assert await arevalidate_cached(principal, context, capability="keys:write") == CachedVerdict(refused=4403)
+    assert revalidate_cached(principal, context, token=token, capability="keys:write") == CachedVerdict(refused=4403)
     # A session is always checked against the store and the database.
     record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
     assert record is not None
     session = SessionPrincipal(user=cast.dev_a.user, session=record)
-    assert await arevalidate_cached(session, context) is None
+    assert revalidate_cached(session, context, token=token) is None
 
 
 async def test_a_revocation_committed_before_the_subscription_is_seen_when_the_watch_starts(cast, queued_run):
@@ -225,14 +226,15 @@ async def test_a_revocation_committed_before_the_subscription_is_seen_when_the_w
     context = await sync_to_async(org_context_for)(principal)
     assert context is not None
     await sync_to_async(api_key_revoke)(api_key=cast.dev_a.api_key, actor=cast.admin_a.user)
-    assert await arevalidate_cached(principal, context) is None  # the cache cannot vouch for it any more
+    # The cache cannot vouch for it any more.
+    assert revalidate_cached(principal, context, token=await row_cache.ageneration()) is None
     start = await awatch_start(principal=principal, context=context, run_id=queued_run.id)
     assert (start.refused, start.run) == (4401, None)
     assert (await Run.objects.aget(pk=queued_run.pk)).attached_at is None  # nothing attached for a revoked key
 
 
 def test_every_revocation_signal_replaces_the_authorization_generation_before_it_is_sent(cast):
-    """What ``arevalidate_cached`` relies on: a stream that missed a signal finds the generation changed."""
+    """What ``revalidate_cached`` relies on: a stream that missed a signal finds the generation changed."""
     before = row_cache.generation()
     revocation.signal_org(cast.org_a.pk)
     after = row_cache.generation()
