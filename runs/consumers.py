@@ -202,7 +202,8 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
     async def leave_groups(self) -> None:
         joined, self._joined = self._joined, []
         for group in joined:
-            await self.channel_layer.group_discard(group, self.channel_name)
+            with suppress(Exception):  # Redis away: leave the others (and this process's own registry) anyway
+                await self.channel_layer.group_discard(group, self.channel_name)
 
     async def send_event(self, event: dict[str, Any] | events.RunEvent) -> None:
         await self.send(text_data=json.dumps(event, separators=(",", ":")))

@@ -49,12 +49,10 @@ def remember_created(run: Run, *, token: str | None) -> None:
 
 def _recall_created(run_id: uuid.UUID, *, token: str | None) -> Run | None:
     instances = _created.recall(run_id, token=token)
+    _created.forget(run_id)  # once: a second watcher finds the run attached, which the database says
     if not instances:
         return None
     run: Run = instances[0]
-    run.provider_key = None
-    run.created_by_user = None
-    run.created_by_api_key = None
     for row in instances[1:]:
         if isinstance(row, ProviderKey):
             run.provider_key = row

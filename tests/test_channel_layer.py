@@ -67,12 +67,20 @@ async def test_a_member_past_the_group_expiry_is_dropped_not_sent_to(layer, othe
     await layer.group_send("expiring", {"type": "t", "n": 1})
     assert await connection.zcard(layer._group_key("expiring")) == 0
     await _nothing_for(other_process, stale)
-    # The same holds for a channel of the sending instance, which gets its messages without Redis.
+    # The same holds for a channel of the sending instance, which gets its messages without Redis: dropped there
+    # too (and not sent through Redis, where it is as old).
     own = await layer.new_channel()
     await layer.group_add("expiring", own)
-    layer._local_groups["expiring"][own] = time.time() - layer.group_expiry - 10
+    joined_long_ago = int(time.time()) - layer.group_expiry - 10
+    layer._local_groups["expiring"][own] = joined_long_ago
+    await connection.zadd(layer._group_key("expiring"), {own: joined_long_ago})
     await layer.group_send("expiring", {"type": "t", "n": 2})
     await _nothing_for(layer, own)
+    assert "expiring" not in layer._local_groups
+    # Joined again (fresh), it gets the next one.
+    await layer.group_add("expiring", own)
+    await layer.group_send("expiring", {"type": "t", "n": 3})
+    assert (await layer.receive(own))["n"] == 3
 
 
 async def test_an_invalid_group_name_is_refused_before_anything_is_sent(layer):
@@ -114,6 +122,14 @@ async def test_a_full_channel_misses_the_message_and_the_others_still_get_it(lay
         assert [(await layer.receive(roomy))["n"] for _ in range(3)] == [0, 1, 2]
         assert [(await other_process.receive(small))["n"] for _ in range(2)] == [0, 1]
         await _nothing_for(other_process, small)
+        # A channel of the sending instance, which gets its messages without Redis, has the same capacity.
+        own_small = await layer.new_channel()
+        await layer.group_add_many(["crowded"], own_small)
+        layer.channel_capacity = [(re.compile(re.escape(own_small)), 2)]
+        for n in range(3, 6):
+            await layer.group_send("crowded", {"type": "t", "n": n})
+        assert [(await layer.receive(own_small))["n"] for _ in range(2)] == [3, 4]
+        await _nothing_for(layer, own_small)
     finally:
         layer.channel_capacity = []
         await other_process.close_pools()
@@ -153,6 +169,14 @@ async def test_a_channel_of_the_sending_instance_gets_its_messages_without_redis
     # After leaving, nothing more.
     await layer.group_discard("hall", own)
     await layer.group_send("hall", {"type": "t", "n": 3})
+    await _nothing_for(layer, own)
+
+
+async def test_a_message_redis_could_not_carry_is_refused_before_anyone_gets_it(layer):
+    own = await layer.new_channel()
+    await layer.group_add("strict", own)
+    with pytest.raises(TypeError):
+        await layer.group_send_many([("strict", {"type": "t", "n": 1}), ("strict", {"type": "t", "bad": {1, 2}})])
     await _nothing_for(layer, own)
 
 

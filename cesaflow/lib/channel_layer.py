@@ -9,7 +9,7 @@ and stops there if none has any; otherwise it queues every message in a second o
 ``group_add_many`` adds a channel to several groups (each an add and an expiry) in one round trip, where
 channels_redis awaits two commands per group (a run's websocket joins three groups before its first event).
 
-Messages for this process's own channels skip Redis altogether: a group send hands a copy of each message to every
+Messages for this process's own channels do not travel through Redis: a group send hands each message to every
 member channel created by this instance (``new_channel``) at once, on the loop that receives them, and queues it in
 Redis only for the other members (other processes). A run executed in the process that serves its stream (the
 inline executor claims a run on attach) thus reaches its watcher's screen without two round trips out and one back
@@ -21,7 +21,6 @@ cancelled: a pop cancelled just as Redis hands it a message would lose it), whic
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections import defaultdict
@@ -122,20 +121,32 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
                     del self._local_groups[group]
 
     def _deliver_locally(self, sends: list[tuple[str, dict[str, Any]]]) -> dict[int, set[str]]:
-        """Each message, copied, straight into the buffer of every member channel of this instance; the channels
-        served, by position in ``sends`` (Redis then queues the message for the other members only)."""
+        """Each message straight into the buffer of every member channel of this instance, as Redis would hand it
+        over (serialized once and deserialized per member: the same checks, and a copy each); the channels served,
+        by position in ``sends`` (Redis then queues the message for the other members only). A member past the
+        group expiry is dropped, as Redis drops it; a full channel misses the message, as in Redis."""
         served: dict[int, set[str]] = {}
         if not self._local_groups or not self._on_local_loop():
             return served
-        joined_after = time.time() - self.group_expiry  # as Redis expires members
+        joined_after = time.time() - self.group_expiry
+        serialized: dict[int, bytes] = {}
         for position, (group, message) in enumerate(sends):
             members = self._local_groups.get(group)
-            if not members:
-                continue
-            served[position] = set(members)
-            for channel, joined_at in members.items():
-                if joined_at > joined_after:
-                    self.receive_buffer[channel].put_nowait(copy.deepcopy(message))
+            for channel in [channel for channel, joined_at in (members or {}).items() if joined_at <= joined_after]:
+                self._leave_locally([group], channel)
+            if group in self._local_groups:
+                serialized[position] = self.serialize(message)  # all of them before any is delivered
+        full = 0
+        for position, raw in serialized.items():
+            served[position] = set(self._local_groups[sends[position][0]])
+            for channel in served[position]:
+                queue = self.receive_buffer[channel]
+                if queue.qsize() >= self.get_capacity(channel):
+                    full += 1
+                    continue
+                queue.put_nowait(self.deserialize(raw))
+        if full:
+            logger.info("group send: %d channel(s) over capacity, message dropped for them", full)
         return served
 
     async def receive(self, channel: str) -> dict[str, Any]:
@@ -167,13 +178,14 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         finally:
             self.receive_count -= 1
 
-    def _end_pop_soon(self, popping: asyncio.Future[None], channel: str) -> None:
+    def _end_pop_soon(self, popping: asyncio.Future[None]) -> None:
         """Its receiver stops waiting for ``popping``: a message of no consequence through Redis ends the pop now
-        (it was waiting for the next message of any channel of this process). A pop is never cancelled: one
-        cancelled just as Redis hands it a message would lose that message."""
+        (it was waiting for the next message of any channel of this process). A pop is never cancelled while it
+        may be handed a message: it would lose that message."""
         if popping.done():
             return
-        poke = asyncio.ensure_future(self.send(channel, {"type": _POKE}))
+        popping.add_done_callback(_retrieve)  # nobody awaits it any more: its failure is logged
+        poke = asyncio.ensure_future(self.send(f"specific.{self.client_prefix}!wake", {"type": _POKE}))
         self._pokes.add(poke)
         poke.add_done_callback(self._poked)
 
@@ -200,20 +212,19 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
             getting.cancel()  # not done: nothing was taken from the queue
             # This receiver holds the lock: it pops the process's Redis queue, and watches its own buffer meanwhile.
             popping = self._popping = asyncio.ensure_future(self._pop_into_buffers(real_channel, lock))
-            popping.add_done_callback(_retrieve)
             getting = asyncio.ensure_future(queue.get())
             try:
                 await asyncio.wait({getting, popping}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
                 getting.cancel()
-                self._end_pop_soon(popping, channel)
+                self._end_pop_soon(popping)
                 self.receive_buffer.pop(channel, None)
                 raise
             if getting.done():
-                self._end_pop_soon(popping, channel)
+                self._end_pop_soon(popping)
                 return self._taken(channel, getting.result())
             getting.cancel()
-            if not popping.cancelled():  # (cancelled: its loop is closing)
+            if not popping.cancelled():  # (cancelled: the pools were closed under it; the next pop starts over)
                 popping.result()  # raises what the pop raised (a Redis error), as channels_redis's receive does
         return self._taken(channel, queue.get_nowait())
 
@@ -237,8 +248,9 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
     async def close_pools(self) -> None:
         popping = self._popping
         if popping is not None and not popping.done() and popping.get_loop() is asyncio.get_running_loop():
-            await asyncio.wait({popping}, timeout=1.0)  # ended by a wake-up sent when its receiver left
-            popping.cancel()  # its connection is about to close anyway
+            self._end_pop_soon(popping)
+            await asyncio.wait({popping}, timeout=1.0)
+            popping.cancel()  # the wake-up did not get through: its connection is about to close anyway
         await super().close_pools()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:

@@ -127,11 +127,15 @@ class RowCache:
     def remember(self, key: Hashable, instances: Sequence[models.Model], *, token: str | None) -> None:
         if token is None:
             return
-        entry = Entry(token, time.monotonic(), tuple(row_of(instance) for instance in instances))
+        now = time.monotonic()
+        entry = Entry(token, now, tuple(row_of(instance) for instance in instances))
         with self._lock:
             self.entries[key] = entry
             self.entries.move_to_end(key)
             while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+            # The oldest first: entries past their time go as new ones come, not only when the cache is full.
+            while self.entries and now - next(iter(self.entries.values())).cached_at > self.ttl_s:
                 self.entries.popitem(last=False)
 
     def recall(self, key: Hashable, *, token: str | None) -> list[Any] | None:
@@ -143,6 +147,10 @@ class RowCache:
         if entry is None or entry.generation != token or time.monotonic() - entry.cached_at > self.ttl_s:
             return None
         return [model.from_db("default", list(fields), list(values)) for model, fields, values in entry.rows]
+
+    def forget(self, key: Hashable) -> None:
+        with self._lock:
+            self.entries.pop(key, None)
 
     def update(self, key: Hashable, instance: models.Model) -> None:
         """Replace the cached values of ``instance``'s row in ``key``'s entry (same generation and age)."""

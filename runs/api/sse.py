@@ -214,11 +214,13 @@ async def run_event_stream(
     finally:
         ACTIVE_STREAMS.labels("sse").dec()
         closing.cancel()
-        if receiver is not None:
-            receiver.cancel()
+        # Leave first: a message sent meanwhile (delivered in memory to this process's channels) would otherwise
+        # land in a buffer nobody reads any more.
         for name in groups:
             with suppress(Exception):
                 await layer.group_discard(name, channel)
+        if receiver is not None:
+            receiver.cancel()
         if not ended and cancel_on_disconnect is not None:
             await database_sync_to_async(_cancel_abandoned)(org=org, run_id=run_id, actor=cancel_on_disconnect)
 

@@ -141,7 +141,7 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         stream = data["stream"] or wants_event_stream(request)
         # A streamed create watches from its first event, whatever the kind's default.
         watch = data.get("watch", True if stream else None)
-        # Read before the run's key and creator are: the run is remembered for the stream that usually follows.
+        # Read before the run's provider key is: the run is remembered, with that key, for the stream that follows.
         token = None if stream else row_cache.generation()
         try:
             if "project" in data:
