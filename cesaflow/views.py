@@ -57,7 +57,10 @@ async def _probe_channel_layer() -> None:
     layer = get_channel_layer()
     if layer is None:
         raise RuntimeError("no channel layer configured")
-    channel = await layer.new_channel("readyz.")
+    # The default prefix: a process's channels of one prefix share the Redis queue its receive lock pops, so a
+    # channel of another prefix waits for that lock behind a receiver (a websocket, the inline executor) blocked
+    # on the default one, and the probe timed out whenever one was open (/readyz 503).
+    channel = await layer.new_channel()
     await layer.send(channel, {"type": "readyz.ping"})
     message = await asyncio.wait_for(layer.receive(channel), timeout=2)
     if message.get("type") != "readyz.ping":

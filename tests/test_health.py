@@ -1,4 +1,10 @@
+import asyncio
+
 import pytest
+from channels.layers import get_channel_layer
+
+from cesaflow.views import _probe_channel_layer
+from tests.runs.test_execution_support import async_isolation  # noqa: F401 - a fixture, used below
 
 pytestmark = pytest.mark.django_db
 
@@ -29,3 +35,17 @@ def test_readyz_reports_503_when_cache_is_down(client, settings):
     assert response.status_code == 503
     assert response.json()["checks"]["cache"] == "unavailable"
     assert response.json()["checks"]["database"] == "ok"
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_the_channel_layer_probe_answers_while_a_receiver_waits_in_redis():
+    """A process with an open websocket or an inline executor has a receiver blocked in Redis's pop, holding the
+    receive lock: the probe's message must still come back (it timed out there: /readyz answered 503)."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    waiting = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0.2)  # in the pop now
+    try:
+        await _probe_channel_layer()
+    finally:
+        waiting.cancel()
