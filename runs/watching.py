@@ -40,7 +40,8 @@ _created = RowCache(ttl_s=10.0, max_entries=1024)
 
 def remember_created(run: Run, *, token: str | None) -> None:
     """Keep a run just created and still waiting for its watcher, with ``token`` the authorization generation read
-    *before* its provider key and creator were read (a change committed after that read replaces the token)."""
+    *before* its provider key was (a change committed after that read replaces the token). Its creator comes from
+    the request's authentication, read earlier: execution uses only its identity, as the audit record's actor."""
     if not run.waiting_for_watcher:
         return
     beside = (run.provider_key, run.created_by_user, run.created_by_api_key)
