@@ -62,6 +62,7 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         self._local_loop: asyncio.AbstractEventLoop | None = None
         self._local_groups: dict[str, dict[str, float]] = defaultdict(dict)
         self._popping: asyncio.Task[None] | None = None  # the pop of the Redis queue in flight (holds the lock)
+        self._popping_from = ""  # the queue it pops (the non-local part of a channel name: ``prefix.<client>!``)
         self._pokes: set[asyncio.Future[None]] = set()
 
     async def new_channel(self, prefix: str = "specific") -> str:
@@ -185,7 +186,7 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         if popping.done():
             return
         popping.add_done_callback(_retrieve)  # nobody awaits it any more: its failure is logged
-        poke = asyncio.ensure_future(self.send(f"specific.{self.client_prefix}!wake", {"type": _POKE}))
+        poke = asyncio.ensure_future(self.send(f"{self._popping_from}wake", {"type": _POKE}))  # into its queue
         self._pokes.add(poke)
         poke.add_done_callback(self._poked)
 
@@ -212,6 +213,7 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
             getting.cancel()  # not done: nothing was taken from the queue
             # This receiver holds the lock: it pops the process's Redis queue, and watches its own buffer meanwhile.
             popping = self._popping = asyncio.ensure_future(self._pop_into_buffers(real_channel, lock))
+            self._popping_from = real_channel
             getting = asyncio.ensure_future(queue.get())
             try:
                 await asyncio.wait({getting, popping}, return_when=asyncio.FIRST_COMPLETED)

@@ -29,6 +29,7 @@ from rest_framework.response import Response
 from cesaflow.lib import row_cache
 from cesaflow.lib.api import ApiError, error_responses
 from orgs.api.base import OrgAPIView
+from orgs.models import ApiKey
 from orgs.permissions import AUDIT_READ, ORG_SUSPENDED, RUNS_READ, RUNS_WRITE
 from runs.api.serializers import (
     AuditEventFilterSerializer,
@@ -141,8 +142,9 @@ class RunListView(EventStreamNegotiationMixin, OrgAPIView):
         stream = data["stream"] or wants_event_stream(request)
         # A streamed create watches from its first event, whatever the kind's default.
         watch = data.get("watch", True if stream else None)
-        # Read before the run's provider key is: the run is remembered, with that key, for the stream that follows.
-        token = None if stream else row_cache.generation()
+        # An org API key's run is remembered for the stream its client opens next (``remember_created``), under the
+        # generation read before the run's provider key is; a session's stream reads the run (nothing to read here).
+        token = row_cache.generation() if not stream and isinstance(self.request.auth, ApiKey) else None
         try:
             if "project" in data:
                 project = project_get_for_org(org=self.org, project_id=data["project"])

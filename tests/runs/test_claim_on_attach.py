@@ -250,3 +250,15 @@ def test_a_remembered_run_is_read_again_once_keys_change_and_never_serves_anothe
     assert start.run.provider_key is not None
     assert start.run.provider_key.status == KeyStatus.REVOKED
     assert not AuditEvent.objects.filter(event=AuditEvent.KEY_USED).exists()
+
+
+def test_a_run_a_signed_in_member_creates_is_not_remembered(cast):
+    """Only an org API key's stream attaches from the remembered rows: a session's create keeps nothing (and reads
+    no generation for it)."""
+    key = _key(cast.org_a, cast.admin_a.user)
+    response = cast.admin_a.session_api().post(
+        "/api/v1/runs", {"provider_key": str(key.id), "model": "gpt-4o", "objective": "Go."}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    assert uuid.UUID(response.json()["id"]) not in watching._created.entries
+    assert _created_through_the_api(cast, key) in watching._created.entries
