@@ -53,7 +53,7 @@ from runs.execution_common import (
     usage_event,
 )
 from runs.models import Run, RunKind, RunStatus
-from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter
+from runs.providers import CallLimits, ChatRequest, Message, ProviderAdapter, read_to_end
 from runs.providers.events import ErrorKind, ProviderError, Retry, TextDelta, TurnEnd, Usage
 from runs.services import run_finish
 from runs.services.claiming import EXECUTABLE_KINDS, usable_key
@@ -197,6 +197,7 @@ async def _stream(
                     )
                 elif isinstance(event, TurnEnd):
                     tally.turn_ended = True
+                    await read_to_end(stream)  # the connection goes back to the pool for the next run
                     return Outcome(RunStatus.SUCCEEDED)
                 # Tool-call events (chat runs declare no tools) and pings carry nothing for a watcher.
         # The adapter contract ends every stream with a terminal event; this is the belt to those braces.

@@ -33,7 +33,7 @@ from runs.agent.tools import (
     tool_specs,
     truncate,
 )
-from runs.providers import ChatRequest, Message, ToolCall
+from runs.providers import ChatRequest, Message, ToolCall, read_to_end
 from runs.providers.events import (
     ErrorKind,
     ProviderError,
@@ -424,6 +424,7 @@ async def _stream(stream_turn: StreamTurn, request: ChatRequest, sink: AgentSink
                 await sink.retry(event)
             elif isinstance(event, TurnEnd):
                 turn.stop = event.stop
+                await read_to_end(events)  # the connection goes back to the pool for the next turn
                 return turn
             elif isinstance(event, ProviderError):
                 turn.error = event

@@ -39,7 +39,7 @@ from keys.models import ProviderKey
 from orgs.tenancy import OrgContext
 from runs import events as run_events
 from runs.models import Run, RunStatus
-from runs.providers.base import CallLimits, StreamParser
+from runs.providers.base import CallLimits, StreamParser, read_to_end
 from runs.providers.events import ErrorKind, Ping, ProviderError, ProviderEvent, ReadEnd, Retry, TurnEnd, Usage
 from runs.proxy import (
     DONE_FRAME,
@@ -252,10 +252,7 @@ class ProxyCall:
         events, self._events = self._events, None
         try:
             if events is not None and self._terminal_seen:
-                # After its terminal event the adapter reads the body's last bytes (bounded), so the connection
-                # goes back to the pool for the next call.
-                async for _ in events:
-                    pass
+                await read_to_end(events)  # the connection goes back to the pool for the next call
             elif events is not None:
                 # Mid-call (the client left, or we failed): drop the connection, not drained, so the provider
                 # stops generating and billing at once.

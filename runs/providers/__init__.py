@@ -7,7 +7,7 @@ import httpx
 
 from keys.providers import ProviderName, provider_spec
 from runs.providers.anthropic import AnthropicAdapter
-from runs.providers.base import CallLimits, ChatRequest, Message, ProviderAdapter, ToolCall, ToolSpec
+from runs.providers.base import CallLimits, ChatRequest, Message, ProviderAdapter, ToolCall, ToolSpec, read_to_end
 from runs.providers.openai import GroqAdapter, OpenAIAdapter, OpenAICompatibleAdapter
 
 ADAPTERS: dict[ProviderName, type[ProviderAdapter]] = {
@@ -41,4 +41,5 @@ __all__ = [
     "ToolCall",
     "ToolSpec",
     "adapter_for",
+    "read_to_end",
 ]

@@ -9,7 +9,10 @@ Usage::
             ...
 
 ``aclosing`` (or cancelling the consuming task) closes the upstream response at once: the connection is dropped,
-not drained, so the provider stops generating (and billing) for a stream nobody reads.
+not drained, so the provider stops generating (and billing) for a stream nobody reads. A consumer that got the
+terminal event reads the stream to its end instead (``read_to_end``): the adapter then reads the body's last bytes
+and the connection goes back to the client's pool, so the next call to that provider skips a new TCP and TLS
+handshake.
 """
 
 from __future__ import annotations
@@ -355,6 +358,14 @@ class ProviderAdapter(ABC):
                         return
         except (TimeoutError, httpx.HTTPError, OSError):
             return
+
+
+async def read_to_end(events: AsyncIterator[ProviderEvent]) -> None:
+    """After the terminal event (``TurnEnd`` or ``ProviderError``), let the call finish: the adapter reads the
+    response's last bytes (bounded by ``drain_timeout_s``) so its connection is reused. Nothing follows a terminal
+    event; closing the stream there instead drops a connection that had nothing left to say."""
+    async for _ in events:
+        pass
 
 
 def _partial(parser: StreamParser) -> list[ProviderEvent]:

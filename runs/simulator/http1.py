@@ -62,6 +62,9 @@ class Connection:
         self.buffer = bytearray()
         self.closed = asyncio.Event()  # the client went away (EOF or a failed write)
         self.aborted = False
+        # The client's end of the TCP connection ("host:port"): requests with the same one came on one connection.
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
 
     async def _fill(self) -> bool:
         data = await self.reader.read(65536)

@@ -309,6 +309,7 @@ class ProviderSimulator:
             "id": number,
             "method": request.method,
             "path": request.path,
+            "connection": connection.peer,
             "flavour": flavour,
             "headers": _masked_headers(request.headers),
             "body": parsed_body,

@@ -93,6 +93,10 @@ async def test_agent_demo_writes_tests_and_runs_them_live_then_the_zip_is_downlo
     assert run.sandbox_mode == "bwrap"
     assert run.input_tokens > 0
     assert await run.usage_records.acount() == 5  # one ledger row per model call
+    # Each turn read its answer to the end: the five calls came on one connection.
+    calls = [r for r in simulator.requests() if r["method"] == "POST"]
+    assert len(calls) == 5
+    assert len({r["connection"] for r in calls}) == 1
 
     kinds = {e["type"] for e in watcher.events}
     assert {"agent.step", "tool.call", "tool.result", "command.output", "file.changed", "text.delta"} <= kinds

@@ -80,6 +80,19 @@ async def test_chat_run_streams_its_answer_then_records_tokens_and_usage(cast, s
     assert [(e.metadata.get("purpose"), e.metadata.get("reference")) for e in used] == [("run", str(run.id))]
 
 
+async def test_runs_one_after_another_reuse_the_connection_to_their_provider(cast, simulator):
+    # Each run reads its answer to the end, so the next call skips a new TCP (and, to a real provider, TLS) handshake.
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    runs = [await amake_run(cast.dev_a, key, objective=f"Say {word}.") for word in ("one", "two")]
+    async with running_executor() as executor:
+        for run in runs:
+            finished, watcher = await execute(executor, run)
+            assert (finished.status, watcher.text) == (RunStatus.SUCCEEDED, f"You asked: {run.objective}")
+    first, second = simulator.requests()
+    assert first["connection"]
+    assert second["connection"] == first["connection"]
+
+
 @pytest.mark.parametrize("flavour", ["anthropic", "groq"])
 async def test_runs_stream_through_every_provider_dialect(cast, simulator, flavour):
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator, flavour=flavour)

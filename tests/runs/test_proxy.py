@@ -184,6 +184,20 @@ def test_sdk_streams_text_and_usage_through_each_dialect(server, cast, keys, fla
     assert used.metadata["reference"] == str(run.id)
 
 
+def test_calls_one_after_another_reuse_the_connection_to_their_provider(server, cast, keys, simulator):
+    client = sdk(server, cast.admin_a.api_secret)
+    for word in ("one", "two"):
+        chunks = client.chat.completions.create(
+            model="sim-openai/fake/echo", messages=[{"role": "user", "content": word}], stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == f"You asked: {word}"
+        # The call's end (upstream read to its end, then the run's row) is recorded just after the answer.
+        wait_until(lambda: not Run.objects.filter(status=RunStatus.RUNNING).exists())
+    first, second = simulator.requests()
+    assert first["connection"]
+    assert second["connection"] == first["connection"]
+
+
 def test_usage_chunk_is_sent_only_when_asked_for(server, cast, keys):
     chunks = list(
         sdk(server, cast.admin_a.api_secret).chat.completions.create(
