@@ -34,7 +34,7 @@ from runs.models import Run
 from runs.selectors import run_get_for_org
 from runs.services import Attached, run_attach
 
-# Runs created here a moment ago, by id (``remember_created``): long enough for a client to open the stream.
+# Runs created here a moment ago, by org and id (``remember_created``): long enough for a client to open the stream.
 _created = RowCache(ttl_s=10.0, max_entries=1024)
 
 
@@ -45,12 +45,19 @@ def remember_created(run: Run, *, token: str | None) -> None:
     if not run.waiting_for_watcher:
         return
     beside = (run.provider_key, run.created_by_user, run.created_by_api_key)
-    _created.remember(run.id, [run, *(row for row in beside if row is not None)], token=token)
+    _created.remember((run.org_id, run.id), [run, *(row for row in beside if row is not None)], token=token)
 
 
-def _recall_created(run_id: uuid.UUID, *, token: str | None) -> Run | None:
-    instances = _created.recall(run_id, token=token)
-    _created.forget(run_id)  # once: a second watcher finds the run attached, which the database says
+def created_here(run_id: uuid.UUID, *, org_id: uuid.UUID) -> bool:
+    """Whether this process created ``run_id`` for ``org_id`` a moment ago (``remember_created``): the run is that
+    org's, which no later change can undo, so a stream about to open needs no read to tell a 404 (deleted since,
+    it finds no run and ends)."""
+    return _created.holds((org_id, run_id))
+
+
+def _recall_created(run_id: uuid.UUID, *, org_id: uuid.UUID, token: str | None) -> Run | None:
+    instances = _created.recall((org_id, run_id), token=token)
+    _created.forget((org_id, run_id))  # once: a second watcher finds the run attached, which the database says
     if not instances:
         return None
     run: Run = instances[0]
@@ -69,6 +76,7 @@ class WatchStart:
     refused: int | None  # the websocket close code when the credentials no longer hold (4401 / 4403)
     run: Run | None  # the snapshot (None: deleted meanwhile)
     claimed: bool = False  # claimed for the ``claim_for`` executor, which must execute it
+    submitted: bool = False  # with ``submit=False``: attached, committed, and to be handed to the executors
 
 
 def watch_start(
@@ -80,31 +88,37 @@ def watch_start(
     revalidated: bool = False,
     created: Run | None = None,
     token: str | None = None,
+    submit: bool = True,
 ) -> WatchStart:
     """Sync (database and session store); raises ``SessionStoreUnavailable`` like ``revalidate``. ``claim_for``:
     see ``run_attach``. ``revalidated``: the credentials were checked once more since the subscription already
     (``revalidate_cached``). ``created``: the run as the request that created it a moment ago holds it (a streamed
     ``POST /runs``), with everything execution reads: not read again when it is still waiting for its watcher.
     ``token``: the authorization generation read since the subscription; a run this process remembers having
-    created (``remember_created``) under it is taken as ``created``."""
+    created (``remember_created``) under it is taken as ``created``. ``submit``: see ``run_attach``."""
     if not revalidated:
         refused = revalidate(principal, context)
         if refused is not None:
             return WatchStart(refused=refused, run=None)
     if created is None:
-        created = _recall_created(run_id, token=token)
+        created = _recall_created(run_id, org_id=context.org.id, token=token)
     if created is not None and created.id == run_id and created.org_id == context.org.id:
-        attached = run_attach(run=created, claim_for=claim_for)
+        attached = run_attach(run=created, claim_for=claim_for, submit=submit)
         if attached is not Attached.NOTHING:
             # It was queued and waiting for this watcher when the attach's update matched it: the instance held is
             # the run as it stands (updated in place), and its snapshot.
-            return WatchStart(refused=None, run=created, claimed=attached is Attached.CLAIMED)
+            return _started(created, attached)
         # No longer waiting (cancelled meanwhile, or not a watched run): the snapshot comes from the database.
     run = run_get_for_org(org=context.org, run_id=run_id)
     if run is None or run.is_terminal or run.attached_at is not None:
         return WatchStart(refused=None, run=run)
-    claimed = run_attach(run=run, claim_for=claim_for) is Attached.CLAIMED
-    return WatchStart(refused=None, run=run, claimed=claimed)
+    return _started(run, run_attach(run=run, claim_for=claim_for, submit=submit))
+
+
+def _started(run: Run, attached: Attached) -> WatchStart:
+    return WatchStart(
+        refused=None, run=run, claimed=attached is Attached.CLAIMED, submitted=attached is Attached.SUBMITTED
+    )
 
 
 async def awatch_start(
@@ -112,7 +126,9 @@ async def awatch_start(
 ) -> WatchStart:
     """``watch_start`` from the event loop, claiming the run for this process's executor when it has a slot. A run
     claimed for it is handed over even if the caller is cancelled meanwhile (its client left): once claimed, only
-    this executor runs it. ``created``: see ``watch_start``."""
+    this executor runs it; so is a run attached and not claimed here, to the executors (``runs.executor.submit``,
+    from this loop: the caller's snapshot does not wait for the workers' nudge). ``created``: see
+    ``watch_start``."""
     from runs import executor  # the executor imports services; import at call time
 
     # An org API key (an IDE or a CLI, which creates a run and then watches it): its verdict and the run it
@@ -133,13 +149,16 @@ async def awatch_start(
             revalidated=cached is not None,
             created=created,
             token=token,
+            submit=False,
         )
     )
-    if local is not None:
 
-        def hand_over(done: asyncio.Future[WatchStart]) -> None:
-            start = None if done.cancelled() or done.exception() is not None else done.result()
+    def hand_over(done: asyncio.Future[WatchStart]) -> None:
+        start = None if done.cancelled() or done.exception() is not None else done.result()
+        if local is not None:
             local.claimed_elsewhere(start.run if start is not None and start.claimed else None)
+        if start is not None and start.submitted:
+            executor.submit(run_id)
 
-        hop.add_done_callback(hand_over)
+    hop.add_done_callback(hand_over)
     return await asyncio.shield(hop)

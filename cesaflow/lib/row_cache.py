@@ -148,6 +148,13 @@ class RowCache:
             return None
         return [model.from_db("default", list(fields), list(values)) for model, fields, values in entry.rows]
 
+    def holds(self, key: Hashable) -> bool:
+        """Whether a fresh entry is kept for ``key``, whatever its generation: for what no change anywhere can make
+        wrong (that the row was read, and what it could not stop being)."""
+        with self._lock:
+            entry = self.entries.get(key)
+        return entry is not None and time.monotonic() - entry.cached_at <= self.ttl_s
+
     def forget(self, key: Hashable) -> None:
         with self._lock:
             self.entries.pop(key, None)

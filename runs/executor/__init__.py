@@ -152,12 +152,21 @@ async def _logged(func: Callable[..., Awaitable[Any]], *args: Any) -> None:
 
 def _nudge_workers(run_id: uuid.UUID) -> None:
     """Tell the workers a run may start: each with a free slot tries to claim it at once (the first wins), then looks
-    at the queue as on its poll."""
+    at the queue as on its poll. From an event loop, sent by a task of its own: the caller does not wait."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(events.WORKERS_GROUP, {"type": "run.nudge", "run_id": str(run_id)})
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        async_to_sync(_send_nudge)(layer, run_id)
+    else:
+        _call_in_loop(loop, _send_nudge, layer, run_id)
+
+
+async def _send_nudge(layer: Any, run_id: uuid.UUID) -> None:
+    try:
+        await layer.group_send(events.WORKERS_GROUP, {"type": "run.nudge", "run_id": str(run_id)})
     except Exception as exc:  # workers poll the queue anyway
         logger.warning("run_worker nudge not sent (%s)", type(exc).__name__)
 

@@ -52,7 +52,7 @@ class Attached(enum.Enum):
     """What ``run_attach`` did with a run."""
 
     NOTHING = "nothing"  # not waiting for a watcher (already started, unwatched, or over)
-    SUBMITTED = "submitted"  # handed to the executors once committed
+    SUBMITTED = "submitted"  # handed to the executors once committed (by the caller, with ``submit=False``)
     CLAIMED = "claimed"  # claimed ``running`` for the caller's executor, which must now execute it
 
 
@@ -215,13 +215,15 @@ def run_create(
 
 
 @transaction.atomic
-def run_attach(*, run: Run, claim_for: str | None = None) -> Attached:
+def run_attach(*, run: Run, claim_for: str | None = None, submit: bool = True) -> Attached:
     """A watcher's stream is attached to ``run`` (already authorized for the caller's org): a watched run waiting
     for it is handed to the executors, once committed. Idempotent (later watchers join the stream).
 
     ``claim_for``: the id of an executor of this process holding a free slot for the run. The run is then claimed
     for it in the same transaction when it may start (``run_claim_on_attach``): ``run`` is updated in place
-    (``running``, its org loaded) and the caller hands it to that executor; otherwise it is handed over as usual."""
+    (``running``, its org loaded) and the caller hands it to that executor; otherwise it is handed over as usual.
+    ``submit=False``: the caller hands a ``SUBMITTED`` run over itself (``runs.executor.submit``) once this has
+    returned, committed: a stream does so from its event loop, without its thread waiting for the workers' nudge."""
     now = timezone.now()
     claimed = claim_for is not None and run.waiting_for_watcher and run_claim_on_attach(run=run)
     fields: dict[str, Any] = {"attached_at": now}
@@ -241,7 +243,8 @@ def run_attach(*, run: Run, claim_for: str | None = None) -> Attached:
     if claimed:
         record_key_openings([run])
         return Attached.CLAIMED
-    transaction.on_commit(lambda: _submit(run.id))
+    if submit:
+        transaction.on_commit(lambda: _submit(run.id))
     return Attached.SUBMITTED
 
 

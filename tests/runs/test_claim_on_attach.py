@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -20,8 +21,8 @@ from keys.models import KeyStatus, Provider, ProviderKey
 from keys.services import provider_key_create, provider_key_revoke
 from orgs.authentication import KeyPrincipal, SessionPrincipal, org_context_for
 from orgs.models import Organization
+from runs import events, watching
 from runs import executor as executor_module
-from runs import watching
 from runs.models import AuditEvent, Run, RunKind, RunStatus
 from runs.projects.services import project_create, project_run_create
 from runs.services import Attached, run_attach, run_claim, run_create, run_request_cancel
@@ -186,6 +187,36 @@ async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gon
         await executor_module.unbind_server_loop()
 
 
+@pytest.mark.usefixtures("async_isolation")
+async def test_a_run_attached_without_a_slot_here_nudges_the_workers_even_when_its_caller_is_gone(cast):
+    """Worker mode: the stream's hop attaches the run and returns; the workers are nudged from the event loop once
+    it has committed (the stream's snapshot does not wait for Redis), also when the watcher left meanwhile. (A
+    signed-in watcher: its hop starts before the watcher's first pause.)"""
+    layer = get_channel_layer()
+    worker = await layer.new_channel()
+    await layer.group_add(events.WORKERS_GROUP, worker)
+    key = await sync_to_async(_key)(cast.org_a, cast.admin_a.user)
+    run = await sync_to_async(_watched)(key, cast.admin_a.user)
+    record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
+    assert record is not None
+    principal = SessionPrincipal(user=cast.dev_a.user, session=record)
+    context = await sync_to_async(org_context_for)(principal)
+    assert context is not None
+    watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id))
+    await asyncio.sleep(0)
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    try:
+        async with asyncio.timeout(10):
+            nudge = await layer.receive(worker)
+    finally:
+        await layer.close_pools()  # a receive given up on leaves its pop to end with the pools
+    assert nudge == {"type": "run.nudge", "run_id": str(run.id)}
+    fresh = await Run.objects.aget(id=run.id)
+    assert (fresh.status, fresh.attached_at is not None) == (RunStatus.QUEUED, True)
+
+
 def _created_through_the_api(cast: Any, key: ProviderKey) -> uuid.UUID:
     response = cast.admin_a.api().post(
         "/api/v1/runs", {"provider_key": str(key.id), "model": "gpt-4o", "objective": "Go."}, format="json"
@@ -260,5 +291,27 @@ def test_a_run_a_signed_in_member_creates_is_not_remembered(cast):
         "/api/v1/runs", {"provider_key": str(key.id), "model": "gpt-4o", "objective": "Go."}, format="json"
     )
     assert response.status_code == 201, response.content
-    assert uuid.UUID(response.json()["id"]) not in watching._created.entries
-    assert _created_through_the_api(cast, key) in watching._created.entries
+    assert (cast.org_a.id, uuid.UUID(response.json()["id"])) not in watching._created.entries
+    assert (cast.org_a.id, _created_through_the_api(cast, key)) in watching._created.entries
+
+
+def test_the_stream_of_a_run_created_here_opens_without_a_read_and_stays_the_orgs(cast):
+    """``GET /runs/<id>/events`` for a run this process just created for the caller's org: no read to tell a 404
+    (the stream's own hop reads what it needs). Another org asking with that id still gets the 404."""
+    key = _key(cast.org_a, cast.admin_a.user)
+    run_id = _created_through_the_api(cast, key)
+    with CaptureQueriesContext(connection) as queries:
+        response = cast.admin_a.api().get(f"/api/v1/runs/{run_id}/events")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/event-stream")
+    assert _run_reads(queries.captured_queries) == []
+    stranger = cast.admin_b.api().get(f"/api/v1/runs/{run_id}/events")
+    assert stranger.status_code == 404
+    assert stranger.json()["error"]["code"] == "not_found"
+    # A run it did not create here (a session's create is not remembered) is read as before.
+    other = cast.admin_a.session_api().post(
+        "/api/v1/runs", {"provider_key": str(key.id), "model": "gpt-4o", "objective": "Go."}, format="json"
+    )
+    with CaptureQueriesContext(connection) as queries:
+        assert cast.admin_a.api().get(f"/api/v1/runs/{other.json()['id']}/events").status_code == 200
+    assert len(_run_reads(queries.captured_queries)) == 1
