@@ -159,28 +159,33 @@ def test_a_created_run_cancelled_before_its_stream_attaches_is_read_again(cast):
     assert _fresh(created).status == RunStatus.CANCELLED
 
 
-@pytest.mark.usefixtures("async_isolation")
-async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gone(cast, simulator, settings):
-    """The watcher's task is cancelled (its client left) while the hop that claims the run is in flight: the run,
-    claimed for this process's executor, still executes there, and nobody else may claim it. (A signed-in
-    watcher: its credentials are checked in the hop itself, which therefore starts before the watcher's first
-    pause.)"""
-    settings.RUN_EXECUTOR = "inline"
-    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
-    run = await sync_to_async(_watched)(key, cast.admin_a.user)
+async def _watched_then_left(cast: Any, run: Run) -> None:
+    """A signed-in member starts watching ``run`` (``awatch_start``) and leaves at once: the watcher's task is
+    cancelled while the hop is in flight (a session's credentials are checked in the hop itself, which therefore
+    starts before the watcher's first pause)."""
     record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
     assert record is not None
     principal = SessionPrincipal(user=cast.dev_a.user, session=record)
     context = await sync_to_async(org_context_for)(principal)
     assert context is not None
+    watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id))
+    await asyncio.sleep(0)  # the hop has started
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gone(cast, simulator, settings):
+    """The watcher's task is cancelled (its client left) while the hop that claims the run is in flight: the run,
+    claimed for this process's executor, still executes there, and nobody else may claim it."""
+    settings.RUN_EXECUTOR = "inline"
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    run = await sync_to_async(_watched)(key, cast.admin_a.user)
     local = executor_module.bind_server_loop()
     assert local is not None
     try:
-        watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id))
-        await asyncio.sleep(0)  # the hop has started
-        watcher.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await watcher
+        await _watched_then_left(cast, run)
         finished = await wait_for_status(run.id, {RunStatus.SUCCEEDED}, timeout=10)
         assert finished.worker_id == local.worker_id
     finally:
@@ -190,23 +195,13 @@ async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gon
 @pytest.mark.usefixtures("async_isolation")
 async def test_a_run_attached_without_a_slot_here_nudges_the_workers_even_when_its_caller_is_gone(cast):
     """Worker mode: the stream's hop attaches the run and returns; the workers are nudged from the event loop once
-    it has committed (the stream's snapshot does not wait for Redis), also when the watcher left meanwhile. (A
-    signed-in watcher: its hop starts before the watcher's first pause.)"""
+    it has committed (the stream's snapshot does not wait for Redis), also when the watcher left meanwhile."""
     layer = get_channel_layer()
     worker = await layer.new_channel()
     await layer.group_add(events.WORKERS_GROUP, worker)
     key = await sync_to_async(_key)(cast.org_a, cast.admin_a.user)
     run = await sync_to_async(_watched)(key, cast.admin_a.user)
-    record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
-    assert record is not None
-    principal = SessionPrincipal(user=cast.dev_a.user, session=record)
-    context = await sync_to_async(org_context_for)(principal)
-    assert context is not None
-    watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id))
-    await asyncio.sleep(0)
-    watcher.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await watcher
+    await _watched_then_left(cast, run)
     try:
         async with asyncio.timeout(10):
             nudge = await layer.receive(worker)
