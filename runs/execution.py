@@ -216,6 +216,9 @@ async def _stream(
             await asyncio.wait({consumer})
     if not consumer.cancelled():
         return consumer.result()
+    if tally.turn_ended:
+        # Stopped while reading the last bytes after the answer's end (``read_to_end``): the answer was whole.
+        return Outcome(RunStatus.SUCCEEDED)
     if adapter.abandoned_usage is not None:
         # What the provider had already counted when we hung up (e.g. Anthropic's input tokens): billed, so kept.
         tally.usages.append(dataclasses.replace(adapter.abandoned_usage, complete=False))

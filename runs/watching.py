@@ -76,7 +76,7 @@ class WatchStart:
     refused: int | None  # the websocket close code when the credentials no longer hold (4401 / 4403)
     run: Run | None  # the snapshot (None: deleted meanwhile)
     claimed: bool = False  # claimed for the ``claim_for`` executor, which must execute it
-    submitted: bool = False  # with ``submit=False``: attached, committed, and to be handed to the executors
+    submitted: bool = False  # attached and committed, to be handed to the executors (by the caller: ``submit=False``)
 
 
 def watch_start(
@@ -155,10 +155,12 @@ async def awatch_start(
 
     def hand_over(done: asyncio.Future[WatchStart]) -> None:
         start = None if done.cancelled() or done.exception() is not None else done.result()
-        if local is not None:
-            local.claimed_elsewhere(start.run if start is not None and start.claimed else None)
-        if start is not None and start.submitted:
-            executor.submit(run_id)
+        try:
+            if local is not None:
+                local.claimed_elsewhere(start.run if start is not None and start.claimed else None)
+        finally:
+            if start is not None and start.submitted:
+                executor.submit(run_id)  # returns at once; an executor's poll finds the run anyway
 
     hop.add_done_callback(hand_over)
     return await asyncio.shield(hop)

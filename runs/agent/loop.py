@@ -455,6 +455,8 @@ async def _race(
             task.cancel()
             await asyncio.wait({task})
     if not task.cancelled():
-        # A finished turn wins over a stop that came at the same moment; its exception, if any, propagates.
+        # A finished turn wins over a stop that came at the same moment; its exception, if any, propagates. (A stop
+        # or the deadline that comes while the turn reads its answer's last bytes, ``read_to_end``, comes first:
+        # for at most ``drain_timeout_s``, microseconds when the provider ends its body with its last event.)
         return "done", task.result()
     return ("stopped" if stop.is_set() else "timeout"), None

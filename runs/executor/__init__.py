@@ -5,10 +5,10 @@ Two modes (``settings.RUN_EXECUTOR``, environment ``CESAFLOW_EXECUTOR``):
 
 * ``inline`` (default): runs execute as asyncio tasks in the ASGI server's event loop. ``cesaflow.asgi`` wraps the
   application with :func:`asgi_wrapper`, which binds an :class:`Executor` to the server's loop at lifespan startup
-  or on the first HTTP request. ``submit`` (called once the run's row is committed, usually from a sync view
-  thread) hands the run to that loop. Where no server loop exists (management commands, tests) a background thread
-  with its own loop executes runs; their events then reach clients only through a cross-process channel layer
-  (Redis): the in-memory layer cannot cross event loops.
+  or on the first HTTP request. ``submit`` (called once the run's row is committed, from a sync view's thread
+  or from the server's loop) hands the run to that loop. Where no server loop exists (management commands, tests)
+  a background thread with its own loop executes runs; their events then reach clients only through a
+  cross-process channel layer (Redis): the in-memory layer cannot cross event loops.
 * ``worker``: ``submit`` only nudges the ``run_worker`` processes through the channel layer. They poll the queue
   too, so a lost nudge costs at most one poll interval. There is no broker: PostgreSQL row locks hand out runs.
 
@@ -19,7 +19,7 @@ Whatever the mode, an :class:`Executor`:
   slots; runs beyond either wait queued and are claimed round-robin across orgs, least loaded first, as slots free
   up (``runs.services.claiming``), so one org's backlog cannot hold up another's runs;
 * heartbeats its running runs, and reaps runs whose executor stopped heart-beating (``worker_lost``);
-* starts a watched run only once its stream is attached (``run_attach`` submits it, or nudges the workers), and
+* starts a watched run only once its stream is attached (the stream submits it, or nudges the workers), and
   cancels those nobody attached to within ``RUN_ATTACH_WINDOW_SECONDS`` (``not_watched``, no provider call);
 * stops a run within a second of a cancel request: the ``run.cancel`` message on the run's control group, and a
   poll of ``cancel_requested_at`` (one query for all its runs) in case the message is lost;

@@ -325,7 +325,8 @@ class ProviderAdapter(ABC):
                 return
             await self._drain(chunks, deadline)
         except (GeneratorExit, asyncio.CancelledError):
-            self.abandoned_usage = parser.partial_usage()
+            if not parser.is_done():  # done: its usage was reported whole already (cut short in the drain)
+                self.abandoned_usage = parser.partial_usage()
             raise
         finally:
             if watchdog is not None:
@@ -361,9 +362,10 @@ class ProviderAdapter(ABC):
 
 
 async def read_to_end(events: AsyncIterator[ProviderEvent]) -> None:
-    """After the terminal event (``TurnEnd`` or ``ProviderError``), let the call finish: the adapter reads the
-    response's last bytes (bounded by ``drain_timeout_s``) so its connection is reused. Nothing follows a terminal
-    event; closing the stream there instead drops a connection that had nothing left to say."""
+    """After ``TurnEnd``, let the call finish: the adapter reads the response's last bytes (bounded by
+    ``drain_timeout_s``) so its connection is reused; closing the stream there instead drops a connection that had
+    nothing left to say. (After a ``ProviderError`` it simply ends.) Nothing follows a terminal event: the
+    adapters' contract (``runs.providers.events``)."""
     async for _ in events:
         pass
 

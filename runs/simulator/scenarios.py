@@ -6,14 +6,15 @@ A scenario is plain JSON so tests, the control API and ``--script`` files share 
      "match": {"flavour": "any", "model": null, "endpoint": "chat"},
      "turns": [{"text": "…", "tool_calls": [{"name": "write_file", "arguments": {…}}]}, …],
      "usage": {"input_tokens": "auto", "output_tokens": "auto"},
-     "timing": {"first_token_ms": 0, "per_event_ms": 0, "ping_every_ms": 0},
+     "timing": {"first_token_ms": 0, "per_event_ms": 0, "ping_every_ms": 0, "body_end_ms": 0},
      "stream_shape": {"text_chunk_chars": 4, "args_chunk_chars": 12, "split_events": false,
                       "crlf": false, "comments": false, "include_cache_fields": false},
      "fault": null,
      "after_last": "repeat"}
 
-``"base": "<built-in name>"`` starts from a built-in and deep-merges the given fields over it, so a test can say
-``{"base": "stall", "fault": {"stall_ms": 200}}``. A tool call gives ``arguments`` (an object, serialised once,
+``timing.body_end_ms`` holds the body open that long after the terminal event (a provider slow to end its
+response). ``"base": "<built-in name>"`` starts from a built-in and deep-merges the given fields over it, so a test
+can say ``{"base": "stall", "fault": {"stall_ms": 200}}``. A tool call gives ``arguments`` (an object, serialised once,
 compact) or ``arguments_raw`` (sent verbatim, e.g. invalid JSON), and ``only_if_declared: true`` to emit it only
 when the request declares a tool of that name.
 

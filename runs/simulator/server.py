@@ -523,6 +523,7 @@ class ProviderSimulator:
                 self.state.update(entry, events_sent=index + 1)
                 if index < len(events) - 1:
                     await self._wait(connection, flavour, scenario.timing_ms("per_event_ms"), ping_every)
+            await connection.pause(scenario.timing_ms("body_end_ms"))
             await connection.write(LAST_CHUNK)
             self.state.update(entry, completed=True)
             return True

@@ -223,6 +223,32 @@ async def test_cancel_stops_the_provider_call_within_a_second_and_closes_the_ups
     assert row.complete is False
 
 
+async def test_a_cancel_while_the_answers_last_bytes_are_read_keeps_the_run_succeeded_and_billed_once(cast, simulator):
+    """The provider sent its whole answer but holds its body open; a cancel that comes while the run reads the last
+    bytes (``read_to_end``, here given all the time it wants) stops that read and drops the connection, but the
+    answer was whole: the run succeeded, and its usage is recorded once, complete."""
+    simulator.enqueue("openai", {"base": "echo", "timing": {"body_end_ms": 30_000}})
+    key = await asim_key(cast.org_a, cast.admin_a.user, simulator)
+    run = await amake_run(cast.dev_a, key)
+    patient = dataclasses.replace(FAST_LIMITS, drain_timeout_s=60.0, read_timeout_s=60.0)
+    async with running_executor(limits=patient) as executor, EventWatcher(run.id) as watcher:
+        assert await executor.submit_run(run.id)
+        await watcher.until(lambda e: e["type"] == "usage")  # sent as the answer ends, before its last bytes
+        await sync_to_async(run_request_cancel)(run=run, actor=cast.dev_a.user)
+        await watcher.until(lambda e: e["type"] == "run.finished", timeout=5)
+
+    finished = await Run.objects.aget(id=run.id)
+    assert (finished.status, finished.usage_complete) == (RunStatus.SUCCEEDED, True)
+    assert watcher.text == "You asked: Say hello."
+    [row] = await _usage_rows(run)
+    assert (row.input_tokens, row.output_tokens, row.complete) == (
+        finished.input_tokens,
+        finished.output_tokens,
+        True,
+    )
+    await simulator_saw(simulator, lambda entry: entry["client_closed"])
+
+
 async def test_a_cancelled_anthropic_run_keeps_the_input_tokens_the_provider_already_counted(cast, simulator):
     key = await asim_key(cast.org_a, cast.admin_a.user, simulator, flavour="anthropic")
     run = await amake_run(cast.dev_a, key, model="fake/slow")

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from runs.providers.base import ChatRequest, Message, ToolCall
-from runs.providers.events import ErrorKind, ProviderError, ReadEnd, Retry, StopReason, TextDelta, Usage
+from runs.providers.base import ChatRequest, Message, ToolCall, read_to_end
+from runs.providers.events import ErrorKind, ProviderError, ReadEnd, Retry, StopReason, TextDelta, TurnEnd, Usage
 from runs.simulator.scenarios import BUILTINS
 from tests.runs.conftest import FAKE_KEY
 from tests.runs.providers.conftest import ADAPTER_CLASSES, FAST, FLAVOURS, chat, run
@@ -404,6 +404,38 @@ async def test_cancelling_the_consumer_task_closes_the_upstream_connection(flavo
         await task
     entry = simulator.wait_for(lambda r: r["client_closed"], timeout=1.0)
     assert entry["completed"] is False
+
+
+async def test_reading_to_the_end_reuses_the_connection_and_a_cut_drain_abandons_no_usage(
+    flavour, make_adapter, simulator
+):
+    """After the terminal event, ``read_to_end`` lets the next call reuse the connection; a provider that holds its
+    body open is cut off when its reader is cancelled, with nothing counted as abandoned (the usage was whole)."""
+    adapter = make_adapter(flavour)
+    async with aclosing(adapter.stream_chat(chat())) as stream:
+        async for event in stream:
+            if isinstance(event, TurnEnd):
+                await read_to_end(stream)
+    simulator.enqueue(flavour, {"base": "echo", "timing": {"body_end_ms": 30_000}})
+    holding = make_adapter(flavour, replace(FAST, drain_timeout_s=60.0, read_timeout_s=60.0))
+    ended = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(holding.stream_chat(chat())) as stream:
+            async for event in stream:
+                if isinstance(event, TurnEnd):
+                    ended.set()
+                    await read_to_end(stream)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(ended.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert holding.abandoned_usage is None
+    first, second = simulator.requests()
+    assert second["connection"] == first["connection"]
+    simulator.wait_for(lambda r: r["client_closed"], timeout=5.0)
 
 
 # --- Request shape ------------------------------------------------------------------------------------------------
