@@ -185,9 +185,13 @@ def run_control_group(run_id: uuid.UUID | str) -> str:
     return f"run.{uuid.UUID(str(run_id)).hex}.control"
 
 
-# Run executors (``run_worker`` processes) listening for "a run was queued" nudges. It carries no tenant data (no
-# ids, no content) and only executors join it.
+# Run executors (``run_worker`` processes) listening for "a run was queued" nudges. Its messages carry a run's id
+# and nothing of its content, and only executors join it.
 WORKERS_GROUP = "runs.workers"
+
+# Runs a stream claimed for whichever worker takes them first (``runs.services.claiming.run_take``): one channel the
+# workers receive from, each message to one of them. Its messages carry a run's id and the claim's hand-over token.
+HANDED_CHANNEL = "runs.handed"
 
 
 def _iso(value: Any) -> str | None:

@@ -34,6 +34,7 @@ from asgiref.testing import ApplicationCommunicator
 from bench.wsclient import WebSocket
 from cesaflow.asgi import application
 from cesaflow.lib.body_limit import describe_size
+from runs.models import Run, RunStatus
 from runs.proxy.errors import ProxyError
 from runs.proxy.request import max_body_bytes, parse_json_body
 from tests.disk_traces import files_holding, holds
@@ -279,6 +280,11 @@ def test_a_completion_just_under_the_gateway_limit_is_served_from_memory(server,
     assert completion["object"] == "chat.completion"
     assert completion["choices"][0]["message"]["content"]
     assert _disk_traces(server, canary.encode(), since) == []
+    # The server records the call's end just after its answer: wait for it (the test's teardown empties the tables).
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not Run.objects.filter(id=completion["id"].removeprefix("chatcmpl-"), status=RunStatus.SUCCEEDED).exists():
+        assert time.monotonic() < deadline, "the completion's run end was not recorded"
+        time.sleep(0.02)
 
 
 @pytest.mark.django_db(transaction=True)
