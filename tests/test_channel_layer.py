@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+from channels.exceptions import ChannelFull
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
 
 from cesaflow.lib.channel_layer import RedisChannelLayer
@@ -240,3 +241,38 @@ async def test_a_receiver_cancelled_during_its_pop_ends_it_and_loses_nothing(lay
     await other_process.send(second, {"type": "t", "n": 1})
     async with asyncio.timeout(5):
         assert (await layer.receive(second))["n"] == 1
+
+
+async def test_send_queues_in_order_until_the_channel_is_full_and_drops_stale_messages_first(layer, other_process):
+    """``send`` in one round trip, read by channels_redis's ``receive`` in another process (a channel many processes
+    receive from, as the workers' handed runs): in order; a full channel refuses the next with ``ChannelFull`` and
+    keeps what it holds; messages past the expiry are dropped first, so they do not count against the capacity."""
+    layer.channel_capacity = [(re.compile(r"^shared\.work$"), 2)]
+    try:
+        await layer.send("shared.work", {"type": "t", "n": 1})
+        await layer.send("shared.work", {"type": "t", "n": 2})
+        with pytest.raises(ChannelFull):
+            await layer.send("shared.work", {"type": "t", "n": 3})
+        assert [(await other_process.receive("shared.work"))["n"] for _ in range(2)] == [1, 2]
+        await asyncio.gather(*other_process.receive_cleaners)
+        key = layer.prefix + "shared.work"
+        connection = layer.connection(0)
+        await layer.send("shared.work", {"type": "t", "n": 4})
+        (payload,) = await connection.zrange(key, 0, -1)
+        await connection.zadd(key, {payload: time.time() - layer.expiry - 10})  # as if queued long ago, never read
+        await layer.send("shared.work", {"type": "t", "n": 5})
+        await layer.send("shared.work", {"type": "t", "n": 6})  # the stale one no longer counts
+        assert 0 < await connection.ttl(key) <= layer.expiry
+        assert [(await other_process.receive("shared.work"))["n"] for _ in range(2)] == [5, 6]
+    finally:
+        layer.channel_capacity = []
+
+
+async def test_send_to_another_process_channel_names_it_and_refuses_bad_input(layer, other_process):
+    channel = await other_process.new_channel()
+    await layer.send(channel, {"type": "t", "n": 1})
+    assert await other_process.receive(channel) == {"type": "t", "n": 1}
+    with pytest.raises(ValueError, match="reserved"):
+        await layer.send(channel, {"type": "t", "__asgi_channel__": "x"})
+    with pytest.raises(TypeError, match="Channel name must be"):
+        await layer.send("no spaces allowed", {"type": "t"})

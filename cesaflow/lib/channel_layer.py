@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from channels.exceptions import ChannelFull
 from channels_redis.core import RedisChannelLayer as _RedisChannelLayer
 
 logger = logging.getLogger("cesaflow.channel_layer")
@@ -254,6 +255,31 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
             await asyncio.wait({popping}, timeout=1.0)
             popping.cancel()  # the wake-up did not get through: its connection is about to close anyway
         await super().close_pools()
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """channels_redis's ``send`` in one pipelined round trip where it awaits four commands (expire the channel's
+        stale messages, count them, queue, renew the key's expiry): the same script as a group send's. ``ChannelFull``
+        when the channel holds its capacity already, as there. A run handed to the workers goes this way, on the
+        path to its first words (issue #13)."""
+        if not isinstance(message, dict) or "__asgi_channel__" in message:
+            raise ValueError("A message is a dict without the reserved __asgi_channel__ key.")
+        self.require_valid_channel_name(channel)  # raises TypeError, as channels_redis's send does
+        real_channel = channel
+        if "!" in channel:
+            message = {**message, "__asgi_channel__": channel}
+            real_channel = self.non_local_name(channel)
+            host = self.consistent_hash(channel)
+        else:
+            host = next(self._send_index_generator)
+        key = self.prefix + real_channel
+        pipe = self.connection(host).pipeline(transaction=False)
+        pipe.zremrangebyscore(key, min=0, max=int(time.time()) - int(self.expiry))
+        pipe.eval(
+            _QUEUE_TO_CHANNELS, 1, key, self.serialize(message), self.get_capacity(channel), time.time(), self.expiry
+        )
+        _, full = await pipe.execute()
+        if int(full):
+            raise ChannelFull()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         await self.group_send_many([(group, message)])

@@ -163,7 +163,12 @@ def test_a_handed_run_nobody_takes_goes_back_to_the_queue_never_failed(cast):
     [put_back] = runs_put_back_untaken(older_than=timedelta(0))
     assert put_back.id == run.id
     stored = _fresh(run)
-    assert (stored.status, stored.worker_id, stored.started_at, stored.heartbeat_at) == (RunStatus.QUEUED, "", None, None)
+    assert (stored.status, stored.worker_id, stored.started_at, stored.heartbeat_at) == (
+        RunStatus.QUEUED,
+        "",
+        None,
+        None,
+    )
     assert stored.attached_at is not None
     assert run_take(run_id=run.id, handed_to=token, worker_id="late") is None  # its message, after all
     claimed = run_claim(run_id=run.id, worker_id="w")
