@@ -189,10 +189,6 @@ def run_control_group(run_id: uuid.UUID | str) -> str:
 # and nothing of its content, and only executors join it.
 WORKERS_GROUP = "runs.workers"
 
-# Runs a stream claimed for whichever worker takes them first (``runs.services.claiming.run_take``): one channel the
-# workers receive from, each message to one of them. Its messages carry a run's id and the claim's hand-over token.
-HANDED_CHANNEL = "runs.handed"
-
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None

@@ -5,9 +5,8 @@ hop checks the credentials once more (a revocation committed before the subscrip
 key verified recently that check is answered on the event loop, ``revalidate_cached``), takes the
 run's snapshot and attaches a run that waits for its watcher (start on attach). Where this process executes runs
 (the inline executor, with a free slot), the run is claimed for it in the attach's transaction and starts at once,
-without a hand-over and a claim of its own; where it executes nothing (worker mode), the run is claimed in that
-transaction for the workers, and the first to receive it takes it without a claim of its own. Each of these was a
-hop of its own; on the path to a run's first words every hop counts (issue #13).
+without a hand-over and a claim of its own. Each of these was a hop of its own; on the path to a run's first words
+every hop counts (issue #13).
 
 A run created through the REST API a moment ago, in this process, is usually watched next (an IDE creates it, then
 opens its events on the same connection): ``remember_created`` keeps its row and the rows beside it (its provider
@@ -33,7 +32,7 @@ from orgs.models import ApiKey, User
 from orgs.tenancy import OrgContext
 from runs.models import Run
 from runs.selectors import run_get_for_org
-from runs.services import Attached, hand_over_token, run_attach
+from runs.services import Attached, run_attach
 
 # Runs created here a moment ago, by org and id (``remember_created``): long enough for a client to open the stream.
 _created = RowCache(ttl_s=10.0, max_entries=1024)
@@ -125,11 +124,11 @@ def _started(run: Run, attached: Attached) -> WatchStart:
 async def awatch_start(
     *, principal: Principal, context: OrgContext, run_id: uuid.UUID, created: Run | None = None
 ) -> WatchStart:
-    """``watch_start`` from the event loop, claiming the run for this process's executor when it has a slot, or in
-    worker mode for the workers (``hand_over_token``; the first worker to receive it takes it, ``run_take``). A run
-    claimed so is handed over even if the caller is cancelled meanwhile (its client left): once claimed, only that
-    executor runs it; so is a run attached and not claimed, to the executors (``runs.executor.submit``, from this
-    loop: the caller's snapshot does not wait for the workers' nudge). ``created``: see ``watch_start``."""
+    """``watch_start`` from the event loop, claiming the run for this process's executor when it has a slot. A run
+    claimed for it is handed over even if the caller is cancelled meanwhile (its client left): once claimed, only
+    this executor runs it; so is a run attached and not claimed here, to the executors (``runs.executor.submit``,
+    from this loop: the caller's snapshot does not wait for the workers' nudge). ``created``: see
+    ``watch_start``."""
     from runs import executor  # the executor imports services; import at call time
 
     # An org API key (an IDE or a CLI, which creates a run and then watches it): its verdict and the run it
@@ -141,14 +140,12 @@ async def awatch_start(
     local = executor.local_executor()
     if local is not None and not local.reserve_slot():
         local = None  # no free slot here: the run is handed over as usual
-    # Worker mode: claimed for the workers under a token, and sent to the first that takes it.
-    handed_to = hand_over_token() if local is None and executor.hands_over() else None
     hop = asyncio.ensure_future(
         database_sync_to_async(watch_start)(
             principal=principal,
             context=context,
             run_id=run_id,
-            claim_for=local.worker_id if local else handed_to,
+            claim_for=local.worker_id if local else None,
             revalidated=cached is not None,
             created=created,
             token=token,
@@ -162,9 +159,7 @@ async def awatch_start(
             if local is not None:
                 local.claimed_elsewhere(start.run if start is not None and start.claimed else None)
         finally:
-            if start is not None and start.claimed and handed_to is not None:
-                executor.hand_to_workers(run_id, handed_to)  # returns at once
-            elif start is not None and start.submitted:
+            if start is not None and start.submitted:
                 executor.submit(run_id)  # returns at once; an executor's poll finds the run anyway
 
     hop.add_done_callback(hand_over)

@@ -11,8 +11,6 @@ Two modes (``settings.RUN_EXECUTOR``, environment ``CESAFLOW_EXECUTOR``):
   cross-process channel layer (Redis): the in-memory layer cannot cross event loops.
 * ``worker``: ``submit`` only nudges the ``run_worker`` processes through the channel layer. They poll the queue
   too, so a lost nudge costs at most one poll interval. There is no broker: PostgreSQL row locks hand out runs.
-  A stream attaching a run claims it for the workers instead, in its attach's transaction, and hands it to the
-  first worker that takes it (:func:`hand_to_workers`; ``runs.services.claiming``, ``run_take``).
 
 Whatever the mode, an :class:`Executor`:
 
@@ -41,7 +39,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
 from django.conf import settings
 
@@ -50,7 +47,6 @@ from runs import events
 from runs.executor.core import Executor as Executor
 from runs.executor.core import ExecutorConfig as ExecutorConfig
 from runs.executor.core import new_worker_id as new_worker_id
-from runs.services import run_hand_back
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -173,28 +169,6 @@ async def _send_nudge(layer: Any, run_id: uuid.UUID) -> None:
         await layer.group_send(events.WORKERS_GROUP, {"type": "run.nudge", "run_id": str(run_id)})
     except Exception as exc:  # workers poll the queue anyway
         logger.warning("run_worker nudge not sent (%s)", type(exc).__name__)
-
-
-def hands_over() -> bool:
-    """Whether a stream of this process claims the run it attaches for the workers (``hand_over_token``) rather
-    than for an executor of its own: worker mode, with a channel layer to reach them."""
-    return settings.RUN_EXECUTOR == "worker" and get_channel_layer() is not None
-
-
-def hand_to_workers(run_id: uuid.UUID, handed_to: str) -> None:
-    """Send a run claimed for the workers under ``handed_to`` to the first one that receives it
-    (``events.HANDED_CHANNEL``). Call from an event loop: sent by a task of its own, the caller does not wait. A run
-    that cannot be sent goes back to the queue at once; one whose message is lost, after ``HAND_OVER_TIMEOUT``."""
-    _call_in_loop(asyncio.get_running_loop(), _send_handed, get_channel_layer(), run_id, handed_to)
-
-
-async def _send_handed(layer: Any, run_id: uuid.UUID, handed_to: str) -> None:
-    message = {"type": "run.handed", "run_id": str(run_id), "handed_to": handed_to}
-    try:
-        await layer.send(events.HANDED_CHANNEL, message)
-    except Exception as exc:  # Redis away, or the channel full: any executor claims it from the queue instead
-        logger.warning("run %s: not handed to the workers (%s), queued again", run_id, type(exc).__name__)
-        await database_sync_to_async(run_hand_back)(run_id=run_id, handed_to=handed_to)
 
 
 def bind_server_loop() -> Executor | None:

@@ -29,13 +29,10 @@ from runs.selectors import unscoped_runs_still_queued, unscoped_runs_to_stop
 from runs.services import (
     retention_purge,
     run_claim,
-    run_hand_back,
     run_heartbeat,
-    run_take,
     runs_cancel_for_suspended_orgs,
     runs_claim_queued,
     runs_expire_unwatched,
-    runs_put_back_untaken,
     runs_reap_lost,
 )
 from runs.services.workspaces import workspaces_purge
@@ -59,7 +56,6 @@ class ExecutorConfig:
     concurrency: int  # runs executing at once in this executor, however they were handed to it
     claim_queued: bool  # look at the queue (workers; inline server executors, to recover after a restart)
     reap: bool  # mark other executors' lost runs failed
-    take_handed: bool = False  # take runs streams claimed for the workers (``run_worker``: ``events.HANDED_CHANNEL``)
 
     @classmethod
     def from_settings(cls, *, claim_queued: bool, reap: bool, **overrides: Any) -> ExecutorConfig:
@@ -116,7 +112,6 @@ class Executor:
         self._channel: str | None = None
         self._channel_lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
-        self._slot_freed: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._started = False
         self._next_retention = 0.0
@@ -136,7 +131,6 @@ class Executor:
             return
         self._started = True
         self._wake = asyncio.Event()
-        self._slot_freed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel_lock = asyncio.Lock()
@@ -144,8 +138,6 @@ class Executor:
         self._spawn_internal(_report_sandbox(), "sandbox-self-test")
         if self._layer() is not None:
             self._spawn_internal(self._listen(), "listener")
-            if self.config.take_handed:
-                self._spawn_internal(self._take_handed(), "handed-runs")
         logger.info(
             "executor %s started (claim_queued=%s, reap=%s, concurrency=%d)",
             self.worker_id,
@@ -248,8 +240,7 @@ class Executor:
 
     def reserve_slot(self) -> bool:
         """Hold a slot for a run about to be claimed for this executor by a service of this process
-        (``run_attach(claim_for=worker_id)``), or taken by it (``run_take``); False if none is free.
-        ``claimed_elsewhere`` ends the reservation."""
+        (``run_attach(claim_for=worker_id)``); False if none is free. ``claimed_elsewhere`` ends the reservation."""
         if self._stopping or self._free_slots() <= 0:
             return False
         self.start()
@@ -294,8 +285,6 @@ class Executor:
                 self._idle.set()
             if self._wake is not None and self._claims:
                 self._wake.set()  # capacity freed
-            if self._slot_freed is not None:
-                self._slot_freed.set()
             joined = await joining
             if joined is not None:
                 with suppress(Exception):
@@ -385,11 +374,6 @@ class Executor:
         if self._database_lost:  # this tick reached the database again (the expiry above did): a grace first
             self._database_lost = False
             self._reap_not_before = now + self.config.stale_after_s
-        untaken = await database_sync_to_async(runs_put_back_untaken)()
-        if untaken:
-            logger.warning(
-                "executor %s: %d handed run(s) not taken in time, queued again", self.worker_id, len(untaken)
-            )
         lost: list[Run] = []
         if now >= self._reap_not_before:
             stale_after = timedelta(seconds=self.config.stale_after_s)
@@ -441,56 +425,6 @@ class Executor:
                     self._spawn_internal(self._claim_nudged(run_id), "nudged-claim")
                 else:
                     self._wake.set()
-
-    async def _take_handed(self) -> None:
-        """Runs streams claimed for the workers (``run_take``), received while this executor has a free slot: each
-        message goes to one receiver. One that arrives when the slots have filled meanwhile goes back to the queue
-        (``run_hand_back``), for whichever executor frees a slot first."""
-        assert self._slot_freed is not None  # noqa: S101 - start() sets it
-        layer = self._layer()
-        failures = 0
-        while not self._closed and not self._stopping:
-            if self._free_slots() <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            try:
-                message = await layer.receive(events.HANDED_CHANNEL)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarting: handed runs wait, then go back to the queue
-                failures += 1
-                if failures == 1:
-                    logger.warning("executor %s: handed runs not received (%s)", self.worker_id, type(exc).__name__)
-                await asyncio.sleep(min(5.0, 0.2 * failures))
-                continue
-            run_id = _parse_uuid(message.get("run_id")) if isinstance(message, dict) else None
-            handed_to = message.get("handed_to") if isinstance(message, dict) else None
-            if run_id is None or not isinstance(handed_to, str):
-                continue
-            if self.reserve_slot():  # held until the take is answered
-                self._spawn_internal(self._take(run_id, handed_to), "take")
-            else:
-                self._spawn_internal(self._hand_back(run_id, handed_to), "hand-back")
-
-    async def _take(self, run_id: uuid.UUID, handed_to: str) -> None:
-        run = None
-        try:
-            run = await database_sync_to_async(run_take)(run_id=run_id, handed_to=handed_to, worker_id=self.worker_id)
-        except Exception as exc:  # the database went away: the run goes back to the queue after the hand-over time
-            logger.warning("executor %s: handed run not taken (%s)", self.worker_id, type(exc).__name__)
-        finally:
-            self.claimed_elsewhere(run)
-        if run is None and self._slot_freed is not None:
-            self._slot_freed.set()
-
-    async def _hand_back(self, run_id: uuid.UUID, handed_to: str) -> None:
-        logger.info("executor %s: no free slot for handed run %s, queued again", self.worker_id, run_id)
-        try:
-            await database_sync_to_async(run_hand_back)(run_id=run_id, handed_to=handed_to)
-        except Exception as exc:  # put back by a reaper's sweep instead
-            logger.warning("executor %s: handed run not put back (%s)", self.worker_id, type(exc).__name__)
 
     async def _claim_nudged(self, run_id: uuid.UUID) -> None:
         """The run a nudge names, claimed directly (the path from a watcher attaching to its first words, one fair

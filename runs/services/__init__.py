@@ -37,17 +37,9 @@ from runs.models import (
 )
 
 # Claiming and the token cap's reservations have modules of their own; what callers use is re-exported here.
-from runs.services.claiming import (
-    HANDED_PREFIX,
-    org_queue_check,
-    record_key_openings,
-    run_claim_on_attach,
-    running_fields,
-)
 from runs.services.claiming import ORG_RUN_QUEUE_FULL as ORG_RUN_QUEUE_FULL
-from runs.services.claiming import hand_over_token as hand_over_token
+from runs.services.claiming import org_queue_check, record_key_openings, run_claim_on_attach, running_fields
 from runs.services.claiming import run_claim as run_claim
-from runs.services.claiming import run_take as run_take
 from runs.services.claiming import runs_claim_queued as runs_claim_queued
 from runs.services.tokens import TOKEN_CAP_REACHED as TOKEN_CAP_REACHED
 from runs.services.tokens import run_first_call_estimate, tokens_release, tokens_reserve, tokens_used
@@ -505,7 +497,6 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
             Q(heartbeat_at__lt=now - stale_after) | Q(heartbeat_at__isnull=True, started_at__lt=now - unattended_after),
             status=RunStatus.RUNNING,
         )
-        .exclude(worker_id__startswith=HANDED_PREFIX)  # never executed: put back instead (runs_put_back_untaken)
         .order_by("org_id", "id")  # budget rows are updated in the same order by every reaper
     )
     for run in lost:
@@ -525,56 +516,6 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
             robust=True,
         )
     return lost
-
-
-# A run handed to the workers that none took within this long goes back to the queue (``runs_put_back_untaken``):
-# a take comes within milliseconds; this is for a message lost with Redis or with a worker that died holding it.
-HAND_OVER_TIMEOUT = timedelta(seconds=5)
-
-
-@transaction.atomic
-def runs_put_back_untaken(*, older_than: timedelta = HAND_OVER_TIMEOUT) -> list[Run]:
-    """Every reaping executor's sweep: runs a stream claimed for the workers (``run_take``) that none took within
-    ``older_than`` go back to the queue, where any executor claims them in turn (``_put_back``). Never failed:
-    nothing of them was executed."""
-    untaken = list(
-        Run.objects.select_for_update(skip_locked=True)
-        .filter(
-            status=RunStatus.RUNNING, worker_id__startswith=HANDED_PREFIX, heartbeat_at__lt=timezone.now() - older_than
-        )
-        .order_by("org_id", "id")  # a cancelled one releases its reservation: budget rows in every reaper's order
-    )
-    for run in untaken:
-        _put_back(run)
-    return untaken
-
-
-@transaction.atomic
-def run_hand_back(*, run_id: uuid.UUID, handed_to: str) -> bool:
-    """A run handed to the workers under ``handed_to`` goes back to the queue at once (``_put_back``): the worker
-    that received it has no free slot, or the hand-over could not be sent. False if it is no longer handed under
-    that token (taken, or put back already)."""
-    if not handed_to.startswith(HANDED_PREFIX):
-        return False
-    run = Run.objects.select_for_update().filter(id=run_id, status=RunStatus.RUNNING, worker_id=handed_to).first()
-    if run is None:
-        return False
-    _put_back(run)
-    return True
-
-
-def _put_back(run: Run) -> None:
-    """A handed run, locked, queued again as it was before its claim (still attached: any executor may claim it,
-    and is told to). One whose cancellation was asked for meanwhile ends as a queued run does. Its claim recorded
-    its key's opening (``key.used``); the claim that executes it records another: the trail names both."""
-    run.status = RunStatus.QUEUED
-    run.started_at = run.heartbeat_at = None
-    run.worker_id = ""
-    run.save(update_fields=["status", "started_at", "heartbeat_at", "worker_id"])
-    if run.cancel_requested_at is not None:
-        run_request_cancel(run=run, actor=None)
-        return
-    transaction.on_commit(lambda: _after_create(run), robust=True)  # its status, then the executors are told
 
 
 def agent_default_limits() -> AgentLimits:

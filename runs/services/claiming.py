@@ -11,15 +11,6 @@ Claims are serialized per org, not globally: a claim locks the rows of the orgs 
 their running slots after taking the lock, and claims within the cap. Two executors therefore never take an org
 past its cap, and a run still executes exactly once (its row is locked too).
 
-A stream in a process that executes nothing (``CESAFLOW_EXECUTOR=worker``) claims the run it attaches *for the
-workers*, in the attach's transaction and by the same rules (``run_claim_on_attach``), under a hand-over token
-(``hand_over_token``) instead of a worker's id, and sends it on one channel the workers receive from
-(``events.HANDED_CHANNEL``); the first worker that receives it takes it (``run_take``: one conditional update and
-the read execution needs, no claim of its own), so its first words do not wait for a second transaction of locks and
-counts (issue #13). A handed run no worker takes (the message lost with Redis, a worker that died holding it) goes
-back to the queue (``runs_put_back_untaken``); it is never failed for it, nor executed twice: the take and the
-put-back both match the token, and only one of them can.
-
 The order is round-robin by load: each run goes to the org with the fewest slots executing, ties to the org whose
 run has waited longest; within an org, oldest first. A run of an org with nothing executing is thus started by the
 next free slot of any executor, ahead of every org that already has runs executing, however long their backlog.
@@ -28,7 +19,6 @@ next free slot of any executor, ahead of every org that already has runs executi
 from __future__ import annotations
 
 import heapq
-import secrets
 import uuid
 from collections.abc import Collection
 from datetime import datetime
@@ -45,7 +35,7 @@ from keys.models import KeyStatus, ProviderKey
 from keys.services import provider_key_record_opening
 from orgs.models import Organization
 from runs.models import Project, Run, RunKind, RunStatus
-from runs.selectors import EXECUTION_RELATED, unscoped_org_run_slots, unscoped_run_for_execution
+from runs.selectors import EXECUTION_RELATED, unscoped_org_run_slots
 
 # Queued runs an executor may start: unwatched ones, and watched ones whose stream is attached.
 READY = Q(watch=False) | Q(attached_at__isnull=False)
@@ -57,9 +47,6 @@ EXECUTABLE_KINDS = (RunKind.CHAT, RunKind.AGENT)
 _BESIDE_ORG = tuple(name for name in EXECUTION_RELATED if name != "org")
 
 ORG_RUN_QUEUE_FULL = "org_run_queue_full"
-
-# A run claimed for the workers is ``running`` under a hand-over token in ``worker_id`` until a worker takes it.
-HANDED_PREFIX = "handed:"
 
 
 def run_slots(kind: str) -> int:
@@ -274,21 +261,3 @@ def runs_claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID
             heapq.heappush(heap, (load, queue[0].created_at, org_id))
     _start(chosen, worker_id)
     return chosen
-
-
-def hand_over_token() -> str:
-    """A new token to claim a run for the workers under (``run_attach(claim_for=…)``); one per hand-over."""
-    return HANDED_PREFIX + secrets.token_hex(8)
-
-
-def run_take(*, run_id: uuid.UUID, handed_to: str, worker_id: str) -> Run | None:
-    """A worker takes a run claimed for the workers under ``handed_to`` (``hand_over_token``): from now on it is
-    ``worker_id``'s, as if that worker had claimed it, and comes as ``execution`` reads it. None when it is no
-    longer handed under that token: put back meanwhile (``runs_put_back_untaken``), taken by another worker, or
-    cancelled and ended. Its org's slot and its key's opening were counted by the claim that handed it."""
-    if not handed_to.startswith(HANDED_PREFIX):
-        return None  # never a live worker's run
-    taken = Run.objects.filter(id=run_id, status=RunStatus.RUNNING, worker_id=handed_to).update(
-        worker_id=worker_id[:64], heartbeat_at=timezone.now()
-    )
-    return unscoped_run_for_execution(run_id=run_id) if taken else None

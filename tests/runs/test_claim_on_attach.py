@@ -1,15 +1,12 @@
 """Claiming a watched run as its stream attaches (``run_attach(claim_for=…)``, issue #13): where the process that
 serves the stream executes runs, the run is claimed for its executor in the attach's transaction, by the rules of
-every claim (``runs.services.claiming``); where it executes nothing (worker mode), for the workers, under a token
-the first worker to receive it takes it by (``run_take``); otherwise it is handed over as before. End to end through
-the ASGI application: ``test_start_on_attach`` (its inline executor), ``test_awatch_start_hands_a_claimed_run_over``;
-with real ``run_worker`` processes: ``test_worker``."""
+every claim (``runs.services.claiming``); otherwise it is handed over as before. End to end through the ASGI
+application: ``test_start_on_attach`` (its inline executor) and ``test_awatch_start_hands_a_claimed_run_over``."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -28,19 +25,7 @@ from runs import events, watching
 from runs import executor as executor_module
 from runs.models import AuditEvent, Run, RunKind, RunStatus
 from runs.projects.services import project_create, project_run_create
-from runs.services import (
-    Attached,
-    hand_over_token,
-    run_attach,
-    run_claim,
-    run_create,
-    run_hand_back,
-    run_request_cancel,
-    run_take,
-    runs_put_back_untaken,
-    runs_reap_lost,
-)
-from runs.services.claiming import HANDED_PREFIX
+from runs.services import Attached, run_attach, run_claim, run_create, run_request_cancel
 from runs.watching import awatch_start, watch_start
 from tests.runs.test_execution_support import (
     asim_key,
@@ -128,71 +113,6 @@ def test_project_runs_and_suspended_orgs_are_left_to_the_executors_claims(cast):
     assert _fresh(run).status == RunStatus.QUEUED
 
 
-def test_a_handed_run_is_taken_once_by_one_worker_and_is_then_its(cast):
-    key = _key(cast.org_a, cast.admin_a.user)
-    run = _watched(key, cast.admin_a.user)
-    token = hand_over_token()
-    assert run_attach(run=run, claim_for=token) is Attached.CLAIMED
-    assert run_take(run_id=run.id, handed_to=hand_over_token(), worker_id="w1") is None  # another hand-over's
-    taken = run_take(run_id=run.id, handed_to=token, worker_id="w1")
-    assert taken is not None
-    # As execution reads it: the org, the key and the creator come with it.
-    assert (taken.status, taken.worker_id, taken.org.pk, taken.provider_key_id) == (
-        RunStatus.RUNNING,
-        "w1",
-        cast.org_a.pk,
-        key.id,
-    )
-    assert taken.created_by_user == cast.admin_a.user
-    assert run_take(run_id=run.id, handed_to=token, worker_id="w2") is None  # the same message, received twice
-    assert run_hand_back(run_id=run.id, handed_to=token) is False
-    assert run_take(run_id=run.id, handed_to="w1", worker_id="w2") is None  # a worker's id is not a token
-    assert runs_put_back_untaken(older_than=timedelta(0)) == []
-    assert _fresh(run).worker_id == "w1"
-
-
-def test_a_handed_run_nobody_takes_goes_back_to_the_queue_never_failed(cast):
-    """The hand-over's message is lost (Redis restarted, a worker died holding it): the reapers put the run back
-    in the queue, attached, where any executor claims it; the lost-worker reaping leaves it alone meanwhile."""
-    key = _key(cast.org_a, cast.admin_a.user)
-    run = _watched(key, cast.admin_a.user)
-    token = hand_over_token()
-    assert run_attach(run=run, claim_for=token) is Attached.CLAIMED
-    assert runs_reap_lost(stale_after=timedelta(0)) == []
-    assert runs_put_back_untaken() == []  # not yet: a take comes within milliseconds
-    [put_back] = runs_put_back_untaken(older_than=timedelta(0))
-    assert put_back.id == run.id
-    stored = _fresh(run)
-    assert (stored.status, stored.worker_id, stored.started_at, stored.heartbeat_at) == (
-        RunStatus.QUEUED,
-        "",
-        None,
-        None,
-    )
-    assert stored.attached_at is not None
-    assert run_take(run_id=run.id, handed_to=token, worker_id="late") is None  # its message, after all
-    claimed = run_claim(run_id=run.id, worker_id="w")
-    assert claimed is not None
-    assert claimed.worker_id == "w"
-
-
-def test_a_handed_run_goes_back_at_once_when_its_worker_has_no_slot_and_ends_if_cancelled_meanwhile(cast):
-    key = _key(cast.org_a, cast.admin_a.user)
-    run, cancelled = _watched(key, cast.admin_a.user), _watched(key, cast.admin_a.user)
-    token, other = hand_over_token(), hand_over_token()
-    assert run_attach(run=run, claim_for=token) is Attached.CLAIMED
-    assert run_attach(run=cancelled, claim_for=other) is Attached.CLAIMED
-    assert run_hand_back(run_id=run.id, handed_to=other) is False
-    assert run_hand_back(run_id=run.id, handed_to=token) is True
-    assert _fresh(run).status == RunStatus.QUEUED
-    # A cancel while handed flags it, as for any running run; put back, it ends as a queued run does.
-    run_request_cancel(run=_fresh(cancelled), actor=cast.admin_a.user)
-    assert _fresh(cancelled).status == RunStatus.RUNNING
-    assert run_hand_back(run_id=cancelled.id, handed_to=other) is True
-    ended = _fresh(cancelled)
-    assert (ended.status, ended.error_kind) == (RunStatus.CANCELLED, "cancelled")
-
-
 def _run_reads(queries: list[dict[str, Any]]) -> list[str]:
     """The reads of a run's row (its columns first; the running-slot count reads other columns)."""
     return [q["sql"] for q in queries if q["sql"].startswith('SELECT "runs_run"."id"')]
@@ -273,44 +193,13 @@ async def test_awatch_start_hands_a_claimed_run_over_even_when_its_caller_is_gon
 
 
 @pytest.mark.usefixtures("async_isolation")
-async def test_a_run_attached_in_worker_mode_is_handed_to_the_workers_even_when_its_caller_is_gone(cast):
-    """Worker mode: the stream's hop claims the run for the workers under a token, in the attach's transaction,
-    and the event loop sends it on the workers' channel once committed, also when the watcher left meanwhile."""
-    layer = get_channel_layer()
-    key = await sync_to_async(_key)(cast.org_a, cast.admin_a.user)
-    run = await sync_to_async(_watched)(key, cast.admin_a.user)
-    await _watched_then_left(cast, run)
-    try:
-        async with asyncio.timeout(10):
-            handed = await layer.receive(events.HANDED_CHANNEL)
-            while handed.get("run_id") != str(run.id):  # one left by an earlier test: nobody takes them there
-                handed = await layer.receive(events.HANDED_CHANNEL)
-    finally:
-        await layer.close_pools()
-    assert handed["type"] == "run.handed"
-    assert handed["handed_to"].startswith(HANDED_PREFIX)
-    fresh = await Run.objects.aget(id=run.id)
-    assert (fresh.status, fresh.worker_id, fresh.attached_at is not None) == (
-        RunStatus.RUNNING,
-        handed["handed_to"],
-        True,
-    )
-    # The claim recorded its key's opening, as every claim does; the worker that takes it records none.
-    assert await AuditEvent.objects.filter(event=AuditEvent.KEY_USED, metadata__reference=str(run.id)).acount() == 1
-
-
-@pytest.mark.usefixtures("async_isolation")
-async def test_a_run_waiting_for_a_slot_nudges_the_workers_even_when_its_caller_is_gone(cast, settings):
-    """Worker mode, the org at its cap: the stream's hop attaches the run and returns; the workers are nudged from
-    the event loop once it has committed (the stream's snapshot does not wait for Redis), also when the watcher
-    left meanwhile."""
-    settings.RUN_ORG_MAX_RUNNING = 1
+async def test_a_run_attached_without_a_slot_here_nudges_the_workers_even_when_its_caller_is_gone(cast):
+    """Worker mode: the stream's hop attaches the run and returns; the workers are nudged from the event loop once
+    it has committed (the stream's snapshot does not wait for Redis), also when the watcher left meanwhile."""
     layer = get_channel_layer()
     worker = await layer.new_channel()
     await layer.group_add(events.WORKERS_GROUP, worker)
     key = await sync_to_async(_key)(cast.org_a, cast.admin_a.user)
-    going = await sync_to_async(_watched)(key, cast.admin_a.user)
-    assert await sync_to_async(run_attach)(run=going, claim_for="elsewhere") is Attached.CLAIMED
     run = await sync_to_async(_watched)(key, cast.admin_a.user)
     await _watched_then_left(cast, run)
     try:

@@ -3,8 +3,7 @@
 Runs are created with ``run_create`` (the real write path). Tests that execute runs themselves set
 ``settings.RUN_EXECUTOR = "worker"`` first: ``submit`` then only nudges workers (none listen in-process), the run
 stays queued, and the test hands it to an :class:`~runs.executor.Executor` running in the test's own event loop,
-which keeps timing and teardown deterministic. (A stream that attaches a run in worker mode claims it for the
-workers: an executor that looks at the queue takes it, as ``run_worker`` does; see ``make_executor``.)
+which keeps timing and teardown deterministic.
 """
 
 from __future__ import annotations
@@ -87,7 +86,6 @@ def make_executor(*, limits: CallLimits = FAST_LIMITS, **overrides: Any) -> Exec
     config = {"heartbeat_s": 0.2, "stale_after_s": 1.0, "cancel_poll_s": 0.05, "poll_s": 0.2, **overrides}
     claim_queued = config.pop("claim_queued", False)
     reap = config.pop("reap", False)
-    config.setdefault("take_handed", claim_queued)  # one that looks at the queue is a worker: it takes handed runs
     return Executor(
         config=ExecutorConfig.from_settings(claim_queued=claim_queued, reap=reap, **config),
         label="test",

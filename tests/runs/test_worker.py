@@ -1,6 +1,5 @@
-"""``manage.py run_worker`` as real processes on the test database: exactly-once claiming across workers, runs a
-stream hands to them (and one whose hand-over is lost), a worker killed mid-run reaped to ``worker_lost`` by
-another, and a graceful shutdown that records its runs.
+"""``manage.py run_worker`` as real processes on the test database: exactly-once claiming across workers, a worker
+killed mid-run reaped to ``worker_lost`` by another, and a graceful shutdown that records its runs.
 
 Small heartbeat and reap intervals keep these fast; ``transaction=True`` so the workers see the rows.
 """
@@ -18,16 +17,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import connection
 
-from orgs.authentication import KeyPrincipal, org_context_for
 from runs.models import AuditEvent, Run, RunStatus, UsageRecord
-from runs.services import Attached, hand_over_token, run_attach
-from runs.services.claiming import HANDED_PREFIX
-from runs.watching import awatch_start
-from tests.runs.test_execution_support import make_run, sim_key, wait_for_status, wait_for_status_sync
+from tests.runs.test_execution_support import make_run, sim_key, wait_for_status_sync
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -118,48 +112,6 @@ def test_two_workers_execute_every_run_exactly_once(cast, simulator, workers):
     )
     assert references == sorted(str(run.id) for run in runs)
     assert UsageRecord.objects.filter(run__in=runs).count() == len(runs)
-
-
-def _key_uses(run: Run) -> int:
-    return AuditEvent.objects.filter(event=AuditEvent.KEY_USED, metadata__reference=str(run.id)).count()
-
-
-def test_a_watched_run_is_claimed_by_its_stream_for_the_workers_and_taken_by_one(cast, simulator, workers):
-    """Worker mode: the stream's attach claims the run for the workers and sends it on their channel; one worker
-    takes it and executes it, with no claim of its own (the claim's key opening is the only one recorded)."""
-    workers.extend([Worker(), Worker()])
-    key = sim_key(cast.org_a, cast.admin_a.user, simulator)
-    run = make_run(cast.dev_a, key, watch=True)
-    principal = KeyPrincipal(cast.admin_a.api_key)
-    context = org_context_for(principal)
-    assert context is not None
-
-    async def watch() -> Run:
-        start = await awatch_start(principal=principal, context=context, run_id=run.id)
-        assert start.claimed
-        assert start.run is not None
-        assert start.run.worker_id.startswith(HANDED_PREFIX)
-        return await wait_for_status(run.id, TERMINAL, timeout=20)
-
-    finished = async_to_sync(watch)()
-    assert (finished.status, finished.error_kind) == (RunStatus.SUCCEEDED, ""), workers[0].output + workers[1].output
-    assert finished.worker_id in {workers[0].worker_id, workers[1].worker_id}
-    assert len(simulator.requests()) == 1
-    assert _key_uses(run) == 1  # taken from the hand-over, not put back and claimed again
-
-
-def test_a_handed_run_whose_message_is_lost_is_queued_again_and_executed_once(cast, simulator, workers):
-    """The claim for the workers is committed, its message never sent (Redis restarted in between): a worker's
-    sweep puts the run back after the hand-over time, and it executes as any queued run does."""
-    workers.append(Worker())
-    key = sim_key(cast.org_a, cast.admin_a.user, simulator)
-    run = make_run(cast.dev_a, key, watch=True)
-    assert run_attach(run=run, claim_for=hand_over_token()) is Attached.CLAIMED
-    finished = wait_for_status_sync(run.id, TERMINAL, timeout=30)
-    assert (finished.status, finished.worker_id) == (RunStatus.SUCCEEDED, workers[0].worker_id), workers[0].output
-    assert len(simulator.requests()) == 1
-    assert _key_uses(run) == 2  # the hand-over's claim and the one that executed it, as documented
-    assert "1 handed run(s) not taken in time, queued again" in workers[0].output
 
 
 def test_worker_killed_mid_run_is_reaped_to_worker_lost_by_another(cast, simulator, workers):

@@ -69,7 +69,7 @@ class Command(BaseCommand):
         ):
             if options[option] is not None:
                 overrides[name] = options[option]
-        config = ExecutorConfig.from_settings(claim_queued=True, reap=True, take_handed=True, **overrides)
+        config = ExecutorConfig.from_settings(claim_queued=True, reap=True, **overrides)
         if config.concurrency < 1 or config.heartbeat_s <= 0 or config.poll_s <= 0:
             raise CommandError("--concurrency, --heartbeat and --poll must be positive.")
         if config.stale_after_s < 2 * config.heartbeat_s:
