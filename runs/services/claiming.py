@@ -196,7 +196,6 @@ def run_claim_on_attach(*, run: Run) -> bool:
     return True
 
 
-@transaction.atomic
 def runs_claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID] | None = None) -> list[Run]:
     """Claim up to ``limit`` queued runs for ``worker_id``, round-robin across orgs within their caps (see the
     module docstring), as ``execution`` reads them (``unscoped_run_for_execution``). ``among``: only these runs
@@ -204,6 +203,20 @@ def runs_claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID
     claim the same run and never wait for each other."""
     if limit < 1:
         return []
+    ready = Run.objects.filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+    if among is not None:
+        ready = ready.filter(id__in=list(among))
+    # Every executor looks at the queue each time one of its runs ends, and there is usually nothing to start: one
+    # indexed existence check then, not a transaction around the fair claim's grouped read (0.6 against 3.0 ms a
+    # look, issue #13). A run that becomes ready just after it is started by its own hand-over or the next look,
+    # as one that becomes ready just after the grouped read always was.
+    if not ready.exists():
+        return []
+    return _claim_queued(worker_id=worker_id, limit=limit, among=among)
+
+
+@transaction.atomic
+def _claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID] | None) -> list[Run]:
     ready = _ready()
     if among is not None:
         ready = ready.filter(id__in=list(among))

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -202,3 +204,22 @@ def test_a_claim_among_given_runs_takes_only_those(cast, settings):
     mine = _run(key_b, cast.admin_b.user)
     assert [r.id for r in runs_claim_queued(worker_id="w", limit=5, among=[mine.id])] == [mine.id]
     assert Run.objects.get(id=older.id).status == RunStatus.QUEUED
+
+
+def test_a_look_at_a_queue_with_nothing_ready_is_one_query_and_claims_nothing(cast):
+    """Every executor looks at the queue whenever one of its runs ends: with nothing ready to start (here a watched
+    run nobody attached to yet), one existence check, not the fair claim's grouped read in a transaction (about
+    five times its cost)."""
+    key = _key(cast.org_a, cast.admin_a.user)
+    waiting = run_create(
+        org=cast.org_a, actor=cast.admin_a.user, provider_key_id=key.id, model="gpt-4o", objective="Go.", watch=True
+    )
+    with CaptureQueriesContext(connection) as queries:
+        assert runs_claim_queued(worker_id="w", limit=5) == []
+    assert len(queries.captured_queries) == 1, [q["sql"] for q in queries.captured_queries]
+    [look] = [q["sql"] for q in queries.captured_queries]
+    assert "GROUP BY" not in look
+    assert "LIMIT 1" in look
+    ready = _run(key, cast.admin_a.user)
+    assert [run.id for run in runs_claim_queued(worker_id="w", limit=5)] == [ready.id]
+    assert Run.objects.get(id=waiting.id).status == RunStatus.QUEUED
