@@ -244,9 +244,9 @@ async def test_a_receiver_cancelled_during_its_pop_ends_it_and_loses_nothing(lay
 
 
 async def test_send_queues_in_order_until_the_channel_is_full_and_drops_stale_messages_first(layer, other_process):
-    """``send`` in one round trip, read by channels_redis's ``receive`` in another process (a channel many processes
-    receive from, as the workers' handed runs): in order; a full channel refuses the next with ``ChannelFull`` and
-    keeps what it holds; messages past the expiry are dropped first, so they do not count against the capacity."""
+    """``send`` in one round trip, read by channels_redis's ``receive`` in another process (a channel several
+    processes may receive from): in order; a full channel refuses the next with ``ChannelFull`` and keeps what it
+    holds; messages past the expiry are dropped first, so they do not count against the capacity."""
     layer.channel_capacity = [(re.compile(r"^shared\.work$"), 2)]
     try:
         await layer.send("shared.work", {"type": "t", "n": 1})

@@ -261,7 +261,7 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
         stale messages, count them, queue, renew the key's expiry): the same script as a group send's. ``ChannelFull``
         when the channel holds its capacity already, as there. The wake-up that ends a pop (``_end_pop_soon``) goes
         this way: one for every message delivered locally while the receiver's pop is in flight, which on a run
-        executed where its watcher is served is nearly every event (issue #13)."""
+        executed where its watcher is served can be each of its events (issue #13)."""
         if not isinstance(message, dict) or "__asgi_channel__" in message:
             raise ValueError("A message is a dict without the reserved __asgi_channel__ key.")
         self.require_valid_channel_name(channel)  # raises TypeError, as channels_redis's send does
