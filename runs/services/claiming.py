@@ -70,15 +70,18 @@ def org_queue_check(*, org: Organization, kind: str) -> None:
         )
 
 
+def _startable() -> QuerySet[Run]:
+    """Queued runs an executor may start, by their own columns: of a kind it runs, unwatched or attached."""
+    return Run.objects.filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+
+
 def _ready() -> QuerySet[Run]:
     # Runs whose project already has one executing are left out in SQL: a backlog on one busy project must not
     # hold up the project's org's other runs, nor anyone else's.
     project_busy = Exists(
         Run.objects.filter(project_id=OuterRef("project_id"), status=RunStatus.RUNNING, project__isnull=False)
     )
-    return Run.objects.filter(
-        READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS, org__suspended_at__isnull=True
-    ).exclude(project_busy)
+    return _startable().filter(org__suspended_at__isnull=True).exclude(project_busy)
 
 
 def _serialized(candidates: list[Run]) -> list[Run]:
@@ -154,16 +157,17 @@ def run_claim(*, run_id: uuid.UUID, worker_id: str) -> Run | None:
     claims it once a slot is free). The run comes as ``execution`` reads it (``unscoped_run_for_execution``)."""
     # The org first (waiting briefly for a creation or another claim of this org), then the run: every claim and
     # creation takes the org's lock before any run's, so they cannot deadlock. The queue scan's conditions
-    # (``_ready``) are checked here as plain columns, which PostgreSQL plans several times faster for one run (this
-    # claim is on the path from a watcher attaching to the run's first words, issue #13): the org's suspension on
-    # the row just locked, a busy project in ``_serialized``.
+    # (``_ready``) are checked here as the run's own columns (``_startable``) and the rest apart, which PostgreSQL
+    # plans several times faster for one run (this claim is on the path from a watcher attaching to the run's first
+    # words, issue #13): the org's suspension on the row just locked, a busy project in ``_serialized``.
     org = Organization.objects.select_for_update(no_key=True, of=("self",)).filter(runs__id=run_id).first()
     if org is None or org.suspended_at is not None:
         return None
     run = (
-        Run.objects.select_related(*_BESIDE_ORG)
+        _startable()
+        .select_related(*_BESIDE_ORG)
         .select_for_update(skip_locked=True, of=("self",))
-        .filter(READY, id=run_id, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+        .filter(id=run_id)
         .first()
     )
     if run is None or not _serialized([run]):
@@ -203,7 +207,7 @@ def runs_claim_queued(*, worker_id: str, limit: int, among: Collection[uuid.UUID
     claim the same run and never wait for each other."""
     if limit < 1:
         return []
-    ready = Run.objects.filter(READY, status=RunStatus.QUEUED, kind__in=EXECUTABLE_KINDS)
+    ready = _startable()
     if among is not None:
         ready = ready.filter(id__in=list(among))
     # Every executor looks at the queue each time one of its runs ends, and there is usually nothing to start: one
