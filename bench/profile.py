@@ -44,7 +44,7 @@ RUN_SCENARIOS = {"run-ws": "ws", "run-sse": "sse"}  # scenario -> bench.runstrea
 # (category, frame substrings): a sample counts under the first category one of its frames matches.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run row + key.used audit row (one thread hop, ORM)", ("_record_start",)),
-    ("run end + usage row (one thread hop, ORM)", ("run_finish (",)),
+    ("run ends + usage rows (written in batches, one thread hop, ORM)", ("runs_finish (",)),
     ("run created (REST API, one thread hop, ORM)", ("run_create (",)),
     ("run attached: snapshot, claim, key.used (one thread hop, ORM)", ("watch_start (",)),
     ("queue looked at after a run ends (one thread hop, ORM)", ("runs_claim_queued (",)),

@@ -8,7 +8,7 @@ answer a client received whole has its run and audit rows, and a call whose run 
 error frame instead. A refusal known before the first byte (the monthly token cap, checked before the provider
 call) is a real HTTP status. The run's end is recorded off the response path (``finish``): the last frames go out
 at once and the run row, the usage ledger and the finished event follow in a background task of this process that
-a client's hang-up cannot cancel.
+a client's hang-up cannot cancel, written with the ends of the process's other calls (``runs.api.run_ends``).
 
 Nothing here logs a body, a prompt or an answer.
 """
@@ -30,7 +30,6 @@ from django.db import InterfaceError, OperationalError
 from django.http import JsonResponse
 
 from cesaflow.lib import request_context
-from cesaflow.lib.hops import db_hop
 from cesaflow.lib.http import get_http_client
 from cesaflow.lib.metrics import ACTIVE_STREAMS
 from keys.crypto import Secret
@@ -38,6 +37,7 @@ from keys.egress import egress_policy
 from keys.models import ProviderKey
 from orgs.tenancy import OrgContext
 from runs import events as run_events
+from runs.api.run_ends import record_end
 from runs.models import Run, RunStatus
 from runs.providers.base import CallLimits, StreamParser, read_to_end
 from runs.providers.events import ErrorKind, Ping, ProviderError, ProviderEvent, ReadEnd, Retry, TurnEnd, Usage
@@ -55,7 +55,7 @@ from runs.proxy import (
     sse,
     stream_error_frame,
 )
-from runs.services import UsageEntry, run_finish
+from runs.services import RunEnd, UsageEntry
 
 logger = logging.getLogger("cesaflow.proxy")
 
@@ -286,11 +286,11 @@ class ProxyCall:
             error_kind, error_message = error.kind.value, ERROR_SUMMARIES.get(error.kind, "")
         elif status == RunStatus.CANCELLED and not error_kind:
             error_kind, error_message = "cancelled", "The client disconnected."
-        task = in_background(self._end(status, error_kind, error_message))
+        task = in_background(self._end(status, error_kind, error_message, at_once=wait))
         if wait:
             await asyncio.shield(task)
 
-    async def _end(self, status: str, error_kind: str, error_message: str) -> None:
+    async def _end(self, status: str, error_kind: str, error_message: str, *, at_once: bool) -> None:
         try:
             await self._close_upstream()
         finally:
@@ -300,19 +300,13 @@ class ProxyCall:
                 run = None  # never written (refused, or failed and logged): nothing to end
             if run is not None:
                 try:
-                    await self._record(run, status, error_kind, error_message)
+                    await self._record(run, status, error_kind, error_message, at_once=at_once)
                 except Exception as exc:
                     log_failure(exc, "record")
 
-    async def _record(self, run: Run, status: str, error_kind: str, error_message: str) -> None:
-        self.run = await db_hop(run_finish)(
-            run_id=run.id,
-            status=status,
-            usage=self.usage,
-            error_kind=error_kind,
-            error_message=error_message,
-            held_run=run,
-        )
+    async def _record(self, run: Run, status: str, error_kind: str, error_message: str, *, at_once: bool) -> None:
+        end = RunEnd(run.id, status, self.usage, None, error_kind, error_message, run)
+        self.run = await record_end(end, at_once=at_once)
         if self._status_published is not None:
             await self._status_published  # never raises: ``_publish`` logs failures
         await self._publish(run_events.finished_event(self.run, seq=1))

@@ -6,14 +6,14 @@ import dataclasses
 import enum
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -42,7 +42,7 @@ from runs.services.claiming import org_queue_check, record_key_openings, run_cla
 from runs.services.claiming import run_claim as run_claim
 from runs.services.claiming import runs_claim_queued as runs_claim_queued
 from runs.services.tokens import TOKEN_CAP_REACHED as TOKEN_CAP_REACHED
-from runs.services.tokens import run_first_call_estimate, tokens_release, tokens_reserve, tokens_used
+from runs.services.tokens import run_first_call_estimate, tokens_release, tokens_reserve, tokens_settle, tokens_used
 from runs.services.tokens import tokens_estimate as tokens_estimate
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,28 @@ FINISH_COLUMNS: Final = (
 )
 
 
-@transaction.atomic
+@dataclass(frozen=True)
+class RunEnd:
+    """How one run ended, for ``runs_finish``: its terminal ``status``, one usage entry per provider call not
+    recorded yet, and ``usage_complete`` (default: every entry complete, and at least one).
+
+    ``held_run``: the instance of run ``run_id`` the caller created in this request (the gateway). Under the row
+    lock only the columns another writer may have changed since (``FINISH_COLUMNS``: a cancel, the reaper, usage
+    recorded meanwhile) are read again, into it, instead of the whole row; the same instance is returned."""
+
+    run_id: uuid.UUID
+    status: str
+    usage: list[UsageEntry]
+    usage_complete: bool | None = None
+    error_kind: str = ""
+    error_message: str = ""
+    held_run: Run | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.status not in TERMINAL_STATUSES:
+            raise ValueError(f"not a terminal status: {self.status!r}")
+
+
 def run_finish(
     *,
     run_id: uuid.UUID,
@@ -307,52 +328,109 @@ def run_finish(
     error_message: str = "",
     held_run: Run | None = None,
 ) -> Run:
-    """Record the end of a run: status, times, token totals and one usage-ledger row per provider call. The
-    usage counts against the org's monthly cap, and what is left of the run's reservation is released.
+    """Record the end of one run (``runs_finish``, which see)."""
+    end = RunEnd(run_id, status, usage, usage_complete, error_kind, error_message, held_run)
+    try:
+        return runs_finish([end])[run_id]
+    except KeyError:
+        raise Run.DoesNotExist(f"no run {run_id}") from None
 
-    ``held_run``: the instance of run ``run_id`` the caller created in this request (the gateway). Under the row
-    lock only the columns another writer may have changed since (``FINISH_COLUMNS``: a cancel, the reaper, usage
-    recorded meanwhile) are read again, into it, instead of the whole row; the same instance is returned.
+
+def _refreshed(run: Run, values: Sequence[Any]) -> Run:
+    for column, value in zip(FINISH_COLUMNS, values, strict=True):
+        setattr(run, column, value)
+    return run
+
+
+@transaction.atomic
+def runs_finish(ends: Sequence[RunEnd]) -> dict[uuid.UUID, Run]:
+    """Record the end of runs: status, times, token totals and one usage-ledger row per provider call. The
+    usage counts against the org's monthly cap, and what is left of each run's reservation is released. One
+    transaction for all of them: the rows locked in one statement (in id order), one ``UPDATE`` per budget row,
+    one ``INSERT`` of the ledger rows, and the runs' updates (one statement for several runs), so that a process
+    ending many runs at once (the gateway's writer, ``runs.api.run_ends``) pays for a handful of statements, not a
+    handful per run. Returns the runs by id; an end whose run does not exist is left out.
 
     Idempotent: a run that already ended (reaped, cancelled while queued) keeps its first outcome, but the
-    usage of calls that really happened is still recorded, because the provider bills them.
-    """
-    if status not in TERMINAL_STATUSES:
-        raise ValueError(f"not a terminal status: {status!r}")
-    if held_run is not None and held_run.id == run_id:
-        run = held_run
-        locked = Run.objects.select_for_update().filter(id=run_id).values_list(*FINISH_COLUMNS).get()
-        for column, value in zip(FINISH_COLUMNS, locked, strict=True):
-            setattr(run, column, value)
+    usage of calls that really happened is still recorded, because the provider bills them. At most one end per
+    run in one call."""
+    by_id = {end.run_id: end for end in ends}
+    if len(by_id) != len(ends):
+        raise ValueError("one end per run")
+    locked = Run.objects.select_for_update().filter(id__in=by_id).order_by("id")
+    held = {end.run_id: end.held_run for end in ends if end.held_run is not None and end.held_run.id == end.run_id}
+    runs: dict[uuid.UUID, Run] = {}
+    if len(held) == len(ends):
+        for run_id, *columns in locked.values_list("id", *FINISH_COLUMNS):
+            runs[run_id] = _refreshed(held[run_id], columns)
     else:
-        run = Run.objects.select_for_update().get(id=run_id)
-    fields = tokens_used(run=run, tokens=sum(max(0, e.input_tokens) + max(0, e.output_tokens) for e in usage))
-    fields += tokens_release(run=run)
-    for entry in usage:
-        UsageRecord.objects.create(
-            org_id=run.org_id,
-            run=run,
-            provider=entry.provider,
-            model=entry.model[:MODEL_MAX_CHARS],
-            input_tokens=max(0, entry.input_tokens),
-            output_tokens=max(0, entry.output_tokens),
-            complete=entry.complete,
-        )
-    run.input_tokens += sum(max(0, e.input_tokens) for e in usage)
-    run.output_tokens += sum(max(0, e.output_tokens) for e in usage)
-    fields += ["input_tokens", "output_tokens"]
-    if not run.is_terminal:
-        run.status = status
-        run.finished_at = timezone.now()
-        run.usage_complete = (
-            usage_complete if usage_complete is not None else bool(usage) and all(e.complete for e in usage)
-        )
-        run.error_kind = error_kind[:32]
-        run.error_message = error_message[:300]
-        fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
-        _count_ended(run)
-    run.save(update_fields=list(dict.fromkeys(fields)))
-    return run
+        for row in locked:
+            fresh = [getattr(row, column) for column in FINISH_COLUMNS]
+            runs[row.id] = _refreshed(held[row.id], fresh) if row.id in held else row
+    if not runs:
+        return runs
+
+    def counted(entries: list[UsageEntry]) -> tuple[int, int]:
+        return sum(max(0, e.input_tokens) for e in entries), sum(max(0, e.output_tokens) for e in entries)
+
+    tokens_settle([(run, sum(counted(by_id[run.id].usage))) for run in runs.values()])
+    UsageRecord.objects.bulk_create(
+        [
+            UsageRecord(
+                org_id=run.org_id,
+                run=run,
+                provider=entry.provider,
+                model=entry.model[:MODEL_MAX_CHARS],
+                input_tokens=max(0, entry.input_tokens),
+                output_tokens=max(0, entry.output_tokens),
+                complete=entry.complete,
+            )
+            for run in runs.values()
+            for entry in by_id[run.id].usage
+        ]
+    )
+    now = timezone.now()
+    fields = ["input_tokens", "output_tokens", "tokens_reserved", "tokens_reserved_month"]
+    for run in runs.values():
+        end = by_id[run.id]
+        input_tokens, output_tokens = counted(end.usage)
+        run.input_tokens += input_tokens
+        run.output_tokens += output_tokens
+        if not run.is_terminal:
+            run.status = end.status
+            run.finished_at = now
+            run.usage_complete = (
+                end.usage_complete
+                if end.usage_complete is not None
+                else bool(end.usage) and all(e.complete for e in end.usage)
+            )
+            run.error_kind = end.error_kind[:32]
+            run.error_message = end.error_message[:300]
+            fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
+            _count_ended(run)
+    # Every written column is one of FINISH_COLUMNS, read under the lock: a run already over writes back its own.
+    _runs_write(list(runs.values()), list(dict.fromkeys(fields)))
+    return runs
+
+
+def _runs_write(runs: list[Run], fields: list[str]) -> None:
+    """``fields`` of each of ``runs`` (their own values per run) in one ``UPDATE … FROM UNNEST(…)``, a column
+    array per field as Django 5.2 itself sends a ``bulk_create``. Not ``bulk_update``: its ``CASE WHEN`` per field
+    and run costs more to build than the statements it saves (a batch of 50 runs took 1.7 s of a 1.8 s profile of
+    ending them); not ``save()`` per run: a statement each. No signal is sent, as by ``bulk_update``: nothing
+    listens to a run's saves."""
+    meta = Run._meta
+    quote = connection.ops.quote_name
+    by_name = {field.name: field for field in meta.concrete_fields}
+    written = [by_name["id"], *(by_name[name] for name in fields)]
+    names = [quote(field.column) for field in written]
+    arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in written)
+    assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
+    # The names come from the model, the values are bound.
+    sql = f"UPDATE {quote(meta.db_table)} AS r SET {assignments} FROM UNNEST({arrays}) AS v({', '.join(names)})"  # noqa: S608
+    values = [[field.get_db_prep_save(getattr(run, field.attname), connection) for run in runs] for field in written]
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} WHERE r.{names[0]} = v.{names[0]}", values)
 
 
 @transaction.atomic

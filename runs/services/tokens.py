@@ -25,7 +25,10 @@ are larger than the allowance) can pass the cap, and only by that call's excess.
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -175,6 +178,34 @@ def tokens_release(*, run: Run) -> list[str]:
         return []
     _unreserve(run, run.tokens_reserved)
     return ["tokens_reserved", "tokens_reserved_month"]
+
+
+def tokens_settle(settled: Sequence[tuple[Run, int]]) -> None:
+    """Runs that end (their rows locked by the caller), each with the tokens its calls reported and not yet
+    counted: what ``tokens_used`` then ``tokens_release`` do for one run, for all of them with one ``UPDATE`` per
+    budget row (an org's month), taken in (org, month) order so that writers ending runs of several orgs lock
+    those rows in one order. Call before inserting the ledger rows (see ``_budget``); each run's
+    ``tokens_reserved`` and ``tokens_reserved_month`` are changed in place, for the caller's save."""
+    month = budget_month()
+    used: dict[tuple[uuid.UUID, date], int] = defaultdict(int)
+    released: dict[tuple[uuid.UUID, date], int] = defaultdict(int)
+    for run, tokens in settled:
+        if tokens > 0:
+            used[run.org_id, month] += tokens
+        if run.tokens_reserved > 0 and run.tokens_reserved_month is not None:
+            released[run.org_id, run.tokens_reserved_month] += run.tokens_reserved
+        run.tokens_reserved, run.tokens_reserved_month = 0, None
+    for org_id, row_month in sorted(used.keys() | released.keys()):
+        changes: dict[str, Any] = {}
+        if amount := used.get((org_id, row_month)):
+            changes["used"] = F("used") + amount
+        if amount := released.get((org_id, row_month)):
+            # Greatest: a row that somehow holds less than the runs believe must not turn their ending into an error.
+            changes["reserved"] = Greatest(F("reserved") - amount, 0)
+        row = TokenBudget.objects.filter(org_id=org_id, month=row_month)
+        if not row.update(**changes) and "used" in changes:
+            _budget(org_id, row_month)  # the month's first usage: the row starts from the ledger, without these
+            row.update(**changes)
 
 
 def _unreserve(run: Run, amount: int) -> None:

@@ -1,0 +1,182 @@
+"""Ending many runs at once: ``runs.services.runs_finish`` (one transaction, a fixed number of statements, the same
+outcome as ending each alone) and the gateway's writer that batches a process's ends (``runs.api.run_ends``)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from keys.models import Provider, ProviderKey
+from keys.services import provider_key_create
+from orgs.models import Organization
+from runs.api import run_ends
+from runs.api.run_ends import record_end
+from runs.models import Run, RunKind, RunStatus, TokenBudget, UsageRecord
+from runs.selectors import tokens_used_this_month
+from runs.services import RunEnd, UsageEntry, run_create, run_finish, runs_finish
+from tests.runs.test_execution_support import async_isolation  # noqa: F401 - a fixture, used below
+
+pytestmark = pytest.mark.django_db(transaction=True)  # the writer's thread hop needs committed rows
+
+ESTIMATE = 1000
+
+
+def _key(org: Organization, actor: Any) -> ProviderKey:
+    return provider_key_create(
+        org=org, actor=actor, provider=Provider.OPENAI, label="ends", secret="sk-test-ends-012345678"
+    )
+
+
+def _completions(org: Organization, actor: Any, count: int, *, cap: int | None = 1_000_000) -> list[Run]:
+    org.monthly_token_cap = cap
+    org.save(update_fields=["monthly_token_cap"])
+    key = _key(org, actor)
+    return [
+        run_create(
+            org=org,
+            actor=actor,
+            provider_key_id=key.id,
+            model="gpt-4o",
+            kind=RunKind.COMPLETION,
+            token_estimate=ESTIMATE,
+        )
+        for _ in range(count)
+    ]
+
+
+def _used(tokens: int) -> list[UsageEntry]:
+    return [UsageEntry("openai", "gpt-4o", input_tokens=tokens // 2, output_tokens=tokens - tokens // 2, complete=True)]
+
+
+def _budget(org: Organization) -> tuple[int, int]:
+    row = TokenBudget.objects.get(org=org)
+    return row.used, row.reserved
+
+
+def test_runs_of_two_orgs_end_in_one_transaction_as_they_would_one_by_one(cast, django_assert_num_queries):
+    a_runs = _completions(cast.org_a, cast.admin_a.user, 3)
+    b_runs = _completions(cast.org_b, cast.admin_b.user, 2)
+    assert _budget(cast.org_a) == (0, 3 * ESTIMATE)
+    # Reaped before its end arrives: it keeps that outcome, but what its call used is still billed.
+    run_finish(run_id=a_runs[2].id, status=RunStatus.FAILED, usage=[], error_kind="worker_lost")
+    assert _budget(cast.org_a) == (0, 2 * ESTIMATE)
+
+    ends = [
+        RunEnd(a_runs[0].id, RunStatus.SUCCEEDED, _used(120), held_run=a_runs[0]),
+        RunEnd(a_runs[1].id, RunStatus.CANCELLED, _used(30), None, "cancelled", "The client disconnected."),
+        RunEnd(a_runs[2].id, RunStatus.SUCCEEDED, _used(7)),
+        RunEnd(b_runs[0].id, RunStatus.FAILED, [], error_kind="provider_error"),
+        RunEnd(b_runs[1].id, RunStatus.SUCCEEDED, _used(400) + _used(100)),
+    ]
+    # BEGIN, the rows locked in one read, one UPDATE per org's budget row, one INSERT of the ledger rows, one UPDATE
+    # of the runs, COMMIT.
+    with django_assert_num_queries(7):
+        ended = runs_finish(ends)
+
+    assert ended[a_runs[0].id] is a_runs[0]  # the instance the caller held, brought up to date
+    outcome = {run.id: (run.status, run.total_tokens, run.tokens_reserved) for run in ended.values()}
+    assert outcome == {run.id: (run.status, run.total_tokens, run.tokens_reserved) for run in Run.objects.all()}
+    assert outcome == {
+        a_runs[0].id: (RunStatus.SUCCEEDED, 120, 0),
+        a_runs[1].id: (RunStatus.CANCELLED, 30, 0),
+        a_runs[2].id: (RunStatus.FAILED, 7, 0),
+        b_runs[0].id: (RunStatus.FAILED, 0, 0),
+        b_runs[1].id: (RunStatus.SUCCEEDED, 500, 0),
+    }
+    assert Run.objects.get(id=a_runs[2].id).error_kind == "worker_lost"
+    assert Run.objects.get(id=b_runs[0].id).usage_complete is False  # no usage reported: not complete
+    assert _budget(cast.org_a) == (157, 0)
+    assert tokens_used_this_month(org=cast.org_a) == 157
+    assert _budget(cast.org_b) == (500, 0)
+    assert tokens_used_this_month(org=cast.org_b) == 500
+    assert UsageRecord.objects.filter(run_id=b_runs[1].id).count() == 2
+
+
+def test_an_end_whose_run_is_gone_is_left_out_and_ending_it_alone_says_so(cast):
+    (run,) = _completions(cast.org_a, cast.admin_a.user, 1)
+    missing = uuid.uuid4()
+    ended = runs_finish([RunEnd(missing, RunStatus.SUCCEEDED, _used(5)), RunEnd(run.id, RunStatus.SUCCEEDED, [])])
+    assert list(ended) == [run.id]
+    assert not UsageRecord.objects.filter(run_id=missing).exists()
+    with pytest.raises(Run.DoesNotExist):
+        run_finish(run_id=missing, status=RunStatus.SUCCEEDED, usage=[])
+    with pytest.raises(ValueError, match="one end per run"):
+        runs_finish([RunEnd(run.id, RunStatus.SUCCEEDED, []), RunEnd(run.id, RunStatus.FAILED, [])])
+    with pytest.raises(ValueError, match="terminal"):
+        RunEnd(run.id, RunStatus.RUNNING, [])
+
+
+def test_the_month_first_usage_of_an_org_without_a_cap_starts_its_budget_row_from_the_ledger(cast):
+    runs = _completions(cast.org_b, cast.admin_b.user, 2, cap=None)
+    runs_finish([RunEnd(runs[0].id, RunStatus.SUCCEEDED, _used(40))])
+    assert _budget(cast.org_b) == (40, 0)
+    runs_finish([RunEnd(runs[1].id, RunStatus.SUCCEEDED, _used(2))])
+    assert _budget(cast.org_b) == (42, 0)
+    assert tokens_used_this_month(org=cast.org_b) == 42
+
+
+# --- The gateway's writer -------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_ends_that_come_together_are_written_together(cast):
+    runs = await sync_to_async(_completions)(cast.org_a, cast.admin_a.user, 5)
+    ends = [RunEnd(run.id, RunStatus.SUCCEEDED, _used(10), held_run=run) for run in runs]
+
+    written = await asyncio.gather(*(record_end(end) for end in ends))
+
+    assert [run.status for run in written] == [RunStatus.SUCCEEDED] * 5
+    # One transaction wrote them: every run's end carries that transaction's one timestamp.
+    assert len({run.finished_at for run in written}) == 1
+    assert await UsageRecord.objects.filter(org=cast.org_a).acount() == 5
+    assert await sync_to_async(_budget)(cast.org_a) == (50, 0)
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_an_end_the_database_refuses_fails_alone(cast):
+    runs = await sync_to_async(_completions)(cast.org_a, cast.admin_a.user, 4)
+    poisoned = RunEnd(runs[3].id, RunStatus.SUCCEEDED, [UsageEntry("openai", "gpt-4o", 2**63, 0, True)])
+    missing = RunEnd(uuid.uuid4(), RunStatus.SUCCEEDED, [])
+    good = [RunEnd(run.id, RunStatus.SUCCEEDED, _used(10), held_run=run) for run in runs[:3]]
+
+    outcomes = await asyncio.gather(*(record_end(end) for end in [*good, poisoned, missing]), return_exceptions=True)
+
+    assert [getattr(run, "status", run) for run in outcomes[:3]] == [RunStatus.SUCCEEDED] * 3
+    assert type(outcomes[3]).__name__ == "DataError"  # out of bigint's range: refused by PostgreSQL
+    assert isinstance(outcomes[4], Run.DoesNotExist)
+    refused = await Run.objects.aget(id=runs[3].id)
+    assert (refused.status, refused.total_tokens) == (RunStatus.RUNNING, 0)  # nothing half-written
+    assert await UsageRecord.objects.filter(org=cast.org_a).acount() == 3
+    assert await sync_to_async(_budget)(cast.org_a) == (30, ESTIMATE)  # only the refused run still holds its estimate
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_a_cancelled_caller_does_not_cancel_its_runs_end(cast):
+    (run,) = await sync_to_async(_completions)(cast.org_a, cast.admin_a.user, 1)
+    caller = asyncio.ensure_future(record_end(RunEnd(run.id, RunStatus.SUCCEEDED, _used(8), held_run=run)))
+    await asyncio.sleep(0)
+    caller.cancel()
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await Run.objects.aget(id=run.id)).status != RunStatus.SUCCEEDED:
+        assert asyncio.get_running_loop().time() < deadline, "the end was never written"
+        await asyncio.sleep(run_ends.LINGER_S)
+    assert caller.cancelled()
+    assert await UsageRecord.objects.filter(run_id=run.id).acount() == 1
+
+
+@pytest.mark.usefixtures("async_isolation")
+async def test_an_end_a_response_waits_for_goes_at_once_with_those_lingering(cast, monkeypatch):
+    monkeypatch.setattr(run_ends, "LINGER_S", 60.0)
+    lingering, failed = await sync_to_async(_completions)(cast.org_a, cast.admin_a.user, 2)
+    later = asyncio.ensure_future(record_end(RunEnd(lingering.id, RunStatus.SUCCEEDED, _used(4), held_run=lingering)))
+    await asyncio.sleep(0.05)
+    assert not later.done()  # waiting for others to join it
+    now = await asyncio.wait_for(
+        record_end(RunEnd(failed.id, RunStatus.FAILED, [], None, "provider_error"), at_once=True), timeout=10
+    )
+    assert now.status == RunStatus.FAILED
+    assert (await asyncio.wait_for(later, timeout=10)).finished_at == now.finished_at  # in the same transaction
