@@ -6,18 +6,16 @@ import dataclasses
 import enum
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from cesaflow.lib.metrics import RUNS_FINISHED
 from keys.models import KeyStatus, ProviderKey
 from keys.selectors import provider_key_get_usable_for_org
 from keys.services import provider_key_record_use
@@ -33,16 +31,24 @@ from runs.models import (
     Run,
     RunKind,
     RunStatus,
-    UsageRecord,
 )
 
-# Claiming and the token cap's reservations have modules of their own; what callers use is re-exported here.
+# Claiming, ending runs and the token cap's reservations have modules of their own; what callers use is
+# re-exported here.
 from runs.services.claiming import ORG_RUN_QUEUE_FULL as ORG_RUN_QUEUE_FULL
 from runs.services.claiming import org_queue_check, record_key_openings, run_claim_on_attach, running_fields
 from runs.services.claiming import run_claim as run_claim
 from runs.services.claiming import runs_claim_queued as runs_claim_queued
+from runs.services.ending import FINISH_COLUMNS as FINISH_COLUMNS
+from runs.services.ending import MODEL_MAX_CHARS as MODEL_MAX_CHARS
+from runs.services.ending import RunEnd as RunEnd
+from runs.services.ending import UsageEntry as UsageEntry
+from runs.services.ending import count_ended
+from runs.services.ending import run_finish as run_finish
+from runs.services.ending import run_usage_add as run_usage_add
+from runs.services.ending import runs_finish as runs_finish
 from runs.services.tokens import TOKEN_CAP_REACHED as TOKEN_CAP_REACHED
-from runs.services.tokens import run_first_call_estimate, tokens_release, tokens_reserve, tokens_settle, tokens_used
+from runs.services.tokens import run_first_call_estimate, tokens_release, tokens_reserve
 from runs.services.tokens import tokens_estimate as tokens_estimate
 
 logger = logging.getLogger(__name__)
@@ -70,21 +76,9 @@ def audit_purge(*, older_than_days: int) -> int:
 
 OBJECTIVE_MAX_CHARS = 8000
 NOT_CANCELLABLE = "not_cancellable"
-MODEL_MAX_CHARS = 200
 
 # Kinds whose runs wait for their watcher unless created with ``watch=False``: a chat run's answer *is* its stream.
 WATCHED_BY_DEFAULT = frozenset({RunKind.CHAT})
-
-
-@dataclass(frozen=True)
-class UsageEntry:
-    """Token counts of one provider call, for the usage ledger."""
-
-    provider: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    complete: bool
 
 
 def _actor_fields(actor: Actor) -> dict[str, Any]:
@@ -276,188 +270,6 @@ def run_heartbeat(*, run_ids: list[uuid.UUID], worker_id: str) -> int:
     )
 
 
-def _count_ended(run: Run) -> None:
-    """``cesaflow_runs_finished_total``, once the end is committed."""
-    kind, status = str(run.kind), str(run.status)
-    transaction.on_commit(lambda: RUNS_FINISHED.labels(kind, status).inc())
-
-
-# What ending a run reads and writes: every column a writer other than the run's own caller may change.
-FINISH_COLUMNS: Final = (
-    "status",
-    "finished_at",
-    "usage_complete",
-    "error_kind",
-    "error_message",
-    "input_tokens",
-    "output_tokens",
-    "tokens_reserved",
-    "tokens_reserved_month",
-)
-
-
-@dataclass(frozen=True)
-class RunEnd:
-    """How one run ended, for ``runs_finish``: its terminal ``status``, one usage entry per provider call not
-    recorded yet, and ``usage_complete`` (default: every entry complete, and at least one).
-
-    ``held_run``: the instance of run ``run_id`` the caller created in this request (the gateway). Under the row
-    lock only the columns another writer may have changed since (``FINISH_COLUMNS``: a cancel, the reaper, usage
-    recorded meanwhile) are read again, into it, instead of the whole row; the same instance is returned."""
-
-    run_id: uuid.UUID
-    status: str
-    usage: list[UsageEntry]
-    usage_complete: bool | None = None
-    error_kind: str = ""
-    error_message: str = ""
-    held_run: Run | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.status not in TERMINAL_STATUSES:
-            raise ValueError(f"not a terminal status: {self.status!r}")
-
-
-def run_finish(
-    *,
-    run_id: uuid.UUID,
-    status: str,
-    usage: list[UsageEntry],
-    usage_complete: bool | None = None,
-    error_kind: str = "",
-    error_message: str = "",
-    held_run: Run | None = None,
-) -> Run:
-    """Record the end of one run (``runs_finish``, which see)."""
-    end = RunEnd(run_id, status, usage, usage_complete, error_kind, error_message, held_run)
-    try:
-        return runs_finish([end])[run_id]
-    except KeyError:
-        raise Run.DoesNotExist(f"no run {run_id}") from None
-
-
-def _refreshed(run: Run, values: Sequence[Any]) -> Run:
-    for column, value in zip(FINISH_COLUMNS, values, strict=True):
-        setattr(run, column, value)
-    return run
-
-
-@transaction.atomic
-def runs_finish(ends: Sequence[RunEnd]) -> dict[uuid.UUID, Run]:
-    """Record the end of runs: status, times, token totals and one usage-ledger row per provider call. The
-    usage counts against the org's monthly cap, and what is left of each run's reservation is released. One
-    transaction for all of them: the rows locked in one statement (in id order), one ``UPDATE`` per budget row,
-    one ``INSERT`` of the ledger rows, and the runs' updates (one statement for several runs), so that a process
-    ending many runs at once (the gateway's writer, ``runs.api.run_ends``) pays for a handful of statements, not a
-    handful per run. Returns the runs by id; an end whose run does not exist is left out.
-
-    Idempotent: a run that already ended (reaped, cancelled while queued) keeps its first outcome, but the
-    usage of calls that really happened is still recorded, because the provider bills them. At most one end per
-    run in one call."""
-    by_id = {end.run_id: end for end in ends}
-    if len(by_id) != len(ends):
-        raise ValueError("one end per run")
-    locked = Run.objects.select_for_update().filter(id__in=by_id).order_by("id")
-    held = {end.run_id: end.held_run for end in ends if end.held_run is not None and end.held_run.id == end.run_id}
-    runs: dict[uuid.UUID, Run] = {}
-    if len(held) == len(ends):
-        for run_id, *columns in locked.values_list("id", *FINISH_COLUMNS):
-            runs[run_id] = _refreshed(held[run_id], columns)
-    else:
-        for row in locked:
-            fresh = [getattr(row, column) for column in FINISH_COLUMNS]
-            runs[row.id] = _refreshed(held[row.id], fresh) if row.id in held else row
-    if not runs:
-        return runs
-
-    def counted(entries: list[UsageEntry]) -> tuple[int, int]:
-        return sum(max(0, e.input_tokens) for e in entries), sum(max(0, e.output_tokens) for e in entries)
-
-    tokens_settle([(run, sum(counted(by_id[run.id].usage))) for run in runs.values()])
-    UsageRecord.objects.bulk_create(
-        [
-            UsageRecord(
-                org_id=run.org_id,
-                run=run,
-                provider=entry.provider,
-                model=entry.model[:MODEL_MAX_CHARS],
-                input_tokens=max(0, entry.input_tokens),
-                output_tokens=max(0, entry.output_tokens),
-                complete=entry.complete,
-            )
-            for run in runs.values()
-            for entry in by_id[run.id].usage
-        ]
-    )
-    now = timezone.now()
-    fields = ["input_tokens", "output_tokens", "tokens_reserved", "tokens_reserved_month"]
-    for run in runs.values():
-        end = by_id[run.id]
-        input_tokens, output_tokens = counted(end.usage)
-        run.input_tokens += input_tokens
-        run.output_tokens += output_tokens
-        if not run.is_terminal:
-            run.status = end.status
-            run.finished_at = now
-            run.usage_complete = (
-                end.usage_complete
-                if end.usage_complete is not None
-                else bool(end.usage) and all(e.complete for e in end.usage)
-            )
-            run.error_kind = end.error_kind[:32]
-            run.error_message = end.error_message[:300]
-            fields += ["status", "finished_at", "usage_complete", "error_kind", "error_message"]
-            _count_ended(run)
-    # Every written column is one of FINISH_COLUMNS, read under the lock: a run already over writes back its own.
-    _runs_write(list(runs.values()), list(dict.fromkeys(fields)))
-    return runs
-
-
-def _runs_write(runs: list[Run], fields: list[str]) -> None:
-    """``fields`` of each of ``runs`` (their own values per run) in one ``UPDATE … FROM UNNEST(…)``, a column
-    array per field as Django 5.2 itself sends a ``bulk_create``. Not ``bulk_update``: its ``CASE WHEN`` per field
-    and run costs more to build than the statements it saves (a batch of 50 runs took 1.7 s of a 1.8 s profile of
-    ending them); not ``save()`` per run: a statement each. No signal is sent, as by ``bulk_update``: nothing
-    listens to a run's saves."""
-    meta = Run._meta
-    quote = connection.ops.quote_name
-    by_name = {field.name: field for field in meta.concrete_fields}
-    written = [by_name["id"], *(by_name[name] for name in fields)]
-    names = [quote(field.column) for field in written]
-    arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in written)
-    assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
-    # The names come from the model, the values are bound.
-    sql = f"UPDATE {quote(meta.db_table)} AS r SET {assignments} FROM UNNEST({arrays}) AS v({', '.join(names)})"  # noqa: S608
-    values = [[field.get_db_prep_save(getattr(run, field.attname), connection) for run in runs] for field in written]
-    with connection.cursor() as cursor:
-        cursor.execute(f"{sql} WHERE r.{names[0]} = v.{names[0]}", values)
-
-
-@transaction.atomic
-def run_usage_add(*, run_id: uuid.UUID, entry: UsageEntry) -> None:
-    """One provider call's usage, recorded as it happens (agent runs make many calls): a ledger row, the run's
-    totals, and the org's monthly count (that much of the run's reservation is used up). ``run_finish`` later adds
-    only what was not recorded yet."""
-    run = (
-        Run.objects.select_for_update().only("id", "org_id", "tokens_reserved", "tokens_reserved_month").get(id=run_id)
-    )
-    if tokens_used(run=run, tokens=max(0, entry.input_tokens) + max(0, entry.output_tokens)):
-        run.save(update_fields=["tokens_reserved", "tokens_reserved_month"])
-    UsageRecord.objects.create(
-        org_id=run.org_id,
-        run_id=run.id,
-        provider=entry.provider,
-        model=entry.model[:MODEL_MAX_CHARS],
-        input_tokens=max(0, entry.input_tokens),
-        output_tokens=max(0, entry.output_tokens),
-        complete=entry.complete,
-    )
-    Run.objects.filter(id=run_id).update(
-        input_tokens=F("input_tokens") + max(0, entry.input_tokens),
-        output_tokens=F("output_tokens") + max(0, entry.output_tokens),
-    )
-
-
 @transaction.atomic
 def run_request_cancel(*, run: Run, actor: Actor) -> Run:
     """Cancel a run. A queued run ends at once; a running one is flagged and its executor stops the provider
@@ -481,7 +293,7 @@ def run_request_cancel(*, run: Run, actor: Actor) -> Run:
         locked.error_message = "Cancelled before it started."
         fields = tokens_release(run=locked)
         locked.save(update_fields=["status", "finished_at", "error_kind", "error_message", *fields])
-        _count_ended(locked)
+        count_ended(locked)
         transaction.on_commit(lambda: events.publish(locked, events.finished_event(locked, seq=0)))
     elif locked.cancel_requested_at is None:
         locked.cancel_requested_at = now
@@ -552,7 +364,7 @@ def runs_expire_unwatched(*, window: timedelta) -> list[Run]:
         run.error_message = "Nobody opened the run in time, so it never started and used no tokens."
         fields = tokens_release(run=run)
         run.save(update_fields=["status", "finished_at", "error_kind", "error_message", *fields])
-        _count_ended(run)
+        count_ended(run)
     for run in expired:
         transaction.on_commit(
             lambda run=run: events.publish(run, events.finished_event(run, seq=0)),  # type: ignore[misc]
@@ -586,7 +398,7 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
         # Its reservation goes too: whatever its calls used but never reported is lost with the process.
         fields = tokens_release(run=run)
         run.save(update_fields=["status", "finished_at", "error_kind", "error_message", "usage_complete", *fields])
-        _count_ended(run)
+        count_ended(run)
     for run in lost:
         # robust: one failed publish (the channel layer is down) must not skip the others.
         transaction.on_commit(
