@@ -174,7 +174,14 @@ def _runs_write(runs: list[Run], fields: list[str]) -> None:
     array per field as Django 5.2 itself sends a ``bulk_create``. Not ``bulk_update``: its ``CASE WHEN`` per field
     and run costs more to build than the statements it saves (a batch of 50 runs took 1.7 s of a 1.8 s profile of
     ending them); not ``save()`` per run: a statement each. No signal is sent, as by ``bulk_update``: nothing
-    listens to a run's saves."""
+    listens to a run's saves.
+
+    One run (a run ended by its executor), or SQLite (``make run``'s database, which has no ``UNNEST``): each run's
+    ``save``, as before batches."""
+    if len(runs) == 1 or connection.vendor != "postgresql":
+        for run in runs:
+            run.save(update_fields=fields)
+        return
     meta = Run._meta
     quote = connection.ops.quote_name
     by_name = {field.name: field for field in meta.concrete_fields}

@@ -4,7 +4,11 @@ outcome as ending each alone) and the gateway's writer that batches a process's 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,7 @@ from tests.runs.test_execution_support import async_isolation  # noqa: F401 - a 
 pytestmark = pytest.mark.django_db(transaction=True)  # the writer's thread hop needs committed rows
 
 ESTIMATE = 1000
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _key(org: Organization, actor: Any) -> ProviderKey:
@@ -180,3 +185,42 @@ async def test_an_end_a_response_waits_for_goes_at_once_with_those_lingering(cas
     )
     assert now.status == RunStatus.FAILED
     assert (await asyncio.wait_for(later, timeout=10)).finished_at == now.finished_at  # in the same transaction
+
+
+SQLITE_ENDS = """
+import django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from keys.models import Provider
+from keys.services import provider_key_create
+from orgs.models import User
+from orgs.services import organization_create
+from runs.models import Run, RunKind, RunStatus, UsageRecord
+from runs.services import RunEnd, UsageEntry, run_create, runs_finish
+user = User.objects.create_user(email="dev@example.com", password="a-long-dev-password-1")
+org = organization_create(name="Dev", admin=user, slug="dev")
+key = provider_key_create(org=org, actor=user, provider=Provider.OPENAI, label="k", secret="sk-test-dev-0123456789")
+runs = [
+    run_create(org=org, actor=user, provider_key_id=key.id, model="m", kind=RunKind.COMPLETION, token_estimate=9)
+    for _ in range(3)
+]
+used = [UsageEntry("openai", "m", 2, 3, True)]
+runs_finish([RunEnd(run.id, RunStatus.SUCCEEDED, used, held_run=run) for run in runs])
+print(sorted({(run.status, run.total_tokens) for run in Run.objects.all()}), UsageRecord.objects.count())
+"""
+
+
+def test_make_runs_sqlite_database_ends_runs_in_batches_too(tmp_path):
+    # `make run` serves from SQLite, which has no UNNEST: the batch's update takes the per-run path there.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CESAFLOW_", "DATABASE_URL", "REDIS_URL"))}
+    env |= {
+        "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
+        "CESAFLOW_DEBUG": "true",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'dev.sqlite3'}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SQLITE_ENDS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[('succeeded', 5)] 3"
