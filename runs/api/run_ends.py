@@ -2,7 +2,8 @@
 transaction (``runs.services.runs_finish``) instead of one each.
 
 A call's end is queued (``record_end``) once its last byte is out; the writer waits ``LINGER_S`` for others to
-join it (at most ``MAX_BATCH``; not at all once an end that a response waits for is queued: an error's), then
+join it (at most ``MAX_BATCH``; not at all once an end that a response waits for is queued: an error's, a
+disconnect's), then
 writes them with one thread hop: the runs' rows locked in one statement, one
 ``UPDATE`` per budget row, one ``INSERT`` for the usage ledger, one ``UPDATE`` for the runs. Under load a batch holds
 as many ends as calls finished in that time; alone, an end waits ``LINGER_S`` more than it would have, which no
@@ -35,16 +36,15 @@ class _Writer:
     """The writer of one event loop (a server process has one)."""
 
     def __init__(self) -> None:
-        self.queue: list[tuple[RunEnd, asyncio.Future[Run]]] = []
+        # Each end, what its caller awaits, and whether a response waits for it (then the batch does not linger).
+        self.queue: list[tuple[RunEnd, asyncio.Future[Run], bool]] = []
         self.task: asyncio.Task[None] | None = None
-        self.hurry = False  # an end in the queue has a caller waiting for it: no linger
         self.lingering: asyncio.Future[None] | None = None
 
     def put(self, end: RunEnd, *, at_once: bool) -> asyncio.Future[Run]:
         written: asyncio.Future[Run] = asyncio.get_running_loop().create_future()
-        self.queue.append((end, written))
+        self.queue.append((end, written, at_once))
         if at_once:
-            self.hurry = True
             _wake(self.lingering)
         if self.task is None or self.task.done():
             self.task = asyncio.ensure_future(self._write())
@@ -53,7 +53,7 @@ class _Writer:
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
         while self.queue:
-            if len(self.queue) < MAX_BATCH and not self.hurry:
+            if len(self.queue) < MAX_BATCH and not any(at_once for *_, at_once in self.queue):
                 self.lingering = loop.create_future()
                 timer = loop.call_later(LINGER_S, _wake, self.lingering)
                 try:
@@ -62,20 +62,19 @@ class _Writer:
                     timer.cancel()
                     self.lingering = None
             batch, self.queue = self.queue[:MAX_BATCH], self.queue[MAX_BATCH:]
-            self.hurry = False
             try:
-                runs = await db_hop(runs_finish)([end for end, _ in batch])
+                runs = await db_hop(runs_finish)([end for end, *_ in batch])
             except Exception as exc:
                 if len(batch) == 1:
                     _settle(batch[0][1], exc)
                     continue
-                for end, written in batch:
+                for end, written, _ in batch:
                     try:
                         _settle(written, (await db_hop(runs_finish)([end])).get(end.run_id))
                     except Exception as one:
                         _settle(written, one)
             else:
-                for end, written in batch:
+                for end, written, _ in batch:
                     _settle(written, runs.get(end.run_id))
 
 
@@ -99,7 +98,8 @@ _writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakre
 async def record_end(end: RunEnd, *, at_once: bool = False) -> Run:
     """Record ``end`` with the others of this process that come within ``LINGER_S``; the run as written. Raises
     what writing this end raised (``Run.DoesNotExist`` if its run is gone). Cancelling the caller does not cancel
-    the write. ``at_once``: a response waits for this end (an error's): the batch goes without lingering."""
+    the write. ``at_once``: a response waits for this end (an error's, a disconnect's): the batch goes without
+    lingering."""
     loop = asyncio.get_running_loop()
     writer = _writers.get(loop)
     if writer is None:

@@ -86,10 +86,10 @@ def run_finish(
 ) -> Run:
     """Record the end of one run (``runs_finish``, which see)."""
     end = RunEnd(run_id, status, usage, usage_complete, error_kind, error_message, held_run)
-    try:
-        return runs_finish([end])[run_id]
-    except KeyError:
-        raise Run.DoesNotExist(f"no run {run_id}") from None
+    run = runs_finish([end]).get(run_id)
+    if run is None:
+        raise Run.DoesNotExist(f"no run {run_id}")
+    return run
 
 
 def _refreshed(run: Run, values: Sequence[Any]) -> Run:
@@ -103,9 +103,9 @@ def runs_finish(ends: Sequence[RunEnd]) -> dict[uuid.UUID, Run]:
     """Record the end of runs: status, times, token totals and one usage-ledger row per provider call. The
     usage counts against the org's monthly cap, and what is left of each run's reservation is released. One
     transaction for all of them: the rows locked in one statement (in id order), one ``UPDATE`` per budget row,
-    one ``INSERT`` of the ledger rows, and the runs' updates (one statement for several runs), so that a process
-    ending many runs at once (the gateway's writer, ``runs.api.run_ends``) pays for a handful of statements, not a
-    handful per run. Returns the runs by id; an end whose run does not exist is left out.
+    one ``INSERT`` of the ledger rows, and the runs' updates (one statement for several runs on PostgreSQL), so
+    that a process ending many runs at once (the gateway's writer, ``runs.api.run_ends``) pays for a handful of
+    statements, not a handful per run. Returns the runs by id; an end whose run does not exist is left out.
 
     Idempotent: a run that already ended (reaped, cancelled while queued) keeps its first outcome, but the
     usage of calls that really happened is still recorded, because the provider bills them. At most one end per
