@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from typing import Any, Final
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed, RequestAborted
@@ -89,72 +89,37 @@ class PageASGIHandler(ASGIHandler):
     """Django's ASGI handler for every request but the gateway's: ``settings.MIDDLEWARE`` as Django loads it, except
     that the hooks of the ``ON_THE_LOOP`` middleware run on the event loop (``_OnTheLoop``), not in a thread hop
     each: under Django's ``MiddlewareMixin`` the full chain cost thirteen hops a request, most of them for header
-    work (issue #13: the plain API's requests per second). View-level hooks (``process_view`` and the rest) keep
-    Django's adaptation. The loading below is ``BaseHandler.load_middleware`` of Django 5.2 with that one change
-    (re-read it on a Django upgrade); the gateway's handler loads its own chain with it."""
+    work (issue #13: the plain API's requests per second). The view and its view-level hooks (``process_view``
+    and the rest) share one hop in the request's thread (``_get_response_async``), and ``request_started`` is sent
+    on the loop (``handle``): a plain API request takes two hops (the view's, the response's closing) where
+    Django's handler took six. The loading below is ``BaseHandler.load_middleware`` of Django 5.2 with those
+    changes (re-read it and ``handle`` on a Django upgrade); the gateway's handler loads its own chain with it."""
 
     middleware_paths: tuple[str, ...] | None = None  # None: settings.MIDDLEWARE
+    # The view and its view-level hooks in one thread hop (``_get_response_async``, below); the gateway's handler,
+    # whose views are async, keeps Django's path on the loop.
+    views_in_one_hop: bool = True
 
-    def admit(self, path: str, instance: Any) -> None:
-        """Refuse (``ImproperlyConfigured``) a middleware this chain cannot hold; any may join this one."""
-
-    def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware: list[Any] = []
-        self._template_response_middleware: list[Any] = []
-        self._exception_middleware: list[Any] = []
-        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
-        handler: Any = convert_exception_to_response(get_response)
-        handler_is_async = is_async
-        for path in reversed(self.middleware_paths if self.middleware_paths is not None else settings.MIDDLEWARE):
-            middleware = import_string(path)
-            if not getattr(middleware, "async_capable", False) or not getattr(middleware, "sync_capable", True):
-                raise ImproperlyConfigured(f"{path} must be both sync- and async-capable.")
-            middleware_is_async = handler_is_async
-            adapted = self.adapt_method_mode(middleware_is_async, handler, handler_is_async, name=f"middleware {path}")
-            try:
-                instance = middleware(adapted)
-            except MiddlewareNotUsed:
-                continue
-            handler = adapted
-            self.admit(path, instance)
-            if hasattr(instance, "process_view"):
-                self._view_middleware.insert(0, self.adapt_method_mode(is_async, instance.process_view))
-            if hasattr(instance, "process_template_response"):
-                self._template_response_middleware.append(
-                    self.adapt_method_mode(is_async, instance.process_template_response)
-                )
-            if hasattr(instance, "process_exception"):
-                # Django keeps the exception-handling stack synchronous.
-                self._exception_middleware.append(self.adapt_method_mode(False, instance.process_exception))
-            chained = _OnTheLoop(instance, handler) if middleware_is_async and path in ON_THE_LOOP else instance
-            handler = convert_exception_to_response(chained)
-            handler_is_async = middleware_is_async
-        self._middleware_chain = self.adapt_method_mode(is_async, handler, handler_is_async)
-
-
-class GatewayASGIHandler(PageASGIHandler):
-    """Django's ASGI handler with ``GATEWAY_MIDDLEWARE`` instead of ``settings.MIDDLEWARE``, and without a
-    per-request ``ThreadSensitiveContext``.
-
-    Django runs each request inside one so that all of its sync code shares one thread, created for that request:
-    a thread start per request. The gateway's views need no such affinity: their database work is whole thread
-    hops (``sync_to_async(thread_sensitive=False)``, each in its own transaction, handing its connection back at
-    the end), so they use the event loop's reusable pool; Django's own small sync steps (the request signals'
-    receivers) run on asgiref's shared thread.
-    """
-
-    middleware_paths: tuple[str, ...] | None = GATEWAY_MIDDLEWARE
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            raise ValueError(f"The gateway serves HTTP only, not {scope['type']}.")
-        await self.handle(scope, receive, send)
+    async def _get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        """The URL resolved, the ``process_view`` hooks, the view, ``process_exception`` and
+        ``process_template_response`` hooks and the response's rendering, all in one thread hop: Django's sync
+        ``_get_response``, as under WSGI. Django's async path sends each of those to the request's thread in a hop
+        of its own (four a plain API request: CSRF's and the login check's ``process_view``, the view, DRF's
+        rendering), though all of them are sync. An async view (``/metrics``) is run from that thread on the loop
+        (``async_to_sync``), as Django does under WSGI."""
+        if not self.views_in_one_hop:
+            return await super()._get_response_async(request)  # type: ignore[misc,no-any-return]  # not in the stubs
+        in_one_hop = sync_to_async(self._get_response, thread_sensitive=True)  # type: ignore[attr-defined]
+        response: HttpResponseBase = await in_one_hop(request)
+        return response
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
-        """``ASGIHandler.handle`` (Django 5.2) with the request signals sent and the response closed on the loop.
-        Their receivers are Django's own, sync and without I/O; an async receiver connected to ``request_started``
-        or ``request_finished`` would fail every gateway request at once (``send`` cannot run it inside a running
-        loop), so it could not go unnoticed either."""
+        """``ASGIHandler.handle`` (Django 5.2) with ``request_started`` sent on the loop rather than in a thread hop.
+        Its receivers are Django's own (the query log reset, stale connections closed) and have nothing to do in
+        the loop's thread, where no database connection is ever opened (the ORM there raises
+        ``SynchronousOnlyOperation``). An async receiver connected to it would fail every request at once
+        (``send`` cannot run it inside a running loop), so it could not go unnoticed. The response is closed
+        (``request_finished``) by ``close_response``."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -166,7 +131,7 @@ class GatewayASGIHandler(PageASGIHandler):
             answer = error_response or HttpResponseBadRequest()
             body_file.close()
             await self.send_response(answer, send)
-            answer.close()
+            await self.close_response(answer)
             return
 
         async def process_request() -> HttpResponseBase:
@@ -196,10 +161,85 @@ class GatewayASGIHandler(PageASGIHandler):
         try:
             response = answering.result()
         except asyncio.CancelledError:
+            await self.close_response(None)
+        else:
+            await self.close_response(response)
+        body_file.close()
+
+    async def close_response(self, response: HttpResponseBase | None) -> None:
+        """Close the response, which sends ``request_finished`` (``None``: the view was cancelled, only the signal).
+        In the request's thread, as Django does: its receivers close the database connection the view used, which
+        lives there."""
+        if response is None:
+            await signals.request_finished.asend(sender=self.__class__)
+        else:
+            await sync_to_async(response.close)()
+
+    def admit(self, path: str, instance: Any) -> None:
+        """Refuse (``ImproperlyConfigured``) a middleware this chain cannot hold; any may join this one."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
+        handler: Any = convert_exception_to_response(get_response)
+        handler_is_async = is_async
+        for path in reversed(self.middleware_paths if self.middleware_paths is not None else settings.MIDDLEWARE):
+            middleware = import_string(path)
+            if not getattr(middleware, "async_capable", False) or not getattr(middleware, "sync_capable", True):
+                raise ImproperlyConfigured(f"{path} must be both sync- and async-capable.")
+            middleware_is_async = handler_is_async
+            adapted = self.adapt_method_mode(middleware_is_async, handler, handler_is_async, name=f"middleware {path}")
+            try:
+                instance = middleware(adapted)
+            except MiddlewareNotUsed:
+                continue
+            handler = adapted
+            self.admit(path, instance)
+            # View-level hooks run where the view does: in its thread hop (``_get_response_async``), or on the loop.
+            hooks_async = is_async and not self.views_in_one_hop
+            if hasattr(instance, "process_view"):
+                self._view_middleware.insert(0, self.adapt_method_mode(hooks_async, instance.process_view))
+            if hasattr(instance, "process_template_response"):
+                self._template_response_middleware.append(
+                    self.adapt_method_mode(hooks_async, instance.process_template_response)
+                )
+            if hasattr(instance, "process_exception"):
+                # Django keeps the exception-handling stack synchronous.
+                self._exception_middleware.append(self.adapt_method_mode(False, instance.process_exception))
+            chained = _OnTheLoop(instance, handler) if middleware_is_async and path in ON_THE_LOOP else instance
+            handler = convert_exception_to_response(chained)
+            handler_is_async = middleware_is_async
+        self._middleware_chain = self.adapt_method_mode(is_async, handler, handler_is_async)
+
+
+class GatewayASGIHandler(PageASGIHandler):
+    """Django's ASGI handler with ``GATEWAY_MIDDLEWARE`` instead of ``settings.MIDDLEWARE``, and without a
+    per-request ``ThreadSensitiveContext``.
+
+    Django runs each request inside one so that all of its sync code shares one thread, created for that request:
+    a thread start per request. The gateway's views need no such affinity: their database work is whole thread
+    hops (``sync_to_async(thread_sensitive=False)``, each in its own transaction, handing its connection back at
+    the end), so they use the event loop's reusable pool, and the request signals are sent on the loop
+    (``close_response``).
+    """
+
+    middleware_paths: tuple[str, ...] | None = GATEWAY_MIDDLEWARE
+    views_in_one_hop = False  # its views are async: Django's path, on the loop
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"The gateway serves HTTP only, not {scope['type']}.")
+        await self.handle(scope, receive, send)
+
+    async def close_response(self, response: HttpResponseBase | None) -> None:
+        """On the loop: the gateway's views hand their connections back within their own hops, so
+        ``request_finished``'s receivers (Django's own, sync, without I/O) have nothing to close here."""
+        if response is None:
             signals.request_finished.send(sender=self.__class__)
         else:
             response.close()  # sends request_finished
-        body_file.close()
 
     def admit(self, path: str, instance: Any) -> None:
         if not iscoroutinefunction(instance):

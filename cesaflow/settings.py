@@ -221,7 +221,11 @@ if CHANNEL_LAYER_KEY and reuses_secret(CHANNEL_LAYER_KEY, [SECRET_KEY, *SECRET_K
 _cache_prefix = os.environ.get("CESAFLOW_CACHE_PREFIX", "cf")
 
 if REDIS_URL:
-    _redis_options = {"CLIENT_CLASS": "django_redis.client.DefaultClient"}
+    _redis_options = {
+        "CLIENT_CLASS": "django_redis.client.DefaultClient",
+        # One redis-py client and pool per alias settings in the process, not a client per request (cesaflow.lib).
+        "CONNECTION_FACTORY": "cesaflow.lib.redis_clients.SharedClientConnectionFactory",
+    }
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",

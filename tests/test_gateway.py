@@ -142,16 +142,23 @@ class SyncOnlyMiddleware:
 # --- Every other request: Django's full chain, header middleware on the loop ------------------------------------
 
 
-async def test_pages_run_their_header_middleware_on_the_event_loop_and_view_hooks_as_django_does(cast, monkeypatch):
-    """Under Django's handler each hook of a ``MiddlewareMixin`` was a thread hop (thirteen a request); the header
-    middleware's now run in the loop's own thread, where I/O would block the server (so only hooks without any are
-    listed in ``ON_THE_LOOP``). ``process_view`` hooks keep Django's adaptation, in the request's thread."""
+async def test_pages_run_their_header_middleware_on_the_loop_and_the_view_with_its_hooks_in_one_hop(cast, monkeypatch):
+    """Under Django's handler each hook of a ``MiddlewareMixin`` was a thread hop (thirteen a request), and the view,
+    its ``process_view`` hooks, DRF's rendering and ``request_started`` one each (six). The header middleware and
+    ``request_started`` now run in the loop's own thread, where I/O would block the server (so only hooks without
+    any are listed in ``ON_THE_LOOP``); the view-level work shares one hop in the request's thread; the response
+    is closed (``request_finished``, which hands the view's database connection back) in that thread too."""
     import threading
 
+    from asgiref.sync import SyncToAsync
     from django.contrib.messages.middleware import MessageMiddleware
+    from django.core import signals
     from django.middleware.common import CommonMiddleware
     from django.middleware.csrf import CsrfViewMiddleware
     from django.middleware.security import SecurityMiddleware
+    from rest_framework.response import Response
+
+    from orgs.api.views import OrganizationView
 
     threads: dict[str, int] = {}
 
@@ -170,17 +177,46 @@ async def test_pages_run_their_header_middleware_on_the_event_loop_and_view_hook
         (CsrfViewMiddleware, "process_response"),
         (MessageMiddleware, "process_response"),
         (CsrfViewMiddleware, "process_view"),
+        (OrganizationView, "get"),
+        (Response, "render"),
     ):
         spy(cls, hook)
+    hops = 0
+    original_call = SyncToAsync.__call__
+
+    async def counted(self: SyncToAsync[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncToAsync, "__call__", counted)
+
+    def started(**kwargs: Any) -> None:
+        threads["started"] = threading.get_ident()
+
+    def finished(**kwargs: Any) -> None:
+        threads["finished"] = threading.get_ident()
+
     key = [(b"x-api-key", cast.dev_a.api_secret.encode())]
-    response = await _get("/api/v1/org", key, PageASGIHandler())  # its chain built with the spies
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    try:
+        response = await _get("/api/v1/org", key, PageASGIHandler())  # its chain built with the spies
+    finally:
+        signals.request_started.disconnect(started)
+        signals.request_finished.disconnect(finished)
     assert response["status"] == 200
+    assert json.loads(response["body"])["id"] == str(cast.org_a.id)
     assert response_header(response, "x-frame-options") == "DENY"
     loop_thread = threading.get_ident()
-    on_the_loop = {name: ident for name, ident in threads.items() if name != "CsrfViewMiddleware.process_view"}
-    assert on_the_loop == dict.fromkeys(on_the_loop, loop_thread)
-    assert len(on_the_loop) == 4
-    assert threads["CsrfViewMiddleware.process_view"] != loop_thread
+    on_the_loop: tuple[str, ...] = ("SecurityMiddleware.process_request", "CommonMiddleware.process_response")
+    on_the_loop += ("CsrfViewMiddleware.process_response", "MessageMiddleware.process_response", "started")
+    in_its_thread = ("CsrfViewMiddleware.process_view", "OrganizationView.get", "Response.render", "finished")
+    assert set(threads) == {*on_the_loop, *in_its_thread}
+    assert {threads[name] for name in on_the_loop} == {loop_thread}
+    assert len({threads[name] for name in in_its_thread}) == 1
+    assert threads["OrganizationView.get"] != loop_thread
+    assert hops == 2  # the view with its hooks and rendering; the response's closing
 
 
 async def test_pages_keep_what_their_middleware_does(cast):
@@ -195,6 +231,26 @@ async def test_pages_keep_what_their_middleware_does(cast):
     sessions = await _get("/account/sessions/", [])
     assert sessions["status"] == 302
     assert response_header(sessions, "location").startswith("/login/")
+
+
+async def test_the_one_hop_serves_async_views_and_errors_as_djangos_path_did(cast, settings, monkeypatch):
+    """The view's hop is Django's sync ``_get_response``: an async view (``/metrics``) is run from it on the loop,
+    and a view's exception goes through the exception middleware to the 500 handler, in the API's error shape."""
+    from orgs.api.views import OrganizationView
+
+    settings.METRICS_TOKEN = "m" * 40
+    metrics = await _get("/metrics", [(b"authorization", b"Bearer " + b"m" * 40)])
+    assert metrics["status"] == 200
+    assert b"cesaflow_" in metrics["body"]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("broken view")
+
+    monkeypatch.setattr(OrganizationView, "get", broken)
+    response = await _get("/api/v1/org", [(b"x-api-key", cast.dev_a.api_secret.encode())])
+    assert response["status"] == 500
+    assert json.loads(response["body"])["error"]["code"] == "server_error"
+    assert response_header(response, "x-content-type-options") == "nosniff"  # the header middleware still applied
 
 
 def test_the_page_handler_refuses_middleware_that_cannot_run_both_ways(settings):
