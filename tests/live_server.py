@@ -63,6 +63,16 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> Non
     raise RuntimeError(f"The server did not listen within {START_TIMEOUT} s.")
 
 
+def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 @contextmanager
 def live_server(workdir: Path, env: Mapping[str, str] | None = None) -> Iterator[LiveServer]:
     """Serve ``cesaflow.asgi:application`` with ``python -m cesaflow.serve`` until the block ends; ``env`` adds
@@ -91,11 +101,6 @@ def live_server(workdir: Path, env: Mapping[str, str] | None = None) -> Iterator
         wait_for_port(port, process, log)
         yield LiveServer(port=port, pid=process.pid, tmpdir=tmpdir, log=log, process=process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop(process)
         print(log.read_text(errors="replace")[-4000:])
         shutil.rmtree(tmpdir, ignore_errors=True)

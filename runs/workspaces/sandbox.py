@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -46,7 +47,7 @@ from django.conf import settings
 
 from runs.workspaces.files import usage
 from runs.workspaces.paths import WorkspaceError, real_root
-from runs.workspaces.storage import ensure_root, sandbox_owner, workspace_owner
+from runs.workspaces.storage import ensure_root, sandbox_owner, untraversable_ancestor, workspace_owner
 
 logger = logging.getLogger("cesaflow.workspaces")
 
@@ -314,7 +315,16 @@ def _self_test(mode: str) -> SandboxStatus:
     output = raw.decode("utf-8", "replace").strip()
     if proc.returncode == 0 and output == _SELF_TEST_MARKER:
         return SandboxStatus(mode=mode, ok=True, detail=f"{mode}: self-test passed")
-    return SandboxStatus(mode=mode, ok=False, detail=f"{mode}: exit {proc.returncode}: {output[-500:]}")
+    detail = f"{mode}: exit {proc.returncode}: {output[-500:]}"
+    blocked = untraversable_ancestor(probe.parent) if owner is not None else None
+    if owner is not None and blocked is not None:  # the likeliest cause in a private home directory: say what to do
+        mode_bits = stat.S_IMODE(blocked.stat().st_mode)
+        detail += (
+            f" (the sandbox's uid {owner[0]} cannot traverse {blocked}, mode {mode_bits:o}:"
+            f" set CESAFLOW_WORKSPACE_ROOT to a directory below paths others may traverse, such as"
+            f" /var/lib/cesaflow/workspaces, or allow traversal with chmod o+x {blocked})"
+        )
+    return SandboxStatus(mode=mode, ok=False, detail=detail)
 
 
 def sandbox_status(mode: str | None = None, *, refresh: bool = False) -> SandboxStatus:

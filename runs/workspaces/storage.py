@@ -78,6 +78,20 @@ def ensure_root() -> Path:
     return root
 
 
+def untraversable_ancestor(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` (from ``/`` down) that other users may not traverse (no ``o+x``),
+    if any: a sandbox uid, a user of its own, cannot reach a workspace below it. A clone in a home directory only
+    its owner may enter (``/root``; Debian 12's homes are ``0700``) puts ``var/workspaces`` there (``make run``)."""
+    for directory in [*reversed(path.parents), path]:
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            return None
+        if not mode & stat.S_IXOTH:
+            return directory
+    return None
+
+
 def project_workspace_path(project_id: uuid.UUID | str) -> Path:
     """Where a named project's persistent workspace lives: ``<root>/projects/<uuid hex>`` (never swept as an
     orphan: orphans are run directories directly under the root)."""

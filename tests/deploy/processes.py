@@ -26,7 +26,7 @@ from django.conf import settings
 
 from deploy import throwaway
 from deploy.throwaway import CADDYFILE, SITE_HOST, TLSFiles, caddy_env
-from tests.live_server import ROOT, database_url, free_port, wait_for_port
+from tests.live_server import ROOT, database_url, free_port, stop, wait_for_port
 
 STOP_TIMEOUT = 15.0
 
@@ -78,15 +78,6 @@ def collectstatic(env: Mapping[str, str]) -> Path:
     return Path(env["CESAFLOW_STATIC_ROOT"])
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-
-
 @contextmanager
 def _running(
     argv: list[str], *, env: Mapping[str, str], port: int, home: Path, log: Path, cwd: Path = ROOT
@@ -97,7 +88,7 @@ def _running(
         wait_for_port(port, process, log)
         yield Process(port=port, pid=process.pid, home=home, log=log)
     finally:
-        _stop(process)
+        stop(process, STOP_TIMEOUT)
         # Kept in a failure report: what the process said (neither logs content or secrets).
         print(f"--- {argv[0]} {log.name}\n{log.read_text(errors='replace')[-4000:]}")
 

@@ -18,7 +18,7 @@ import pytest
 from django.conf import settings
 
 # The provider simulator fixtures, shared with tests/runs (a fixture is visible where its conftest is imported).
-from tests.live_server import database_url, free_port, wait_for_port
+from tests.live_server import database_url, free_port, stop, wait_for_port
 from tests.runs.conftest import simulator, simulator_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,12 +74,7 @@ def asgi_server(request, transactional_db, tmp_path) -> Iterator[str]:
         if worker is not None:
             worker.terminate()
             worker.wait(timeout=20)
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop(process)
         shutil.rmtree(workspaces, ignore_errors=True)
         # Kept in the failure report: what the server said (it never logs content or secrets).
         print(log.read_text(errors="replace")[-4000:])

@@ -394,6 +394,27 @@ async def test_a_broken_bwrap_install_makes_commands_unavailable(
     assert not (workspace / "ran").exists()  # and no other mode ran it instead
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="the sandbox has a uid of its own only when the server runs as root")
+def test_a_workspace_root_the_sandbox_uid_cannot_reach_is_named_with_the_fix(bwrap: str, settings) -> None:
+    """A fresh clone in a home directory only its owner may enter (``/root``, Debian 12's ``0700`` homes) puts
+    ``var/workspaces`` below it: the self-test fails, and the operator is told which directory and what to do."""
+    base = Path(tempfile.mkdtemp(prefix="cesaflow-home-test-", dir="/tmp"))
+    try:
+        base.chmod(0o711)
+        private = base / "home"
+        private.mkdir()
+        private.chmod(0o700)
+        settings.WORKSPACE_ROOT = private / "clone" / "var" / "workspaces"
+        status = sandbox_status("bwrap", refresh=True)
+        assert status.ok is False
+        assert f"cannot traverse {private}, mode 700" in status.detail
+        assert "CESAFLOW_WORKSPACE_ROOT" in status.detail
+        private.chmod(0o711)  # traversable: the same root passes
+        assert sandbox_status("bwrap", refresh=True).ok is True
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_self_test_result_is_cached_until_refreshed(workspace_root: Path, monkeypatch) -> None:
     first = sandbox_status("none")
     assert first.ok is True
