@@ -231,7 +231,10 @@ if REDIS_URL:
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": _cache_prefix,
-            "OPTIONS": _redis_options,
+            # Rate limits, the authorization generation and the row caches ask it on every request: a Redis that
+            # hangs (accepts, never answers) makes them fail open or fall back to the database after 5 s, instead
+            # of holding each request forever (redis-py waits without limit by default).
+            "OPTIONS": {**_redis_options, "SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 5},
         },
         # The session store (orgs.sessions.store) uses this alias's Redis connection. Short timeouts: every signed-in
         # request asks it, and when Redis is down those requests must fail closed quickly, not hang.

@@ -16,6 +16,8 @@ def test_each_alias_keeps_its_own_timeouts():
     assert default.connection_pool is not sessions.connection_pool
     assert sessions.connection_pool.connection_kwargs["socket_timeout"] == 2
     assert sessions.connection_pool.connection_kwargs["socket_connect_timeout"] == 2
+    # The default alias waits for a hung Redis no longer than 5 s either (it waited without limit).
+    assert default.connection_pool.connection_kwargs["socket_timeout"] == 5
     assert sessions.ping()
     assert default.ping()
 
