@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 
+import pytest
 from django.core.cache import caches
 from django_redis import get_redis_connection
 
@@ -33,3 +36,37 @@ def test_requests_in_other_threads_share_the_client_and_its_pool():
     caches["default"].set("redis-clients-probe", "1", timeout=5)  # and the shared client works from here
     assert caches["default"].get("redis-clients-probe") == "1"
     caches["default"].delete("redis-clients-probe")
+
+
+def test_a_redis_that_hangs_is_given_up_on_sessions_fail_closed_and_the_generation_falls_back(settings):
+    """A Redis that accepts connections and never answers: each alias gives up at its own timeout (the default
+    alias waited without limit), the session store fails closed, the authorization generation says it cannot tell
+    (callers then ask the database)."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from cesaflow.lib.row_cache import generation
+    from orgs.sessions.store import SessionStoreUnavailable, redis_call
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    settings.CACHES = {alias: {**config, "LOCATION": url} for alias, config in settings.CACHES.items()}
+    try:
+        with pytest.raises(RedisTimeoutError):
+            caches["default"].get("anything")
+        with pytest.raises(SessionStoreUnavailable):
+            redis_call(lambda redis: redis.get("anything"))
+        assert generation() is None
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()
