@@ -185,6 +185,8 @@ class PageASGIHandler(ASGIHandler):
         get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
         handler: Any = convert_exception_to_response(get_response)
         handler_is_async = is_async
+        # View-level hooks run where the view does: in its thread hop (``_get_response_async``), or on the loop.
+        hooks_async = is_async and not self.views_in_one_hop
         for path in reversed(self.middleware_paths if self.middleware_paths is not None else settings.MIDDLEWARE):
             middleware = import_string(path)
             if not getattr(middleware, "async_capable", False) or not getattr(middleware, "sync_capable", True):
@@ -197,8 +199,6 @@ class PageASGIHandler(ASGIHandler):
                 continue
             handler = adapted
             self.admit(path, instance)
-            # View-level hooks run where the view does: in its thread hop (``_get_response_async``), or on the loop.
-            hooks_async = is_async and not self.views_in_one_hop
             if hasattr(instance, "process_view"):
                 self._view_middleware.insert(0, self.adapt_method_mode(hooks_async, instance.process_view))
             if hasattr(instance, "process_template_response"):

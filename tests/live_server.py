@@ -50,6 +50,13 @@ def database_url() -> str:
     return f"postgres://{credentials}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or '5432'}/{db['NAME']}"
 
 
+def fresh_clone_env(**settings: str) -> dict[str, str]:
+    """This process's environment without its database, Redis and CesaFlow settings, as a fresh clone's processes
+    see it (``make run``: SQLite, no Redis), with ``settings`` added."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CESAFLOW_", "DATABASE_URL", "REDIS_URL"))}
+    return env | {"DJANGO_SETTINGS_MODULE": "cesaflow.settings", **settings}
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import httpx
 import pytest
 
 from deploy.throwaway import HOST, free_port
-from tests.live_server import ROOT, stop, wait_for_port
+from tests.live_server import ROOT, fresh_clone_env, stop, wait_for_port
 
 pytestmark = pytest.mark.timeout(240)
 SETTLE_S = 15.0  # how long a run may take to be read back finished (it ends within milliseconds here)
@@ -40,12 +39,7 @@ def dev_env() -> Iterator[dict[str, str]]:
     in a directory the sandbox's uid may traverse (pytest's own temporary directories are ``0700``)."""
     clone = Path(tempfile.mkdtemp(prefix="cesaflow-make-run-", dir="/tmp"))
     clone.chmod(0o711)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CESAFLOW_", "DATABASE_URL", "REDIS_URL"))}
-    yield env | {
-        "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
-        "CESAFLOW_VAR_DIR": str(clone / "var"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    yield fresh_clone_env(CESAFLOW_VAR_DIR=str(clone / "var"), PYTHONUNBUFFERED="1")
     shutil.rmtree(clone, ignore_errors=True)
 
 

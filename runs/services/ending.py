@@ -31,6 +31,10 @@ class UsageEntry:
     output_tokens: int
     complete: bool
 
+    def counted(self) -> tuple[int, int]:
+        """(input, output) tokens as billed: a provider's negative count is none."""
+        return max(0, self.input_tokens), max(0, self.output_tokens)
+
 
 def count_ended(run: Run) -> None:
     """``cesaflow_runs_finished_total``, once the end is committed."""
@@ -126,30 +130,14 @@ def runs_finish(ends: Sequence[RunEnd]) -> dict[uuid.UUID, Run]:
     if not runs:
         return runs
 
-    def counted(entries: list[UsageEntry]) -> tuple[int, int]:
-        return sum(max(0, e.input_tokens) for e in entries), sum(max(0, e.output_tokens) for e in entries)
-
-    tokens_settle([(run, sum(counted(by_id[run.id].usage))) for run in runs.values()])
-    UsageRecord.objects.bulk_create(
-        [
-            UsageRecord(
-                org_id=run.org_id,
-                run=run,
-                provider=entry.provider,
-                model=entry.model[:MODEL_MAX_CHARS],
-                input_tokens=max(0, entry.input_tokens),
-                output_tokens=max(0, entry.output_tokens),
-                complete=entry.complete,
-            )
-            for run in runs.values()
-            for entry in by_id[run.id].usage
-        ]
-    )
+    totals = {run_id: _totals(by_id[run_id].usage) for run_id in runs}
+    tokens_settle([(run, sum(totals[run.id])) for run in runs.values()])
+    UsageRecord.objects.bulk_create([_ledger_row(run, entry) for run in runs.values() for entry in by_id[run.id].usage])
     now = timezone.now()
     fields = ["input_tokens", "output_tokens", "tokens_reserved", "tokens_reserved_month"]
     for run in runs.values():
         end = by_id[run.id]
-        input_tokens, output_tokens = counted(end.usage)
+        input_tokens, output_tokens = totals[run.id]
         run.input_tokens += input_tokens
         run.output_tokens += output_tokens
         if not run.is_terminal:
@@ -167,6 +155,24 @@ def runs_finish(ends: Sequence[RunEnd]) -> dict[uuid.UUID, Run]:
     # Every written column is one of FINISH_COLUMNS, read under the lock: a run already over writes back its own.
     _runs_write(list(runs.values()), list(dict.fromkeys(fields)))
     return runs
+
+
+def _totals(entries: list[UsageEntry]) -> tuple[int, int]:
+    counts = [entry.counted() for entry in entries]
+    return sum(count[0] for count in counts), sum(count[1] for count in counts)
+
+
+def _ledger_row(run: Run, entry: UsageEntry) -> UsageRecord:
+    input_tokens, output_tokens = entry.counted()
+    return UsageRecord(
+        org_id=run.org_id,
+        run_id=run.id,
+        provider=entry.provider,
+        model=entry.model[:MODEL_MAX_CHARS],
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        complete=entry.complete,
+    )
 
 
 def _runs_write(runs: list[Run], fields: list[str]) -> None:
@@ -204,18 +210,10 @@ def run_usage_add(*, run_id: uuid.UUID, entry: UsageEntry) -> None:
     run = (
         Run.objects.select_for_update().only("id", "org_id", "tokens_reserved", "tokens_reserved_month").get(id=run_id)
     )
-    if tokens_used(run=run, tokens=max(0, entry.input_tokens) + max(0, entry.output_tokens)):
+    input_tokens, output_tokens = entry.counted()
+    if tokens_used(run=run, tokens=input_tokens + output_tokens):
         run.save(update_fields=["tokens_reserved", "tokens_reserved_month"])
-    UsageRecord.objects.create(
-        org_id=run.org_id,
-        run_id=run.id,
-        provider=entry.provider,
-        model=entry.model[:MODEL_MAX_CHARS],
-        input_tokens=max(0, entry.input_tokens),
-        output_tokens=max(0, entry.output_tokens),
-        complete=entry.complete,
-    )
+    _ledger_row(run, entry).save(force_insert=True)
     Run.objects.filter(id=run_id).update(
-        input_tokens=F("input_tokens") + max(0, entry.input_tokens),
-        output_tokens=F("output_tokens") + max(0, entry.output_tokens),
+        input_tokens=F("input_tokens") + input_tokens, output_tokens=F("output_tokens") + output_tokens
     )

@@ -316,8 +316,8 @@ def _self_test(mode: str) -> SandboxStatus:
     if proc.returncode == 0 and output == _SELF_TEST_MARKER:
         return SandboxStatus(mode=mode, ok=True, detail=f"{mode}: self-test passed")
     detail = f"{mode}: exit {proc.returncode}: {output[-500:]}"
-    blocked = untraversable_ancestor(probe.parent) if owner is not None else None
-    if owner is not None and blocked is not None:  # the likeliest cause in a private home directory: say what to do
+    # The likeliest cause when the server runs as root in a private home directory: say what to do.
+    if owner is not None and (blocked := untraversable_ancestor(probe.parent)) is not None:
         mode_bits = stat.S_IMODE(blocked.stat().st_mode)
         detail += (
             f" (the sandbox's uid {owner[0]} cannot traverse {blocked}, mode {mode_bits:o}:"

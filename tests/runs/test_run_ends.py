@@ -4,11 +4,9 @@ outcome as ending each alone) and the gateway's writer that batches a process's 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +20,12 @@ from runs.api.run_ends import record_end
 from runs.models import Run, RunKind, RunStatus, TokenBudget, UsageRecord
 from runs.selectors import tokens_used_this_month
 from runs.services import RunEnd, UsageEntry, run_create, run_finish, runs_finish
+from tests.live_server import ROOT, fresh_clone_env
 from tests.runs.test_execution_support import async_isolation  # noqa: F401 - a fixture, used below
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the writer's thread hop needs committed rows
 
 ESTIMATE = 1000
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _key(org: Organization, actor: Any) -> ProviderKey:
@@ -213,12 +211,7 @@ print(sorted({(run.status, run.total_tokens) for run in Run.objects.all()}), Usa
 
 def test_make_runs_sqlite_database_ends_runs_in_batches_too(tmp_path):
     # `make run` serves from SQLite, which has no UNNEST: the batch's update takes the per-run path there.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CESAFLOW_", "DATABASE_URL", "REDIS_URL"))}
-    env |= {
-        "DJANGO_SETTINGS_MODULE": "cesaflow.settings",
-        "CESAFLOW_DEBUG": "true",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'dev.sqlite3'}",
-    }
+    env = fresh_clone_env(CESAFLOW_DEBUG="true", DATABASE_URL=f"sqlite:///{tmp_path / 'dev.sqlite3'}")
     result = subprocess.run(
         [sys.executable, "-c", SQLITE_ENDS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
