@@ -8,6 +8,7 @@ enforcement point under any ASGI server; ``cesaflow.serve``, the production serv
 the body reaches the application, and answers with the same ``too_large_answer``."""
 
 import os
+from importlib import import_module
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cesaflow.settings")
@@ -19,10 +20,12 @@ django.setup(set_prefix=False)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from cesaflow.gateway import GatewayASGIHandler, PageASGIHandler, is_gateway_path  # noqa: E402
 from cesaflow.lib.api import error_body  # noqa: E402
 from cesaflow.lib.body_limit import BodyLimitMiddleware, TooLarge, too_large_message  # noqa: E402
+from cesaflow.lib.heap import freeze_startup_objects  # noqa: E402
 from cesaflow.routing import websocket_urlpatterns  # noqa: E402
 from runs.executor import asgi_wrapper  # noqa: E402
 from runs.proxy.errors import ProxyError  # noqa: E402
@@ -58,3 +61,8 @@ application = asgi_wrapper(
         }
     )
 )
+
+# The URL patterns and the views behind them are loaded now rather than by the first request, so that they are
+# frozen with the rest of what the process starts with (``cesaflow.lib.heap``).
+import_module(settings.ROOT_URLCONF)
+freeze_startup_objects()

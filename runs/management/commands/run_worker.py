@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+from cesaflow.lib.heap import freeze_startup_objects
 from cesaflow.lib.metrics import serve_process_metrics
 from runs.executor import Executor, ExecutorConfig
 
@@ -83,6 +84,7 @@ class Command(BaseCommand):
             )
         # The ORM is used through sync_to_async from here on; this thread's connection is not needed.
         connection.close()
+        freeze_startup_objects()
         asyncio.run(self._serve(config, grace_s=max(0.0, grace)))
 
     async def _serve(self, config: ExecutorConfig, *, grace_s: float) -> None:
