@@ -121,7 +121,10 @@ class ProxyCall:
         self.usage: list[UsageEntry] = []
         self.totals = UsageTotals()  # the client's usage figures
         self.translator = CompletionTranslator(
-            completion_id=f"chatcmpl-{self.run_id.hex}", created=int(time.time()), model=completion.requested_model
+            completion_id=f"chatcmpl-{self.run_id.hex}",
+            created=int(time.time()),
+            model=completion.requested_model,
+            streaming=completion.stream,
         )
         self.translator.usage = self.totals
         self.finished = False

@@ -81,13 +81,15 @@ class UsageTotals:
 
 class CompletionTranslator:
     """The neutral events of one call, as OpenAI shapes: chunk dicts while streaming (``feed``), one
-    ``chat.completion`` at the end (``completion``). Holds the answer in memory for the non-streaming case only
-    as long as the request lasts."""
+    ``chat.completion`` at the end (``completion``). Holds the answer in memory for the non-streaming case only,
+    as long as the request lasts. ``streaming``: each chunk goes out as it comes and nothing of the answer is
+    kept, but a tool call's arguments until that call ends (its end may complete them); ``completion`` refuses."""
 
-    def __init__(self, *, completion_id: str, created: int, model: str) -> None:
+    def __init__(self, *, completion_id: str, created: int, model: str, streaming: bool = False) -> None:
         self.completion_id = completion_id
         self.created = created
         self.model = model
+        self.streaming = streaming
         self.usage = UsageTotals()
         self.finish_reason: str | None = None
         self._text: list[str] = []
@@ -121,7 +123,8 @@ class CompletionTranslator:
     def feed(self, event: ProviderEvent) -> list[dict[str, Any]]:
         """Chunks for one event (none for usage, pings and retries; errors are the caller's business)."""
         if isinstance(event, TextDelta):
-            self._text.append(event.text)
+            if not self.streaming:
+                self._text.append(event.text)
             return [self.chunk({"content": event.text})]
         if isinstance(event, ToolCallStart):
             call = _Call(call_id=event.call_id or f"call_{event.position}", name=event.name)
@@ -145,12 +148,17 @@ class CompletionTranslator:
             call_index = self._index_of(event.position)
             if call_index is None:
                 return []
-            sent = self._calls[call_index].arguments
+            call = self._calls[call_index]
+            sent = call.arguments
+            rest = ""
             if event.arguments_json != sent and event.arguments_json.startswith(sent):
                 rest = event.arguments_json[len(sent) :]
-                self._calls[call_index].fragments.append(rest)
-                return [self.chunk({"tool_calls": [{"index": call_index, "function": {"arguments": rest}}]})]
-            return []
+                call.fragments.append(rest)
+            if self.streaming:
+                call.fragments.clear()  # all of it is out; nothing needs it again
+            return (
+                [self.chunk({"tool_calls": [{"index": call_index, "function": {"arguments": rest}}]})] if rest else []
+            )
         if isinstance(event, Usage):
             self.usage.add(event)
             return []
@@ -166,7 +174,9 @@ class CompletionTranslator:
         return position if 0 <= position < len(self._calls) else None
 
     def completion(self) -> dict[str, Any]:
-        """The whole answer as one ``chat.completion`` object."""
+        """The whole answer as one ``chat.completion`` object (not for a streamed answer, which is not kept)."""
+        if self.streaming:
+            raise RuntimeError("a streamed answer is not kept: there is no completion to build")
         text = "".join(self._text)
         message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
         if self._calls:

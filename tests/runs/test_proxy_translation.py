@@ -230,6 +230,31 @@ def test_tool_call_events_become_indexed_fragments_and_one_message():
     }
 
 
+def test_a_streamed_answer_goes_out_chunk_by_chunk_and_is_not_kept():
+    canary = "CANARY-streamed-answer-7f3e"
+    events = (
+        TextDelta(canary),
+        ToolCallStart(call_id="toolu_1", name="write", position=0),
+        ToolCallArgsDelta(position=0, fragment='{"path": "'),
+        ToolCallEnd(position=0, arguments_json=f'{{"path": "{canary}"}}'),  # the end completes the arguments
+        TurnEnd(stop=StopReason.TOOL_USE, raw_reason="tool_use"),
+    )
+    kept, streamed = (
+        _translator(),
+        CompletionTranslator(completion_id="chatcmpl-1", created=1, model="team/m", streaming=True),
+    )
+    kept_chunks = [chunk for event in events for chunk in kept.feed(event)]
+    streamed_chunks = [chunk for event in events for chunk in streamed.feed(event)]
+
+    assert streamed_chunks == kept_chunks  # the client gets the same frames
+    assert streamed_chunks[3]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] == f'{canary}"}}'
+    assert canary in repr(vars(kept))  # the non-streaming answer is held until it is sent whole...
+    assert canary not in repr(vars(streamed)) + repr([vars(call) for call in vars(streamed)["_calls"]])
+    with pytest.raises(RuntimeError, match="not kept"):
+        streamed.completion()
+    assert streamed.finish_reason == "tool_calls"
+
+
 @pytest.mark.parametrize(
     ("stop", "reason"),
     [
