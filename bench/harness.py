@@ -55,8 +55,12 @@ SCENARIOS = {
 }
 
 
+# Every core this benchmark may use, read before ``pin_self`` moves it to the load's.
+ALL_CPUS = set(os.sched_getaffinity(0))
+
+
 def _cpu_sets() -> tuple[set[int] | None, set[int] | None]:
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(ALL_CPUS)
     if len(cpus) < 2:
         return None, None
     return {cpus[0]}, set(cpus[1:])
@@ -76,8 +80,9 @@ def _preexec(cpus: set[int] | None) -> Callable[[], None]:
         # Die with the benchmark (PR_SET_PDEATHSIG = 1): no orphaned servers after a crash.
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
+        # An unpinned child (PostgreSQL) gets every core back: it would otherwise inherit this process's pin to the
+        # load's core and share it with the load generator and the simulator (it did until 2026-12-02).
+        os.sched_setaffinity(0, cpus if cpus is not None else ALL_CPUS)
 
     return run
 
