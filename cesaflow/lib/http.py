@@ -267,3 +267,45 @@ async def close_http_clients() -> None:
     per_loop = _clients.pop(asyncio.get_running_loop(), {})
     for client in per_loop.values():
         await client.aclose()
+
+
+# httpx's response stream -> its httpcore stream -> the pool's stream -> the HTTP/1.1 connection's -> the connection
+# -> its h11.Connection (httpx 0.28, httpcore 1.0; GuardedTransport keeps httpx's own transport and pool classes).
+_TO_H11_STATE = ("_stream", "_httpcore_stream", "_stream", "_connection", "_h11_state")
+
+
+def body_bytes_received(response: httpx.Response) -> bool:
+    """Whether the next read of ``response``'s streamed body returns at once, from bytes already received.
+
+    An upstream that streams faster than it is read puts many HTTP chunks in one TCP segment, and httpx hands them
+    out one chunk per read; a consumer that forwards the stream writes once for all the reads it can make without
+    waiting for the network, rather than once per chunk (the gateway, issue #13: its client writes). httpx does not
+    say whether a read will wait, so this looks into httpcore's HTTP/1.1 connection, at h11's receive buffer; both
+    are pinned (``requirements.lock``) and ``tests/test_http_client.py`` fails if they stop matching. Anything else
+    (another transport, HTTP/2, a buffer this cannot read) answers False: every read is then taken as one that may
+    wait, which costs writes and never delays one.
+    """
+    state: Any = response.stream
+    try:
+        for name in _TO_H11_STATE:
+            state = getattr(state, name)
+        buffered = state.trailing_data[0]
+    except (AttributeError, IndexError, TypeError):
+        return False
+    if not isinstance(buffered, bytes | bytearray) or not buffered:
+        return False
+    if "chunked" not in response.headers.get("transfer-encoding", "").lower():
+        return True  # a body sized by Content-Length or by the connection's close: any byte received is body
+    # Between two chunks h11 holds the end of the chunk just read (CRLF), then the next chunk's size line
+    # (``<hex size>[;extensions]`` CRLF) and as much of its data as arrived. A read returns at once if at least one
+    # byte of data is there; the size line alone, or the last (empty) chunk, waits for more.
+    if buffered[:2] == b"\r\n":
+        buffered = buffered[2:]
+    line_end = buffered.find(b"\r\n")
+    if line_end < 0:
+        return False
+    try:
+        size = int(bytes(buffered[:line_end]).split(b";", 1)[0], 16)
+    except ValueError:
+        return False
+    return size > 0 and len(buffered) > line_end + 2

@@ -327,7 +327,8 @@ class ProxyCall:
 
     async def stream(self, head: list[ProviderEvent]) -> AsyncIterator[bytes]:
         """The SSE body: role chunk, deltas, finish chunk, usage chunk (if asked for), ``[DONE]``. The frames
-        decoded from one upstream read go out as one write. ``[DONE]`` waits for the run row; a run that could not
+        decoded from what the upstream sent meanwhile go out as one write, before a read that may wait
+        (``ReadEnd``). ``[DONE]`` waits for the run row; a run that could not
         be written ends the stream with an error frame instead, as soon as that is known. The run's end is recorded
         off the response path."""
         translator = self.translator

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import httpx
 
+from cesaflow.lib.http import body_bytes_received
 from cesaflow.lib.metrics import PROVIDER_RESPONSE
 from runs.providers.errors import classify_http_error, classify_transport_error
 from runs.providers.events import CONTENT_EVENTS, ErrorKind, Ping, ProviderError, ProviderEvent, ReadEnd, Retry, Usage
@@ -37,6 +38,10 @@ from runs.providers.sse import SSEDecoder, SSEEvent, SSEProtocolError
 logger = logging.getLogger("cesaflow.providers")
 
 _T = TypeVar("_T")
+
+# ``mark_reads``: at most this many upstream reads (HTTP chunks, an event or so each) between two ReadEnds, however
+# many more arrived already: about half a millisecond of the gateway's work per batch.
+MAX_READS_PER_MARK = 32
 
 _jitter = random.SystemRandom()
 
@@ -162,7 +167,7 @@ class ProviderAdapter(ABC):
         self._api_key = api_key
         self._client = client
         self.limits = limits or CallLimits()
-        # Yield ``ReadEnd`` after the events of each upstream read (consumers that batch their writes set this).
+        # Yield ``ReadEnd`` before a read that may wait for the network (consumers that batch their writes set this).
         self.mark_reads = False
         # Usage known when the consumer abandoned the stream mid-attempt (cancel, disconnect): the provider bills
         # what it already counted (Anthropic reports input tokens up front), so the caller can still record it.
@@ -290,6 +295,9 @@ class ProviderAdapter(ABC):
             loop = asyncio.get_running_loop()
             progress_by = loop.time() + self.limits.idle_timeout_s
             watchdog = _ReadWatchdog(loop)
+            # ``mark_reads``: reads whose events no ReadEnd has followed yet, and whether content went out already.
+            unmarked = 0
+            content_marked = False
             while not parser.is_done():
                 try:
                     chunk = await watchdog.read(anext(chunks, None), by=min(deadline, progress_by))
@@ -304,19 +312,30 @@ class ProviderAdapter(ABC):
                         yield event
                     yield _with_request_id(classify_transport_error(exc), request_id)
                     return
-                produced = False
+                produced = content = False
                 for sse in sse_events:
                     for event in parser.on_event(sse):
                         if isinstance(event, ProviderError):
                             event = _with_request_id(event, request_id)
                         elif not isinstance(event, Ping):
                             progress_by = loop.time() + self.limits.idle_timeout_s
+                            content = content or isinstance(event, CONTENT_EVENTS)
                         produced = True
                         yield event
                     if parser.is_done():
                         break
-                if produced and self.mark_reads and not parser.is_done():
-                    yield ReadEnd()  # after the terminal event there is nothing left to batch
+                if self.mark_reads and not parser.is_done():  # after the terminal event there is nothing to batch
+                    unmarked += produced
+                    # The first content goes out at once; after it, what the next reads return without waiting
+                    # joins the batch, up to a bound (a consumer far behind still writes every few hundred µs).
+                    if unmarked and (
+                        not content_marked
+                        or unmarked >= MAX_READS_PER_MARK
+                        or chunk is None
+                        or not body_bytes_received(response)
+                    ):
+                        yield ReadEnd()
+                        unmarked, content_marked = 0, content_marked or content
                 if chunk is None:
                     break
             if not parser.is_done():

@@ -113,8 +113,10 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class ReadEnd:
-    """Every event decoded from one upstream read has been yielded: a consumer forwarding them may write its batch
-    now. Only adapters with ``mark_reads`` set yield it (the proxy's: one client write per upstream read)."""
+    """The events yielded since the last ``ReadEnd`` are all that arrived: the next read may wait for the network, so a
+    consumer forwarding them writes its batch now. Only adapters with ``mark_reads`` set yield it (the proxy's: one
+    client write per wait, not per HTTP chunk). The first content is marked at once; after it, the reads that return
+    without waiting (``cesaflow.lib.http.body_bytes_received``) join one batch, at most ``MAX_READS_PER_MARK``."""
 
 
 ProviderEvent = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import socket
@@ -11,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from runs.providers.base import ChatRequest, Message, ToolCall, read_to_end
+from runs.providers.base import MAX_READS_PER_MARK, ChatRequest, Message, ToolCall, read_to_end
 from runs.providers.events import ErrorKind, ProviderError, ReadEnd, Retry, StopReason, TextDelta, TurnEnd, Usage
 from runs.simulator.scenarios import BUILTINS
 from tests.runs.conftest import FAKE_KEY
@@ -550,7 +551,7 @@ async def test_read_marks_follow_the_events_of_each_upstream_read_only_when_aske
 
     adapter = make_adapter(flavour)
     adapter.mark_reads = True
-    # Paced, so the events arrive in several reads (an unpaced answer may come in one read: then no mark at all).
+    # Paced: each event arrives alone, and is marked before the read that waits for the next.
     simulator.enqueue(flavour, {"base": "echo", "timing": {"per_event_ms": 5}})
     marked = await run(adapter, chat())
     marks = [i for i, event in enumerate(marked.events) if isinstance(event, ReadEnd)]
@@ -558,3 +559,27 @@ async def test_read_marks_follow_the_events_of_each_upstream_read_only_when_aske
     assert marked.text == plain.text  # the marks add nothing else
     assert not isinstance(marked.events[0], ReadEnd)  # a mark always follows at least one event
     assert all(not isinstance(marked.events[i - 1], ReadEnd) for i in marks)  # never two marks in a row
+
+
+async def test_reads_that_do_not_wait_join_one_batch_after_the_first_words(flavour, make_adapter, simulator):
+    # 400 four-character chunks, unpaced. The consumer pauses after the first words, so the simulator sends the rest
+    # meanwhile: every later read returns bytes already received, and they are marked in batches (one client write
+    # each, in the proxy) of at most MAX_READS_PER_MARK reads, where each HTTP chunk had a mark of its own.
+    simulator.enqueue(flavour, {"turns": [{"text": "abcd" * 400}], "stream_shape": {"text_chunk_chars": 4}})
+    adapter = make_adapter(flavour)
+    adapter.mark_reads = True
+    events: list[object] = []
+    async with aclosing(adapter.stream_chat(chat(tools=False))) as stream:
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, ReadEnd) and sum(isinstance(e, ReadEnd) for e in events) == 1:
+                await asyncio.sleep(0.3)
+    deltas = [i for i, event in enumerate(events) if isinstance(event, TextDelta)]
+    marks = [i for i, event in enumerate(events) if isinstance(event, ReadEnd)]
+    assert "".join(events[i].text for i in deltas) == "abcd" * 400  # type: ignore[attr-defined]
+    assert isinstance(events[deltas[0] + 1], ReadEnd)  # the first words are not held for the batch
+    later = [i for i in marks if i > deltas[0] + 1]
+    assert len(later) <= 40, f"{len(later)} marks for {len(deltas)} deltas: the reads were not batched"
+    # The bound: never more than MAX_READS_PER_MARK chunks (one delta each) between two marks.
+    bounds = [deltas[0] + 1, *later, len(events)]
+    assert max(sum(a < i < b for i in deltas) for a, b in itertools.pairwise(bounds)) <= MAX_READS_PER_MARK
