@@ -298,7 +298,8 @@ def body_bytes_received(response: httpx.Response) -> bool:
         return True  # a body sized by Content-Length or by the connection's close: any byte received is body
     # Between two chunks h11 holds the end of the chunk just read (CRLF), then the next chunk's size line
     # (``<hex size>[;extensions]`` CRLF) and as much of its data as arrived. A read returns at once if at least one
-    # byte of data is there; the size line alone, or the last (empty) chunk, waits for more.
+    # byte of data is there. The size line alone waits for more; the last (empty) chunk ends the body: no data to
+    # batch either way.
     if buffered[:2] == b"\r\n":
         buffered = buffered[2:]
     line_end = buffered.find(b"\r\n")

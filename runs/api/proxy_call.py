@@ -326,11 +326,10 @@ class ProxyCall:
         weakref.finalize(stream, lambda: loop.call_soon_threadsafe(schedule) if not loop.is_closed() else None)
 
     async def stream(self, head: list[ProviderEvent]) -> AsyncIterator[bytes]:
-        """The SSE body: role chunk, deltas, finish chunk, usage chunk (if asked for), ``[DONE]``. The frames
-        decoded from what the upstream sent meanwhile go out as one write, before a read that may wait
-        (``ReadEnd``). ``[DONE]`` waits for the run row; a run that could not
-        be written ends the stream with an error frame instead, as soon as that is known. The run's end is recorded
-        off the response path."""
+        """The SSE body: role chunk, deltas, finish chunk, usage chunk (if asked for), ``[DONE]``. The frames of
+        what the upstream sent meanwhile go out as one write, before a read that may wait (``ReadEnd``). ``[DONE]``
+        waits for the run row; a run that could not be written ends the stream with an error frame instead, as soon
+        as that is known. The run's end is recorded off the response path."""
         translator = self.translator
         ACTIVE_STREAMS.labels("gateway").inc()
         try:

@@ -39,8 +39,8 @@ logger = logging.getLogger("cesaflow.providers")
 
 _T = TypeVar("_T")
 
-# ``mark_reads``: at most this many upstream reads (HTTP chunks, an event or so each) between two ReadEnds, however
-# many more arrived already: about half a millisecond of the gateway's work per batch.
+# ``mark_reads``: at most this many upstream reads that brought events (HTTP chunks, an event or so each) between two
+# ReadEnds, however many more arrived already: about half a millisecond of the gateway's work per batch.
 MAX_READS_PER_MARK = 32
 
 _jitter = random.SystemRandom()
@@ -325,7 +325,8 @@ class ProviderAdapter(ABC):
                     if parser.is_done():
                         break
                 if self.mark_reads and not parser.is_done():  # after the terminal event there is nothing to batch
-                    unmarked += produced
+                    if produced:
+                        unmarked += 1
                     # The first content goes out at once; after it, what the next reads return without waiting
                     # joins the batch, up to a bound (a consumer far behind still writes every few hundred µs).
                     if unmarked and (
