@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from cesaflow.lib.http import EgressPolicy, body_bytes_received, close_http_clients, get_http_client
@@ -89,8 +90,6 @@ async def test_a_body_sized_by_content_length_answers_whether_any_byte_has_arriv
 
 
 async def test_a_response_not_from_httpcore_answers_no():
-    import httpx
-
     async def body() -> AsyncIterator[bytes]:
         yield b"data: 1\n\n"
 

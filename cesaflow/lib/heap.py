@@ -13,9 +13,9 @@ from __future__ import annotations
 import gc
 
 
-def freeze_startup_objects() -> int:
-    """Collect the startup's own garbage (what is frozen is never collected), then freeze what is left; returns how
-    many objects are frozen. Call once the process has loaded what it serves with, before it serves."""
+def freeze_startup_objects() -> None:
+    """Collect the startup's own garbage (what is frozen is never collected), then freeze what is left
+    (``gc.get_freeze_count`` says how much). Call once the process has loaded what it serves with, before it
+    serves."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
