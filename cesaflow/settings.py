@@ -183,12 +183,17 @@ if _database_url.startswith(("postgres://", "postgresql://")):
     # A connection pool (psycopg_pool), not persistent connections: under ASGI every request runs its sync code
     # in a thread of its own, so CONN_MAX_AGE would keep one connection per past thread and a new one per request.
     # Django requires CONN_MAX_AGE = 0 with the pool; closing a connection hands it back. Health checks make a
-    # pooled connection that died (a restarted server) get replaced on checkout.
+    # pooled connection that died (a restarted server) get replaced on checkout; Django's backend with a check that
+    # needs no round trip for a connection the server has said nothing to (``cesaflow.lib.postgresql``).
     _pool_min = _env_int("CESAFLOW_DB_POOL_MIN", 2)
     _pool_max = _env_int("CESAFLOW_DB_POOL_MAX", 20, minimum=1)
     if _pool_min > _pool_max:
         raise ImproperlyConfigured("CESAFLOW_DB_POOL_MIN must not exceed CESAFLOW_DB_POOL_MAX.")
-    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=0, conn_health_checks=True)}
+    DATABASES = {
+        "default": dj_database_url.parse(
+            _database_url, conn_max_age=0, conn_health_checks=True, engine="cesaflow.lib.postgresql"
+        )
+    }
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": _pool_min,
         "max_size": _pool_max,
