@@ -26,11 +26,26 @@ def remember(*, digest: str, api_key: ApiKey, token: str | None) -> None:
 def recall(*, digest: str, token: str | None) -> ApiKey | None:
     """A fresh ``ApiKey`` (with its org) for a cached digest of the current generation, else None."""
     rows = cache.recall(digest, token=token)
-    if rows is None:
+    return None if rows is None else _key(rows)
+
+
+def held(*, digest: str) -> tuple[str, ApiKey] | None:
+    """The generation a cached digest's key was verified under and the key (with its org), not yet trusted: see
+    ``RowCache.held``."""
+    entry = cache.held(digest)
+    if entry is None:
         return None
+    generation, rows = entry
+    api_key = _key(rows)
+    return None if api_key is None else (generation, api_key)
+
+
+def _key(rows: list[object]) -> ApiKey | None:
     api_key, org = rows
+    if not isinstance(api_key, ApiKey) or not isinstance(org, Organization):
+        return None
     api_key.org = org
-    return api_key if isinstance(api_key, ApiKey) else None
+    return api_key
 
 
 def touch(*, digest: str, api_key: ApiKey) -> None:

@@ -181,6 +181,20 @@ async def aapi_key_verify(presented: str, *, token: str | None) -> ApiKey:
     return await db_hop(api_key_verify)(presented)
 
 
+def api_key_held(presented: str) -> tuple[str, ApiKey] | None:
+    """The key this process verified recently for ``presented`` and the authorization generation it was verified
+    under, when using it now needs no new record: **not trusted yet**. A caller that reads the current generation
+    anyway, in a round trip of its own made after this (the gateway: its rate limits'), trusts the key only if the
+    two are the same, exactly as ``aapi_key_verify`` would have after reading it first; otherwise it verifies the
+    key with ``aapi_key_verify`` under the generation it read. Raises ``AuthenticationError`` for a malformed key."""
+    held = api_key_cache.held(digest=_presented_digest(presented))
+    if held is None:
+        return None
+    now = timezone.now()
+    api_key = held[1]
+    return held if api_key.is_active(now) and not api_key_use_due(api_key=api_key, now=now) else None
+
+
 def _presented_digest(presented: str) -> str:
     if not presented or len(presented) > MAX_KEY_LENGTH or parse_api_key(presented) is None:
         raise invalid_api_key()

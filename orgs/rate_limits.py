@@ -22,8 +22,9 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import render
 
+from cesaflow.lib import row_cache
 from cesaflow.lib.middleware import client_ip
-from cesaflow.lib.ratelimit import Bucket, Exceeded, Rate, RateLimited, RateLimitUnavailable, ahit, hit
+from cesaflow.lib.ratelimit import Bucket, Exceeded, Rate, RateLimited, RateLimitUnavailable, ahit, ahit_and_get, hit
 from orgs.models import ApiKey
 from orgs.tenancy import OrgContext
 
@@ -141,10 +142,12 @@ def api_call(request: HttpRequest, context: OrgContext) -> None:
         raise RateLimited(exceeded, message(exceeded))
 
 
-async def agateway_call(request: HttpRequest, context: OrgContext) -> Exceeded | None:
-    """Count a gateway call per key and per org, in one async round trip; the limit it exceeds, if any."""
+async def agateway_call(request: HttpRequest, context: OrgContext) -> tuple[Exceeded | None, str | None]:
+    """Count a gateway call per key and per org, in one async round trip; the limit it exceeds, if any, and the
+    authorization generation read in that round trip (``row_cache.token_of``: None if it cannot be read)."""
     counted, peeked = _call_buckets(context, _ip(request), gateway=True)
-    return await ahit(counted, peeked=peeked, fail_open=True)
+    exceeded, value = await ahit_and_get(counted, peeked=peeked, fail_open=True, key=row_cache.GENERATION_KEY)
+    return exceeded, row_cache.token_of(value)
 
 
 # --- The org's settings page --------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from django.core.cache import caches
+from django.core.cache import cache, caches
 from django.urls import reverse
+from django.utils import timezone
 from freezegun import freeze_time
 from rest_framework.test import APIClient
 
-from cesaflow.lib import ratelimit
+from cesaflow.lib import ratelimit, row_cache
+from orgs.models import ApiKey
 from tests.live_server import LiveServer, live_server
 from tests.runs.proxy_support import AsgiServer, serving
 
@@ -261,6 +263,33 @@ def test_gateway_per_org_limit_counts_every_key_of_the_org(asgi_server, cast, se
         _sdk(asgi_server.url, cast.admin_a.api_secret).models.list()
     assert "per organization" in raised.value.message
     assert _sdk(asgi_server.url, cast.admin_b.api_secret).models.list().data == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_held_by_the_gateway_is_verified_again_after_any_change_and_each_call_counts_once(
+    asgi_server, cast, settings
+):
+    """A key the gateway verified recently is trusted only under the authorization generation it was verified
+    under, read in its rate limits' own round trip: after any change anywhere it is verified again before anything
+    else happens (a revoked key is refused at once), and a call counts once in its limits either way."""
+    settings.RATE_LIMIT_GATEWAY_KEY = (4, DAY)
+    dev = _sdk(asgi_server.url, cast.dev_a.api_secret)
+    assert dev.models.list().data == []  # verified from the database, and held
+    assert dev.models.list().data == []  # held, and trusted under the same generation
+    cache.set(row_cache.GENERATION_KEY, "moved-by-an-unrelated-change", timeout=None)
+    assert dev.models.list().data == []  # held, not trusted: verified again
+    assert dev.models.list().data == []
+    with pytest.raises(openai.RateLimitError):  # the fifth call: four counted, not more
+        dev.models.list()
+
+    admin = _sdk(asgi_server.url, cast.admin_a.api_secret)
+    assert admin.models.list().data == []
+    assert admin.models.list().data == []
+    # Another server process revokes it: the row and the shared generation change, this process's memory does not.
+    ApiKey.objects.filter(pk=cast.admin_a.api_key.pk).update(revoked_at=timezone.now())
+    cache.set(row_cache.GENERATION_KEY, "moved-by-the-revocation", timeout=None)
+    with pytest.raises(openai.AuthenticationError):
+        admin.models.list()
 
 
 @pytest.mark.django_db(transaction=True)

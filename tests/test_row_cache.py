@@ -21,3 +21,24 @@ def test_holds_answers_for_a_fresh_entry_of_any_generation_and_not_past_its_time
         assert not cache.holds("a")
     finally:
         RowCache.instances.remove(cache)
+
+
+def test_held_gives_the_generation_and_fresh_rows_of_an_entry_whatever_the_current_one():
+    cache = RowCache(ttl_s=10.0, max_entries=4)
+    try:
+        cache.remember("a", [Organization(name="o")], token="generation-1")
+        held = cache.held("a")
+        assert held is not None
+        generation, rows = held
+        assert generation == "generation-1"  # the caller compares it with the generation it reads
+        assert [row.name for row in rows] == ["o"]
+        rows[0].name = "changed by a request"
+        again = cache.held("a")
+        assert again is not None
+        assert again[1][0].name == "o"  # each call builds its own instances
+        assert cache.held("b") is None
+        entry = cache.entries["a"]
+        cache.entries["a"] = dataclasses.replace(entry, cached_at=entry.cached_at - 11.0)
+        assert cache.held("a") is None  # past its time, whatever the generation
+    finally:
+        RowCache.instances.remove(cache)

@@ -212,15 +212,35 @@ async def ahit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail
     """``hit`` on the event loop: one asyncio Redis round trip (no thread hop), or the local cache without I/O."""
     if not counted and not peeked:
         return None
+    return (await ahit_and_get(counted, peeked=peeked, fail_open=fail_open))[0]
+
+
+async def ahit_and_get(
+    counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: bool, key: str | None = None
+) -> tuple[Exceeded | None, Any]:
+    """``ahit``, and the shared cache's value of ``key`` read in the same round trip (None when it has none, or when
+    the cache failed: then ``fail_open`` applies to the limits as in ``hit``)."""
     client = aredis.client()
     if client is None:
-        return hit(counted, peeked=peeked, fail_open=fail_open)
+        exceeded = hit(counted, peeked=peeked, fail_open=fail_open)
+        return exceeded, None if key is None else cache.get(key)  # the local-memory cache: no I/O
     now = time.time()
     increments, reads = _plan(counted, peeked, now)
     try:
         async with client.pipeline(transaction=False) as pipe:
-            counts, seen = _split(await _queued(pipe, increments, reads).execute(), len(increments))
+            _queued(pipe, increments, reads)
+            if key is not None:
+                pipe.get(cache.make_key(key))
+            results = await pipe.execute()
     except (RedisError, OSError):
-        _failed([*counted, *peeked], fail_open)
-        return None
-    return _verdict(counted, counts, peeked, seen, now)
+        if counted or peeked:
+            _failed([*counted, *peeked], fail_open)
+        else:
+            logger.warning("%s not read (the cache failed)", key, exc_info=True)
+        return None, None
+    value = None
+    if key is not None:
+        raw = results.pop()
+        value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]  # django-redis's
+    counts, seen = _split(results, len(increments))
+    return _verdict(counted, counts, peeked, seen, now), value

@@ -65,10 +65,14 @@ async def ageneration() -> str | None:
     except (RedisError, OSError):
         logger.warning("authorization generation unreadable: the database answers", exc_info=True)
         return None
-    if raw is None:
-        return None
-    token = cache.client.decode(raw)  # type: ignore[attr-defined]  # django-redis's own value encoding
-    return token if isinstance(token, str) else None
+    return token_of(None if raw is None else cache.client.decode(raw))  # type: ignore[attr-defined]
+
+
+def token_of(value: Any) -> str | None:
+    """The authorization generation in the shared cache's value of ``GENERATION_KEY`` (decoded, as the cache or
+    django-redis's ``decode`` gives it; read in a round trip of the caller's own, ``ratelimit.ahit_and_get``), None
+    if there is none."""
+    return value if isinstance(value, str) else None
 
 
 def invalidate() -> None:
@@ -140,13 +144,19 @@ class RowCache:
 
     def recall(self, key: Hashable, *, token: str | None) -> list[Any] | None:
         """Fresh instances for a cached key of the current generation, else None."""
-        if token is None:
-            return None
+        held = None if token is None else self.held(key)
+        return held[1] if held is not None and held[0] == token else None
+
+    def held(self, key: Hashable) -> tuple[str, list[Any]] | None:
+        """The generation a fresh entry for ``key`` was cached under and fresh instances of its rows, whatever the
+        current generation: *not to be trusted yet*. For a caller that reads the current generation in a round trip
+        it makes anyway, after this, and trusts the rows only if the two are the same (as ``recall`` would have)."""
         with self._lock:
             entry = self.entries.get(key)
-        if entry is None or entry.generation != token or time.monotonic() - entry.cached_at > self.ttl_s:
+        if entry is None or time.monotonic() - entry.cached_at > self.ttl_s:
             return None
-        return [model.from_db("default", list(fields), list(values)) for model, fields, values in entry.rows]
+        rows = [model.from_db("default", list(fields), list(values)) for model, fields, values in entry.rows]
+        return entry.generation, rows
 
     def holds(self, key: Hashable) -> bool:
         """Whether a fresh entry is kept for ``key``, whatever its generation: for what no change anywhere can make

@@ -56,7 +56,7 @@ from keys.services import (
     provider_key_unseal,
 )
 from orgs import rate_limits
-from orgs.authentication import AuthenticationError, aapi_key_verify, request_api_key
+from orgs.authentication import AuthenticationError, aapi_key_verify, api_key_held, request_api_key
 from orgs.models import ApiKey
 from orgs.permissions import KEYS_WRITE, ORG_SUSPENDED, RUNS_READ, RUNS_WRITE, suspension_message
 from orgs.tenancy import OrgContext, context_for_api_key
@@ -149,21 +149,35 @@ def _rate_limited(exceeded: Exceeded) -> ProxyError:
     )
 
 
-async def _authenticate(request: HttpRequest, capability: str, *, token: str | None) -> OrgContext:
+async def _authenticate(request: HttpRequest, capability: str) -> tuple[OrgContext, str | None]:
     """The DRF gate's rules (``orgs.authentication`` + ``OrgAPIView``) with OpenAI-shaped answers: 401 for a
     missing or bad key, 429 past a rate limit (``orgs.rate_limits``), 403 for a suspended org or a key whose scopes
-    lack ``capability``. Dashboard sessions never count here. A key verified recently (``token``: the authorization
-    generation) costs no thread hop."""
+    lack ``capability``. Dashboard sessions never count here. Also returns the authorization generation it read
+    (``row_cache``), for the caller's own cached lookups.
+
+    A key this process verified recently costs one Redis round trip and no thread hop: its rate limits counted and
+    the generation read together, the key trusted only if it was verified under that generation
+    (``api_key_held``); otherwise (a revocation, any change to keys, orgs or users) it is verified again, under the
+    generation read, before anything else happens. The counts are right either way: they are the key's and its
+    org's, which never change for a key."""
     try:
-        api_key = await aapi_key_verify(_presented_key(request), token=token)
+        presented = _presented_key(request)
+        held = api_key_held(presented)
+        if held is not None:
+            context = context_for_api_key(held[1])
+            exceeded, token = await rate_limits.agateway_call(request, context)  # per key and per org
+            if token is None or token != held[0]:
+                context = context_for_api_key(await aapi_key_verify(presented, token=token))
+        else:
+            token = await ageneration()
+            context = context_for_api_key(await aapi_key_verify(presented, token=token))
+            exceeded, _ = await rate_limits.agateway_call(request, context)
     except (ProxyError, AuthenticationError) as exc:
         # Missing and bad keys count per client IP (one async Redis round trip); past the limit, 429 for the 401.
         flood = await rate_limits.aapi_unauthenticated(request)
         if flood is not None:
             raise _rate_limited(flood) from None
         raise exc if isinstance(exc, ProxyError) else ProxyError(401, exc.message, code="invalid_api_key") from None
-    context = context_for_api_key(api_key)
-    exceeded = await rate_limits.agateway_call(request, context)  # per key and per org: one round trip
     if exceeded is not None:
         raise _rate_limited(exceeded)
     if context.org.is_suspended:
@@ -175,7 +189,7 @@ async def _authenticate(request: HttpRequest, capability: str, *, token: str | N
             type="permission_error",
             code="insufficient_scope",
         )
-    return context
+    return context, token
 
 
 def _model_not_found(requested: str) -> ProxyError:
@@ -319,8 +333,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     """``POST /api/v1/chat/completions``: OpenAI Chat Completions, streaming or not, with an org's stored key."""
     if request.method != "POST":
         raise _method_not_allowed("POST")
-    token = await ageneration()  # one read of the authorization generation for both cached lookups
-    context = await _authenticate(request, RUNS_WRITE, token=token)
+    context, token = await _authenticate(request, RUNS_WRITE)  # the generation read once, for both cached lookups
     raw = _read_body(request)
     completion = parse_completion_request(parse_json_body(raw))
     key = await akey_for_label(context=context, label=completion.key_label, token=token)
@@ -376,7 +389,7 @@ async def list_models(request: HttpRequest) -> HttpResponseBase:
     checks (``keys.checking``): a key not checked yet is absent, unless the caller may check it (``keys:write``)."""
     if request.method not in ("GET", "HEAD"):
         raise _method_not_allowed("GET")
-    context = await _authenticate(request, RUNS_READ, token=await ageneration())
+    context, _ = await _authenticate(request, RUNS_READ)
     keys = await db_hop(_listable_keys)(context=context)
     cached = await acached_checks(org_id=context.org.id, key_ids=[key.id for key in keys])
     limit = asyncio.Semaphore(MODELS_CONCURRENCY)
