@@ -363,11 +363,43 @@ class OrgAuthentication(authentication.BaseAuthentication):
         return 'Bearer realm="cesaflow"'
 
 
+class OrgGateAuthentication(OrgAuthentication):
+    """``OrgAuthentication`` for the tenant gate alone (``OrgAPIView``), which confirms what this returns before any
+    view runs: an org API key this process verified recently comes back *held* (``api_key_held``), the generation
+    it was verified under kept on the request (``held_generation``), and the gate trusts it only once it has read
+    the current generation in its rate limits' round trip, or verifies it again (``OrgAPIView.initial``). That saves
+    each API request one Redis round trip. Every other view authenticates with ``OrgAuthentication``, which returns
+    nothing it has not checked."""
+
+    def authenticate(self, request: Request) -> tuple[Any, ApiKey | SessionRecord] | None:
+        try:
+            presented = request_api_key(request._request)
+            held = None if presented is None else api_key_held(presented)
+        except AuthenticationError as exc:
+            raise exceptions.AuthenticationFailed(exc.message, code=exc.code) from None
+        if held is None:
+            return super().authenticate(request)
+        generation, api_key = held
+        setattr(request, _HELD_GENERATION, generation)
+        return ApiKeyUser(api_key), api_key
+
+
+_HELD_GENERATION: Final = "cf_held_generation"
+
+
+def held_generation(request: Request) -> str | None:
+    """The generation ``OrgGateAuthentication`` held the request's key under; None when it checked the credential
+    itself (a session, a key verified just now)."""
+    value = getattr(request, _HELD_GENERATION, None)
+    return value if isinstance(value, str) else None
+
+
 # drf-spectacular registers extensions in an untyped __init_subclass__.
 class OrgAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
     """Documents both ways of presenting an org API key in the OpenAPI schema (either one suffices)."""
 
     target_class = OrgAuthentication
+    match_subclasses = True  # OrgGateAuthentication, the tenant gate's
     name = ["apiKeyAuth", "bearerAuth"]
 
     def get_security_definition(self, auto_schema: AutoSchema) -> list[dict[str, str]]:

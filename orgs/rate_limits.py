@@ -24,7 +24,17 @@ from django.shortcuts import render
 
 from cesaflow.lib import row_cache
 from cesaflow.lib.middleware import client_ip
-from cesaflow.lib.ratelimit import Bucket, Exceeded, Rate, RateLimited, RateLimitUnavailable, ahit, ahit_and_get, hit
+from cesaflow.lib.ratelimit import (
+    Bucket,
+    Exceeded,
+    Rate,
+    RateLimited,
+    RateLimitUnavailable,
+    ahit,
+    ahit_and_get,
+    hit,
+    hit_and_get,
+)
 from orgs.models import ApiKey
 from orgs.tenancy import OrgContext
 
@@ -140,6 +150,14 @@ def api_call(request: HttpRequest, context: OrgContext) -> None:
     exceeded = hit(counted, peeked=peeked, fail_open=True)
     if exceeded is not None:
         raise RateLimited(exceeded, message(exceeded))
+
+
+def api_call_and_generation(request: HttpRequest, context: OrgContext) -> tuple[Exceeded | None, str | None]:
+    """``api_call``'s count, and the authorization generation read in its round trip (``row_cache.token_of``: None
+    if it cannot be read); the limit it exceeds is returned, for the caller to raise once it trusts ``context``."""
+    counted, peeked = _call_buckets(context, _ip(request), gateway=False)
+    exceeded, value = hit_and_get(counted, peeked=peeked, fail_open=True, key=row_cache.GENERATION_KEY)
+    return exceeded, row_cache.token_of(value)
 
 
 async def agateway_call(request: HttpRequest, context: OrgContext) -> tuple[Exceeded | None, str | None]:

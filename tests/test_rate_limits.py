@@ -124,6 +124,31 @@ def test_rest_api_per_key_limit_gives_429_in_the_one_error_shape(cast, settings)
 
 
 @pytest.mark.django_db
+def test_a_key_held_by_the_api_gate_is_verified_again_after_any_change_and_each_call_counts_once(cast, settings):
+    """The REST API's gate holds a key it verified recently until its rate limits' round trip has read the
+    authorization generation (``OrgGateAuthentication``): trusted under the same generation, verified again after
+    any change anywhere (a revoked key refused at once), and each call counted once either way."""
+    settings.RATE_LIMIT_API_KEY = (4, DAY)
+    dev = cast.dev_a.api()
+    assert dev.get(RUNS).status_code == 200  # verified from the database, and held
+    assert dev.get(RUNS).status_code == 200  # held, and trusted under the same generation
+    cache.set(row_cache.GENERATION_KEY, "moved-by-an-unrelated-change", timeout=None)
+    assert dev.get(RUNS).status_code == 200  # held, not trusted: verified again
+    assert dev.get(RUNS).status_code == 200
+    _assert_rate_limited(dev.get(RUNS), scope="api-key", limit=4, window=DAY)  # the fifth: four counted
+
+    admin = cast.admin_a.api()
+    assert [admin.get(RUNS).status_code for _ in range(2)] == [200, 200]
+    # Another server process revokes it: the row and the shared generation change, this process's memory does not.
+    ApiKey.objects.filter(pk=cast.admin_a.api_key.pk).update(revoked_at=timezone.now())
+    cache.set(row_cache.GENERATION_KEY, "moved-by-the-revocation", timeout=None)
+    refused = admin.get(RUNS)
+    assert refused.status_code == 401
+    assert refused["WWW-Authenticate"] == 'Bearer realm="cesaflow"'
+    assert refused.content == APIClient(HTTP_X_API_KEY="not-a-key").get(RUNS).content  # as any bad key's
+
+
+@pytest.mark.django_db
 def test_rest_api_per_org_limit_counts_every_key_of_the_org(cast, settings):
     settings.RATE_LIMIT_API_ORG = (3, 60)
     keys = [cast.dev_a.api(), cast.admin_a.api()]

@@ -177,15 +177,15 @@ def _failed(scopes: Sequence[Bucket], fail_open: bool) -> None:
     raise RateLimitUnavailable(names)
 
 
-def _queued(pipe: Any, increments: Sequence[tuple[str, int]], reads: Sequence[str]) -> Any:
+def _queued(pipe: Any, increments: Sequence[tuple[str, int]], reads: Sequence[str], key: str | None = None) -> Any:
     """The one round trip's commands, on a sync or an asyncio Redis pipeline: INCR with the window's expiry per
-    counted bucket, GET per peeked one."""
-    for key, ttl in increments:
-        full = cache.make_key(key)
+    counted bucket, GET per peeked one, then GET of ``key`` if asked."""
+    for counter, ttl in increments:
+        full = cache.make_key(counter)
         pipe.incr(full)
         pipe.expire(full, ttl)
-    for key in reads:
-        pipe.get(cache.make_key(key))
+    for counter in [*reads, *([key] if key is not None else [])]:
+        pipe.get(cache.make_key(counter))
     return pipe
 
 
@@ -194,18 +194,26 @@ def hit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: 
     When the cache fails: None if ``fail_open``, else ``RateLimitUnavailable``."""
     if not counted and not peeked:
         return None
+    return hit_and_get(counted, peeked=peeked, fail_open=fail_open)[0]
+
+
+def hit_and_get(
+    counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: bool, key: str | None = None
+) -> tuple[Exceeded | None, Any]:
+    """``hit``, and the shared cache's value of ``key`` read in the same round trip (None when it has none, or when
+    the cache failed: then ``fail_open`` applies to the limits as in ``hit``)."""
     now = time.time()
     increments, reads = _plan(counted, peeked, now)
     try:
         if not settings.REDIS_URL:
             counts, seen = _count_locally(increments, reads)
-        else:
-            pipe = _queued(get_redis_connection("default").pipeline(transaction=False), increments, reads)
-            counts, seen = _split(pipe.execute(), len(increments))
+            return _verdict(counted, counts, peeked, seen, now), None if key is None else cache.get(key)
+        pipe = _queued(get_redis_connection("default").pipeline(transaction=False), increments, reads, key)
+        results = pipe.execute()
     except (RedisError, OSError):
-        _failed([*counted, *peeked], fail_open)
-        return None
-    return _verdict(counted, counts, peeked, seen, now)
+        _cache_failed(counted, peeked, fail_open, key)
+        return None, None
+    return _answered(counted, peeked, increments, results, now, key)
 
 
 async def ahit(counted: Sequence[Bucket], *, peeked: Sequence[Bucket] = (), fail_open: bool) -> Exceeded | None:
@@ -222,22 +230,34 @@ async def ahit_and_get(
     the cache failed: then ``fail_open`` applies to the limits as in ``hit``)."""
     client = aredis.client()
     if client is None:
-        exceeded = hit(counted, peeked=peeked, fail_open=fail_open)
-        return exceeded, None if key is None else cache.get(key)  # the local-memory cache: no I/O
+        return hit_and_get(counted, peeked=peeked, fail_open=fail_open, key=key)  # the local-memory cache: no I/O
     now = time.time()
     increments, reads = _plan(counted, peeked, now)
     try:
         async with client.pipeline(transaction=False) as pipe:
-            _queued(pipe, increments, reads)
-            if key is not None:
-                pipe.get(cache.make_key(key))
-            results = await pipe.execute()
+            results = await _queued(pipe, increments, reads, key).execute()
     except (RedisError, OSError):
-        if counted or peeked:
-            _failed([*counted, *peeked], fail_open)
-        else:
-            logger.warning("%s not read (the cache failed)", key, exc_info=True)
+        _cache_failed(counted, peeked, fail_open, key)
         return None, None
+    return _answered(counted, peeked, increments, results, now, key)
+
+
+def _cache_failed(counted: Sequence[Bucket], peeked: Sequence[Bucket], fail_open: bool, key: str | None) -> None:
+    if counted or peeked:
+        _failed([*counted, *peeked], fail_open)
+    else:
+        logger.warning("%s not read (the cache failed)", key, exc_info=True)
+
+
+def _answered(
+    counted: Sequence[Bucket],
+    peeked: Sequence[Bucket],
+    increments: Sequence[tuple[str, int]],
+    results: list[Any],
+    now: float,
+    key: str | None,
+) -> tuple[Exceeded | None, Any]:
+    """The verdict and ``key``'s decoded value from a pipeline's answers (``_queued``)."""
     value = None
     if key is not None:
         raw = results.pop()

@@ -1,10 +1,12 @@
 """The tenant gate for the REST API: every org-scoped endpoint subclasses ``OrgAPIView``.
 
-``initial()`` authenticates (``orgs.authentication.OrgAuthentication``: the one path), resolves the org from
-the credential, refuses a suspended org (403 ``org_suspended``) and checks the capability the view declares for
-the request's method. Subclasses declare ``capabilities`` and read ``self.org``; they cannot skip the gate:
-defining ``initial``, ``dispatch`` or their own authentication or permission classes is a ``TypeError`` at import
-time, and a view without a declaration refuses to serve.
+``initial()`` authenticates (``orgs.authentication.OrgAuthentication``: the one path; the gate's subclass of it
+holds a recently verified key until the rate limits' round trip has read the authorization generation, and
+verifies it again if anything changed), resolves the org from the credential, refuses a suspended org (403
+``org_suspended``) and checks the capability the view declares for the request's method. Subclasses declare
+``capabilities`` and read ``self.org``; they cannot skip the gate: defining ``initial``, ``dispatch`` or their own
+authentication or permission classes is a ``TypeError`` at import time, and a view without a declaration refuses
+to serve.
 """
 
 from __future__ import annotations
@@ -21,8 +23,19 @@ from rest_framework.request import Request
 
 from cesaflow.lib.api import ApiError, SafeJSONParser, check_query_and_path
 from cesaflow.lib.api_schema import ApiAutoSchema
+from cesaflow.lib.ratelimit import RateLimited
 from orgs import rate_limits
-from orgs.authentication import KeyPrincipal, OrgAuthentication, Principal, SessionPrincipal
+from orgs.authentication import (
+    ApiKeyUser,
+    AuthenticationError,
+    KeyPrincipal,
+    OrgGateAuthentication,
+    Principal,
+    SessionPrincipal,
+    api_key_verify,
+    held_generation,
+    request_api_key,
+)
 from orgs.models import ApiKey, Organization, User
 from orgs.permissions import ORG_SUSPENDED, suspension_message
 from orgs.sessions.store import SessionRecord
@@ -50,7 +63,7 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
     #: HTTP method -> capability required, e.g. ``{"GET": KEYS_READ, "POST": KEYS_WRITE}``.
     capabilities: ClassVar[dict[str, str]] = {}
 
-    authentication_classes = [OrgAuthentication]
+    authentication_classes = [OrgGateAuthentication]
     permission_classes = [IsAuthenticated]
     # JSON only, with deep nesting a 400 (settings name DRF's parser; this one is it, hardened).
     parser_classes = [SafeJSONParser]
@@ -91,13 +104,37 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         if required is None:
             raise exceptions.MethodNotAllowed(request.method or "")
         context = self._resolve_context(request)
-        rate_limits.api_call(request._request, context)  # per key (or user) and per org: 429 past a limit
+        generation = held_generation(request)
+        if generation is None:
+            rate_limits.api_call(request._request, context)  # per key (or user) and per org: 429 past a limit
+        else:
+            # A key held by the authentication (``OrgGateAuthentication``): counted, and the current generation
+            # read, in one round trip; trusted only under the generation it was verified under, else verified
+            # again before anything else happens. The counts are right either way (the key's and its org's).
+            exceeded, token = rate_limits.api_call_and_generation(request._request, context)
+            if token is None or token != generation:
+                context = self._verify_again(request)
+            if exceeded is not None:
+                raise RateLimited(exceeded, rate_limits.message(exceeded))
         if context.org.is_suspended:
             # Every org-scoped endpoint, reads included: the dashboard is where a suspended org's members read.
             raise ApiError(status.HTTP_403_FORBIDDEN, ORG_SUSPENDED, suspension_message(context.org))
         if not context.can(required):
             raise exceptions.PermissionDenied("Your role or API key scope does not allow this action.")
         self.org_context = context
+
+    @staticmethod
+    def _verify_again(request: Request) -> OrgContext:
+        """A held key that something may have changed since: verified as on a first request (``api_key_verify``),
+        with ``initial``'s answers to a bad one."""
+        try:
+            api_key = api_key_verify(request_api_key(request._request) or "")
+        except AuthenticationError as exc:
+            rate_limits.api_unauthenticated(request._request)
+            raise exceptions.AuthenticationFailed(exc.message, code=exc.code) from None
+        request.user = ApiKeyUser(api_key)  # type: ignore[assignment]  # as OrgAuthentication returns it to DRF
+        request.auth = api_key
+        return context_for_api_key(api_key)
 
     @staticmethod
     def _resolve_context(request: Request) -> OrgContext:
