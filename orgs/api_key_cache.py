@@ -48,6 +48,10 @@ def _key(rows: list[object]) -> ApiKey | None:
     return api_key
 
 
+def forget(*, digest: str) -> None:
+    cache.forget(digest)
+
+
 def touch(*, digest: str, api_key: ApiKey) -> None:
     """Keep the cached ``last_used_at`` current, so a hit does not write it again within the minute."""
     cache.update(digest, api_key)

@@ -162,6 +162,7 @@ def api_key_verify(presented: str) -> ApiKey:
     if api_key is None or not api_key.is_active():
         api_key = api_key_get_active_by_secret(secret=presented)
         if api_key is None:
+            api_key_cache.forget(digest=digest)  # held no more (``api_key_held``): its limits stop counting it
             raise invalid_api_key()
         api_key_cache.remember(digest=digest, api_key=api_key, token=token)
     api_key_record_use(api_key=api_key)
@@ -173,26 +174,27 @@ async def aapi_key_verify(presented: str, *, token: str | None) -> ApiKey:
     """``api_key_verify`` for the gateway's event loop, given the authorization generation the caller just read
     (``row_cache.ageneration``): a cached key whose use needs no new record costs no thread hop; anything else
     takes the sync path."""
-    digest = _presented_digest(presented)
-    api_key = api_key_cache.recall(digest=digest, token=token)
-    now = timezone.now()
-    if api_key is not None and api_key.is_active(now) and not api_key_use_due(api_key=api_key, now=now):
+    api_key = api_key_cache.recall(digest=_presented_digest(presented), token=token)
+    if api_key is not None and _usable_unrecorded(api_key):
         return api_key
     return await db_hop(api_key_verify)(presented)
+
+
+def _usable_unrecorded(api_key: ApiKey) -> bool:
+    """A cached key that is active now and whose use now needs no new record (``api_key_use_due``)."""
+    now = timezone.now()
+    return api_key.is_active(now) and not api_key_use_due(api_key=api_key, now=now)
 
 
 def api_key_held(presented: str) -> tuple[str, ApiKey] | None:
     """The key this process verified recently for ``presented`` and the authorization generation it was verified
     under, when using it now needs no new record: **not trusted yet**. A caller that reads the current generation
-    anyway, in a round trip of its own made after this (the gateway: its rate limits'), trusts the key only if the
-    two are the same, exactly as ``aapi_key_verify`` would have after reading it first; otherwise it verifies the
-    key with ``aapi_key_verify`` under the generation it read. Raises ``AuthenticationError`` for a malformed key."""
+    anyway, in a round trip of its own made after this (the rate limits'), trusts the key only if the two are the
+    same, exactly as ``api_key_verify`` and ``aapi_key_verify`` would have after reading it first; otherwise (also
+    when the generation could not be read) it verifies the key with one of them. Raises ``AuthenticationError`` for
+    a malformed key."""
     held = api_key_cache.held(digest=_presented_digest(presented))
-    if held is None:
-        return None
-    now = timezone.now()
-    api_key = held[1]
-    return held if api_key.is_active(now) and not api_key_use_due(api_key=api_key, now=now) else None
+    return held if held is not None and _usable_unrecorded(held[1]) else None
 
 
 def _presented_digest(presented: str) -> str:

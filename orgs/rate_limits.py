@@ -160,11 +160,15 @@ def api_call_and_generation(request: HttpRequest, context: OrgContext) -> tuple[
     return exceeded, row_cache.token_of(value)
 
 
-async def agateway_call(request: HttpRequest, context: OrgContext) -> tuple[Exceeded | None, str | None]:
-    """Count a gateway call per key and per org, in one async round trip; the limit it exceeds, if any, and the
-    authorization generation read in that round trip (``row_cache.token_of``: None if it cannot be read)."""
+async def agateway_call(
+    request: HttpRequest, context: OrgContext, *, generation: bool
+) -> tuple[Exceeded | None, str | None]:
+    """Count a gateway call per key and per org, in one async round trip; the limit it exceeds, if any, and with
+    ``generation`` the authorization generation read in that round trip (``row_cache.token_of``: None if it cannot
+    be read, or was not asked for)."""
     counted, peeked = _call_buckets(context, _ip(request), gateway=True)
-    exceeded, value = await ahit_and_get(counted, peeked=peeked, fail_open=True, key=row_cache.GENERATION_KEY)
+    key = row_cache.GENERATION_KEY if generation else None
+    exceeded, value = await ahit_and_get(counted, peeked=peeked, fail_open=True, key=key)
     return exceeded, row_cache.token_of(value)
 
 

@@ -1,6 +1,6 @@
-"""The pool's check on checkout (``cesaflow.lib.postgresql``), against the real server: a connection the server
-still holds passes without a round trip (Django's own connections too), one the server ended is refused and the
-pool hands out another, and one that only received something from the server is checked the library's way and
+"""The pool's check on checkout (``cesaflow.lib.postgresql``), against the real server: a connection handed back a
+moment ago passes without a round trip (Django's own connections too), one idle for longer is asked, one the server
+ended is refused and the pool hands out another, and one that only received something from the server is asked and
 kept."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cesaflow.lib.postgresql.base import check_pooled_connection
+from cesaflow.lib.postgresql.base import QUIET_TRUSTED_S, check_pooled_connection, handed_back
 
 pytestmark = pytest.mark.usefixtures("django_db_setup")
 
@@ -48,22 +48,32 @@ def _wait_readable(conn: psycopg.Connection[Any]) -> None:
         assert time.monotonic() < deadline, "the server never wrote to the idle connection"
 
 
-def test_a_connection_the_server_holds_passes_without_a_round_trip(params, admin):
+def test_a_connection_handed_back_a_moment_ago_passes_without_a_round_trip(params, admin):
     with psycopg.connect(**params) as conn:
         conn.execute("SELECT 1")
+        handed_back(conn)
         heard = _last_heard(admin, conn)
         check_pooled_connection(conn)
         assert _last_heard(admin, conn) == heard
-        conn.execute("SELECT 1")  # and it works
-        # What it replaces: psycopg_pool's own check asks the server each time.
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # and it works
+
+
+def test_a_connection_idle_for_longer_or_never_handed_back_is_asked(params, admin):
+    with psycopg.connect(**params) as conn:
+        conn.execute("SELECT 1")
         heard = _last_heard(admin, conn)
-        ConnectionPool.check_connection(conn)
+        check_pooled_connection(conn)  # opened by the pool itself: no hand-back known
+        assert _last_heard(admin, conn) > heard
+        handed_back(conn, at=time.monotonic() - QUIET_TRUSTED_S - 1)
+        heard = _last_heard(admin, conn)
+        check_pooled_connection(conn)  # its server may have gone without a word since
         assert _last_heard(admin, conn) > heard
 
 
 def test_a_connection_the_server_ended_is_refused(params, admin):
     with psycopg.connect(**params) as conn:
         conn.execute("SELECT 1")
+        handed_back(conn)
         # Waits (up to 10 s) until the backend has gone: its error and the socket's end are then on the way.
         assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,)).fetchone() == (True,)
         _wait_readable(conn)
@@ -75,6 +85,7 @@ def test_the_pool_replaces_a_connection_the_server_ended(params, admin):
     with ConnectionPool(kwargs=params, min_size=1, max_size=1, check=check_pooled_connection, open=True) as pool:
         with pool.connection() as conn:
             ended = conn.info.backend_pid
+            handed_back(conn)
         assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (ended,)).fetchone() == (True,)
         with pool.connection(timeout=10) as conn:  # the pool's only connection was the ended one
             assert conn.info.backend_pid != ended
@@ -86,6 +97,7 @@ def test_a_connection_that_only_received_something_is_asked_and_kept(params, adm
         conn.execute("LISTEN cesaflow_pool_check")
         admin.execute("NOTIFY cesaflow_pool_check")
         _wait_readable(conn)
+        handed_back(conn)
         heard = _last_heard(admin, conn)
         check_pooled_connection(conn)  # does not raise
         assert _last_heard(admin, conn) > heard  # it asked the server, which answered
@@ -98,8 +110,10 @@ def test_djangos_pooled_connections_are_checked_without_a_round_trip(admin):
 
     if not connection.settings_dict["OPTIONS"].get("pool"):
         pytest.skip("no pool configured")
-    connection.ensure_connection()
-    connection.close()  # back to the pool
+    size = connection.settings_dict["OPTIONS"]["pool"]["max_size"]
+    for _ in range(size + 1):  # every idle connection taken and handed back just now
+        connection.ensure_connection()
+        connection.close()
     rows = admin.execute(
         "SELECT pid, state_change FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     ).fetchall()

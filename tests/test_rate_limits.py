@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -374,6 +375,41 @@ async def test_a_redis_fault_fails_open_on_the_gateway(cast, redis_down, caplog)
     response = await AsyncClient().get("/api/v1/models", headers={"Authorization": f"Bearer {cast.dev_a.api_secret}"})
     assert response.status_code == 200
     assert "not counted (the cache failed): serving anyway" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_held_key_is_not_trusted_when_the_generation_cannot_be_read(cast, settings):
+    """Redis down: the rate limits' round trip reads no generation, so a held key is verified from the database (a
+    key revoked behind the caches' back, without the generation moving, is refused), on the REST API and the
+    gateway alike; rate limits fail open meanwhile."""
+    from asgiref.sync import sync_to_async
+    from django.test import AsyncClient
+
+    from orgs.authentication import api_key_held
+
+    for member in (cast.admin_a, cast.dev_a):
+        headers = {"Authorization": f"Bearer {member.api_secret}"}
+        for _ in range(2):
+            assert (await AsyncClient().get(RUNS, headers=headers)).status_code == 200
+            assert (await AsyncClient().get("/api/v1/models", headers=headers)).status_code == 200
+        assert api_key_held(member.api_secret) is not None  # the next call would take the held path
+    await sync_to_async(_revoke_quietly)([cast.admin_a.api_key.pk, cast.dev_a.api_key.pk])
+    dead = "redis://127.0.0.1:9/0"
+    options = {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5}
+    settings.CACHES = {
+        alias: {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": dead, "OPTIONS": options}
+        for alias in ("default", "sessions")
+    }
+    settings.REDIS_URL = dead
+    rest = await AsyncClient().get(RUNS, headers={"Authorization": f"Bearer {cast.admin_a.api_secret}"})
+    assert rest.status_code == 401
+    gateway = await AsyncClient().get("/api/v1/models", headers={"Authorization": f"Bearer {cast.dev_a.api_secret}"})
+    assert gateway.status_code == 401
+
+
+def _revoke_quietly(pks: list[Any]) -> None:
+    # ``update`` sends no signal: the generation does not move, as when it cannot be read to tell anyway.
+    ApiKey.objects.filter(pk__in=pks).update(revoked_at=timezone.now())
 
 
 def test_rates_read_in_words():

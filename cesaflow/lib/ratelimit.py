@@ -261,6 +261,9 @@ def _answered(
     value = None
     if key is not None:
         raw = results.pop()
-        value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]  # django-redis's
+        try:
+            value = None if raw is None else cache.client.decode(raw)  # type: ignore[attr-defined]  # django-redis's
+        except Exception:  # a value this cache cannot decode is no value: the caller's database path answers
+            logger.warning("%s unreadable in the cache", key, exc_info=True)
     counts, seen = _split(results, len(increments))
     return _verdict(counted, counts, peeked, seen, now), value

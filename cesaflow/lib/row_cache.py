@@ -144,26 +144,25 @@ class RowCache:
 
     def recall(self, key: Hashable, *, token: str | None) -> list[Any] | None:
         """Fresh instances for a cached key of the current generation, else None."""
-        held = None if token is None else self.held(key)
-        return held[1] if held is not None and held[0] == token else None
+        entry = None if token is None else self._fresh(key)
+        return None if entry is None or entry.generation != token else _instances(entry)
 
     def held(self, key: Hashable) -> tuple[str, list[Any]] | None:
         """The generation a fresh entry for ``key`` was cached under and fresh instances of its rows, whatever the
         current generation: *not to be trusted yet*. For a caller that reads the current generation in a round trip
         it makes anyway, after this, and trusts the rows only if the two are the same (as ``recall`` would have)."""
+        entry = self._fresh(key)
+        return None if entry is None else (entry.generation, _instances(entry))
+
+    def _fresh(self, key: Hashable) -> Entry | None:
         with self._lock:
             entry = self.entries.get(key)
-        if entry is None or time.monotonic() - entry.cached_at > self.ttl_s:
-            return None
-        rows = [model.from_db("default", list(fields), list(values)) for model, fields, values in entry.rows]
-        return entry.generation, rows
+        return None if entry is None or time.monotonic() - entry.cached_at > self.ttl_s else entry
 
     def holds(self, key: Hashable) -> bool:
         """Whether a fresh entry is kept for ``key``, whatever its generation: for what no change anywhere can make
         wrong (that the row was read, and what it could not stop being)."""
-        with self._lock:
-            entry = self.entries.get(key)
-        return entry is not None and time.monotonic() - entry.cached_at <= self.ttl_s
+        return self._fresh(key) is not None
 
     def forget(self, key: Hashable) -> None:
         with self._lock:
@@ -181,3 +180,7 @@ class RowCache:
     def clear(self) -> None:
         with self._lock:
             self.entries.clear()
+
+
+def _instances(entry: Entry) -> list[Any]:
+    return [model.from_db("default", list(fields), list(values)) for model, fields, values in entry.rows]

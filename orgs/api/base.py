@@ -15,6 +15,7 @@ from inspect import getattr_static
 from typing import Any, ClassVar
 
 from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import ImproperlyConfigured
 from rest_framework import exceptions, status
 from rest_framework.generics import GenericAPIView
@@ -48,6 +49,7 @@ GATE_ATTRIBUTES = frozenset(
         "initial",
         "dispatch",
         "initialize_request",
+        "_verify_again",
         "authentication_classes",
         "permission_classes",
         "get_authenticators",
@@ -110,7 +112,10 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         else:
             # A key held by the authentication (``OrgGateAuthentication``): counted, and the current generation
             # read, in one round trip; trusted only under the generation it was verified under, else verified
-            # again before anything else happens. The counts are right either way (the key's and its org's).
+            # again before anything else happens. A key that verifies counts once in its own and its org's limits,
+            # as on the other path; one that no longer does has cost them this request (once per process: it is
+            # then forgotten) and is answered as any bad key. Only the checks above, which read nothing of the
+            # key (a malformed query, a method the view does not serve), answer before it is confirmed.
             exceeded, token = rate_limits.api_call_and_generation(request._request, context)
             if token is None or token != generation:
                 context = self._verify_again(request)
@@ -130,6 +135,7 @@ class OrgAPIView(GenericAPIView):  # type: ignore[type-arg]
         try:
             api_key = api_key_verify(request_api_key(request._request) or "")
         except AuthenticationError as exc:
+            request.user, request.auth = AnonymousUser(), None  # as DRF leaves a request that failed authentication
             rate_limits.api_unauthenticated(request._request)
             raise exceptions.AuthenticationFailed(exc.message, code=exc.code) from None
         request.user = ApiKeyUser(api_key)  # type: ignore[assignment]  # as OrgAuthentication returns it to DRF

@@ -157,21 +157,22 @@ async def _authenticate(request: HttpRequest, capability: str) -> tuple[OrgConte
 
     A key this process verified recently costs one Redis round trip and no thread hop: its rate limits counted and
     the generation read together, the key trusted only if it was verified under that generation
-    (``api_key_held``); otherwise (a revocation, any change to keys, orgs or users) it is verified again, under the
-    generation read, before anything else happens. The counts are right either way: they are the key's and its
-    org's, which never change for a key."""
+    (``api_key_held``); otherwise (a revocation, any change to keys, orgs or users, a generation that could not be
+    read) it is verified again, under the generation read, before anything else happens. A key that verifies counts
+    once in its own and its org's limits, as on the other path; one that no longer does has cost them this call
+    (once per process: it is then forgotten) and is answered as any bad key."""
     try:
         presented = _presented_key(request)
         held = api_key_held(presented)
         if held is not None:
             context = context_for_api_key(held[1])
-            exceeded, token = await rate_limits.agateway_call(request, context)  # per key and per org
+            exceeded, token = await rate_limits.agateway_call(request, context, generation=True)
             if token is None or token != held[0]:
                 context = context_for_api_key(await aapi_key_verify(presented, token=token))
         else:
             token = await ageneration()
             context = context_for_api_key(await aapi_key_verify(presented, token=token))
-            exceeded, _ = await rate_limits.agateway_call(request, context)
+            exceeded, _ = await rate_limits.agateway_call(request, context, generation=False)
     except (ProxyError, AuthenticationError) as exc:
         # Missing and bad keys count per client IP (one async Redis round trip); past the limit, 429 for the 401.
         flood = await rate_limits.aapi_unauthenticated(request)
