@@ -346,6 +346,10 @@ def test_t22_on_the_gateway_past_the_threshold_while_another_ip_still_works(asgi
 
 @pytest.fixture
 def redis_down(settings):
+    return _take_redis_down(settings)
+
+
+def _take_redis_down(settings: Any) -> str:
     """Every cache and the async client point at a closed loopback port, as when Redis is down."""
     dead = "redis://127.0.0.1:9/0"
     options = {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5}
@@ -394,13 +398,7 @@ async def test_a_held_key_is_not_trusted_when_the_generation_cannot_be_read(cast
             assert (await AsyncClient().get("/api/v1/models", headers=headers)).status_code == 200
         assert api_key_held(member.api_secret) is not None  # the next call would take the held path
     await sync_to_async(_revoke_quietly)([cast.admin_a.api_key.pk, cast.dev_a.api_key.pk])
-    dead = "redis://127.0.0.1:9/0"
-    options = {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 0.5}
-    settings.CACHES = {
-        alias: {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": dead, "OPTIONS": options}
-        for alias in ("default", "sessions")
-    }
-    settings.REDIS_URL = dead
+    _take_redis_down(settings)
     rest = await AsyncClient().get(RUNS, headers={"Authorization": f"Bearer {cast.admin_a.api_secret}"})
     assert rest.status_code == 401
     gateway = await AsyncClient().get("/api/v1/models", headers={"Authorization": f"Bearer {cast.dev_a.api_secret}"})
