@@ -184,7 +184,8 @@ if _database_url.startswith(("postgres://", "postgresql://")):
     # in a thread of its own, so CONN_MAX_AGE would keep one connection per past thread and a new one per request.
     # Django requires CONN_MAX_AGE = 0 with the pool; closing a connection hands it back. Health checks make a
     # pooled connection that died (a restarted server) get replaced on checkout; Django's backend with a check that
-    # needs no round trip for a connection the server has said nothing to (``cesaflow.lib.postgresql``).
+    # needs no round trip for a connection handed back within the second that the server has said nothing to since
+    # (``cesaflow.lib.postgresql``).
     _pool_min = _env_int("CESAFLOW_DB_POOL_MIN", 2)
     _pool_max = _env_int("CESAFLOW_DB_POOL_MAX", 20, minimum=1)
     if _pool_min > _pool_max:

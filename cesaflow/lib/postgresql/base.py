@@ -44,8 +44,8 @@ def handed_back(conn: psycopg.Connection[Any], *, at: float | None = None) -> No
 
 def check_pooled_connection(conn: psycopg.Connection[Any]) -> None:
     """psycopg_pool's ``check``: return if ``conn`` may be handed out, raise if the server ended it."""
-    handed_back = _handed_back.get(conn)
-    if handed_back is not None and time.monotonic() - handed_back < QUIET_TRUSTED_S and not conn.closed:
+    returned_at = _handed_back.get(conn)
+    if returned_at is not None and time.monotonic() - returned_at < QUIET_TRUSTED_S and not conn.closed:
         quiet = select.poll()
         quiet.register(conn.fileno(), select.POLLIN)
         if not quiet.poll(0):  # nothing to read, no hang-up, no error
