@@ -210,6 +210,14 @@ elif _database_url:
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "cesaflow.sqlite3")}}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # One process writes from several threads (requests, the gateway's run ends, the inline executor). SQLite's
+    # default deferred transactions fail at once with "database is locked" when two that have read both want to write
+    # (neither can wait for the other); IMMEDIATE takes the write lock at BEGIN, so writers queue for up to
+    # ``timeout`` seconds instead, and WAL lets reads go on while one writes.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"transaction_mode": "IMMEDIATE", "timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -47,10 +47,11 @@ async def worker_kill(drill: Drill, row: Row) -> None:
     # Wait until worker A executes runs, ideally an agent run (its workspace must be cleaned up).
     if await drill.wait_db(ready, 20) is None:
         await drill.wait_db(lambda runs: bool(on_a(runs)), 10)
-    victims = on_a(await drill.db())
+    # One snapshot for both: a run worker A claimed between two reads would count as another worker's, yet die with A.
+    before = await drill.db()
+    victims = on_a(before)
     workspaces = [drill.cluster.workspace_root / uuid.UUID(r).hex for r in victims]
     workspaces = [path for path in workspaces if path.exists()]
-    before = await drill.db()
     others = [r for r, run in before.items() if run["status"] == "running" and r not in victims]
     drill.cluster.kill("worker-a")
     drill.killed.add("worker-a")

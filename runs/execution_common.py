@@ -7,10 +7,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -41,6 +41,8 @@ STOP_LOST = "lost"  # the run already ended elsewhere (reaped after a stalled he
 
 # How long recording what already happened (a run's end, a provider call's usage) waits for a database that went
 # away: PostgreSQL restarting must not lose what the provider bills (found by the deployment drill, deploy/drill.py).
+# How a write reaches its database thread (``record``).
+Hop: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Awaitable[Any]]]
 RECORD_RETRY_SECONDS = 300.0
 RECORD_RETRY_MAX_DELAY_SECONDS = 5.0
 
@@ -351,8 +353,9 @@ def _adapter(run: Run, key: ProviderKey, secret: Secret, limits: CallLimits) -> 
     )
 
 
-async def record(func: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """``func(**kwargs)`` in a database thread, retried with backoff while the database is unreachable, for up to
+async def record(func: Callable[..., Any], /, *, hop: Hop = database_sync_to_async, **kwargs: Any) -> Any:
+    """``func(**kwargs)`` in a database thread (``hop(func)``: Channels' by default, ``cesaflow.lib.hops.db_hop`` on
+    the gateway), retried with backoff while the database is unreachable or busy, for up to
     ``RECORD_RETRY_SECONDS``: for writes of what already happened, which must land once the database is back. The
     run keeps its executor slot (and its heartbeat) meanwhile; if it is reaped before, ``run_finish`` keeps the
     reaper's outcome and still adds the usage."""
@@ -360,7 +363,7 @@ async def record(func: Callable[..., Any], /, **kwargs: Any) -> Any:
     delay = 0.25
     while True:
         try:
-            return await database_sync_to_async(func)(**kwargs)
+            return await hop(func)(**kwargs)
         except (OperationalError, InterfaceError) as exc:
             if time.monotonic() + delay > deadline:
                 raise

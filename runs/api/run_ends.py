@@ -12,9 +12,11 @@ client sees (the answer is out; the run's page hears ``run.finished`` that much 
 Nothing is lost that was not lost before: an end waits in this process's memory only as long as the linger and
 the write (as a call's end always waited for its own write); the caller's task awaits it, so a graceful shutdown's
 ``drain_background`` waits for it too; a process that dies meanwhile leaves its runs ``running`` for the reaper
-(``runs_reap_lost``: ``worker_lost``), as a death during the write always did. A batch that fails is written again
-one end at a time, so one end the database refuses (its own failure, logged by its caller) does not take the
-others with it.
+(``runs_reap_lost``: ``worker_lost``), as a death during the write always did. While the database is unreachable
+or busy (a restart, SQLite's lock), a batch is written again with backoff (``runs.execution_common.record``, as an
+executor records its runs' ends), the ends that come meanwhile waiting behind it; a batch that fails otherwise is
+written again one end at a time, so one end the database refuses (its own failure, logged by its caller) does not
+take the others with it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import weakref
 from typing import Final
 
 from cesaflow.lib.hops import db_hop
+from runs.execution_common import record
 from runs.models import Run
 from runs.services import RunEnd, runs_finish
 
@@ -63,7 +66,7 @@ class _Writer:
                     self.lingering = None
             batch, self.queue = self.queue[:MAX_BATCH], self.queue[MAX_BATCH:]
             try:
-                runs = await db_hop(runs_finish)([end for end, *_ in batch])
+                runs = await record(runs_finish, hop=db_hop, ends=[end for end, *_ in batch])
             except Exception as exc:
                 if len(batch) == 1:
                     _settle(batch[0][1], exc)

@@ -43,6 +43,9 @@ logger = logging.getLogger("cesaflow.runs")
 # After asking its runs to stop at shutdown, an executor waits this long for them to record their end.
 STOP_RECORD_TIMEOUT_SECONDS = 10.0
 CLAIM_BATCH = 20
+# A supervision tick that waited for the database longer than this fraction of a heartbeat counts as one that lost
+# it (``Executor._reap``): normal ticks take milliseconds; a tick this slow on every heartbeat only delays reaping.
+WAITED_LOST_FRACTION = 0.5
 # Audit events and webhook delivery ids are purged this often by every reaping executor (cheap, idempotent).
 RETENTION_INTERVAL_SECONDS = 3600.0
 
@@ -115,9 +118,10 @@ class Executor:
         self._idle: asyncio.Event | None = None
         self._started = False
         self._next_retention = 0.0
-        # After this executor lost the database (a supervision tick failed), it reaps nothing for stale-after
-        # seconds once the database answers again: every heartbeat missed during the outage, the live executors'
-        # too, looks stale, and their runs must not be reaped before they had a chance to heartbeat.
+        # After this executor lost the database (a supervision tick failed, or waited for it longer than
+        # ``_reap``'s ``WAITED_LOST_FRACTION`` of a heartbeat), it reaps nothing for stale-after seconds once the
+        # database answers again: every heartbeat missed during the outage, the live executors' too, looks stale,
+        # and their runs must not be reaped before they had a chance to heartbeat.
         self._database_lost = False
         self._reap_not_before = 0.0
         self._stopping = False
@@ -319,7 +323,7 @@ class Executor:
                     await self._heartbeat()
                 if config.reap and not self._stopping and now >= next_reap:
                     next_reap = now + config.heartbeat_s
-                    await self._reap()
+                    await self._reap(tick_started=now)
                 if self._claims and not self._stopping and (now >= next_claim or woken):
                     next_claim = now + config.poll_s
                     await self.claim_queued()
@@ -365,12 +369,21 @@ class Executor:
                 # Group memberships expire (a day by default): renew ours as long as we are alive.
                 await layer.group_add(events.WORKERS_GROUP, channel)
 
-    async def _reap(self) -> None:
+    async def _reap(self, *, tick_started: float | None = None) -> None:
+        """Expire unwatched runs, reap lost ones, purge what retention says. ``tick_started``: when this
+        supervision tick began (its cancel checks and heartbeat came first), or now."""
+        loop = asyncio.get_running_loop()
+        started = loop.time() if tick_started is None else tick_started
         window = timedelta(seconds=settings.RUN_ATTACH_WINDOW_SECONDS)
         expired = await database_sync_to_async(runs_expire_unwatched)(window=window)
         if expired:
             logger.info("executor %s: %d run(s) cancelled, not watched in time", self.worker_id, len(expired))
-        now = asyncio.get_running_loop().time()
+        now = loop.time()
+        # A tick that waited this long got its answer only when the database came back (a restart shorter than the
+        # pool's timeout fails nothing): the live executors waited as long to heartbeat. The drill's PostgreSQL
+        # restart found it, its runs reaped a moment after the database returned.
+        if now - started > self.config.heartbeat_s * WAITED_LOST_FRACTION:
+            self._database_lost = True
         if self._database_lost:  # this tick reached the database again (the expiry above did): a grace first
             self._database_lost = False
             self._reap_not_before = now + self.config.stale_after_s

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from keys.models import KeyStatus, ProviderKey
@@ -264,10 +265,10 @@ UNATTENDED_RUN_LIMIT = timedelta(minutes=15)
 
 
 def run_heartbeat(*, run_ids: list[uuid.UUID], worker_id: str) -> int:
-    """Proof of life for the runs a worker is executing (one UPDATE); returns how many are still running."""
-    return Run.objects.filter(id__in=run_ids, worker_id=worker_id, status=RunStatus.RUNNING).update(
-        heartbeat_at=timezone.now()
-    )
+    """Proof of life for the runs a worker is executing (one UPDATE); returns how many are still running. Stamped
+    with the database's clock when the statement runs (``runs_reap_lost`` reads it with the same clock): a heartbeat
+    that waited for a connection (the database restarting) is not written already as old as the wait."""
+    return Run.objects.filter(id__in=run_ids, worker_id=worker_id, status=RunStatus.RUNNING).update(heartbeat_at=Now())
 
 
 @transaction.atomic
@@ -381,10 +382,12 @@ def runs_reap_lost(*, stale_after: timedelta, unattended_after: timedelta = UNAT
     ``unattended_after`` outlived any call's deadline: its process died before recording the end.
     """
     now = timezone.now()
+    # The database's clock, as heartbeats are stamped (``run_heartbeat``): no skew between hosts' clocks.
     lost = list(
         Run.objects.select_for_update(skip_locked=True)
         .filter(
-            Q(heartbeat_at__lt=now - stale_after) | Q(heartbeat_at__isnull=True, started_at__lt=now - unattended_after),
+            Q(heartbeat_at__lt=Now() - stale_after)
+            | Q(heartbeat_at__isnull=True, started_at__lt=Now() - unattended_after),
             status=RunStatus.RUNNING,
         )
         .order_by("org_id", "id")  # budget rows are updated in the same order by every reaper

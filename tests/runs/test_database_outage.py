@@ -8,9 +8,10 @@ import asyncio
 import time
 from datetime import timedelta
 
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from runs import execution_common
@@ -102,3 +103,24 @@ async def test_executor_back_from_a_database_outage_still_reaps_a_dead_executors
         await executor._reap()
     finished = await Run.objects.aget(id=run.id)
     assert (finished.status, finished.error_kind) == (RunStatus.FAILED, "worker_lost")
+
+
+async def test_executor_whose_tick_waited_for_the_database_waits_stale_after_before_reaping(cast, simulator):
+    # A restart shorter than the pool's timeout fails nothing: the tick's first statement just waits for the database
+    # to answer, as every live executor's heartbeat does. Here the wait is real: the runs table locked meanwhile.
+    run = await _stale_run(cast, simulator)
+    executor = make_executor(reap=True, heartbeat_s=0.2, stale_after_s=1.0)
+    with psycopg.connect(**connection.get_connection_params()) as holder:
+        holder.execute(f"LOCK TABLE {Run._meta.db_table} IN ACCESS EXCLUSIVE MODE")
+        asyncio.get_running_loop().call_later(0.5, holder.commit)
+        await executor._reap()
+    assert (await Run.objects.aget(id=run.id)).status == RunStatus.RUNNING, "reaped the moment the database answered"
+    assert executor._reap_not_before > asyncio.get_running_loop().time()
+
+
+async def test_executor_whose_tick_did_not_wait_reaps_a_stale_run_at_once(cast, simulator):
+    run = await _stale_run(cast, simulator)
+    executor = make_executor(reap=True, heartbeat_s=0.2, stale_after_s=1.0)
+    await executor._reap()
+    reaped = await Run.objects.aget(id=run.id)
+    assert (reaped.status, reaped.error_kind) == (RunStatus.FAILED, "worker_lost")

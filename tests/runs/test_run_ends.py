@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -185,7 +186,7 @@ async def test_an_end_a_response_waits_for_goes_at_once_with_those_lingering(cas
     assert (await asyncio.wait_for(later, timeout=10)).finished_at == now.finished_at  # in the same transaction
 
 
-SQLITE_ENDS = """
+SQLITE_SETUP = """
 import django
 django.setup()
 from django.core.management import call_command
@@ -201,19 +202,71 @@ org = organization_create(name="Dev", admin=user, slug="dev")
 key = provider_key_create(org=org, actor=user, provider=Provider.OPENAI, label="k", secret="sk-test-dev-0123456789")
 runs = [
     run_create(org=org, actor=user, provider_key_id=key.id, model="m", kind=RunKind.COMPLETION, token_estimate=9)
-    for _ in range(3)
+    for _ in range(RUNS)
 ]
 used = [UsageEntry("openai", "m", 2, 3, True)]
-runs_finish([RunEnd(run.id, RunStatus.SUCCEEDED, used, held_run=run) for run in runs])
-print(sorted({(run.status, run.total_tokens) for run in Run.objects.all()}), UsageRecord.objects.count())
 """
+
+
+def _sqlite_script(tmp_path: Path, script: str, *, runs: int) -> str:
+    """``script`` after ``SQLITE_SETUP`` (``runs`` completions, running) in a process of its own on a SQLite file, as
+    ``make run`` (or a ``sqlite://`` ``DATABASE_URL``) configures it; what the script printed last."""
+    env = fresh_clone_env(CESAFLOW_DEBUG="true", DATABASE_URL=f"sqlite:///{tmp_path / 'dev.sqlite3'}")
+    code = SQLITE_SETUP.replace("RUNS", str(runs)) + script
+    argv = [sys.executable, "-c", code]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split("\n")[-2]
 
 
 def test_make_runs_sqlite_database_ends_runs_in_batches_too(tmp_path):
     # `make run` serves from SQLite, which has no UNNEST: the batch's update takes the per-run path there.
-    env = fresh_clone_env(CESAFLOW_DEBUG="true", DATABASE_URL=f"sqlite:///{tmp_path / 'dev.sqlite3'}")
-    result = subprocess.run(
-        [sys.executable, "-c", SQLITE_ENDS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split("\n")[-2] == "[('succeeded', 5)] 3"
+    script = """
+runs_finish([RunEnd(run.id, RunStatus.SUCCEEDED, used, held_run=run) for run in runs])
+print(sorted({(run.status, run.total_tokens) for run in Run.objects.all()}), UsageRecord.objects.count())
+"""
+    assert _sqlite_script(tmp_path, script, runs=3) == "[('succeeded', 5)] 3"
+
+
+def test_sqlite_writers_in_several_threads_wait_for_each_other_instead_of_failing(tmp_path):
+    # A server's threads end runs (and write whatever else) side by side. Each end reads its run, then writes: with
+    # SQLite's default deferred transactions two such writers meet as "database is locked" at once, and the gateway
+    # lost the end (found by the fresh-clone walkthrough in CI).
+    script = """
+import threading
+from django.db import connection
+failures = []
+def end(share):
+    try:
+        for run in share:
+            runs_finish([RunEnd(run.id, RunStatus.SUCCEEDED, used)])
+    except Exception as exc:
+        failures.append(type(exc).__name__)
+    finally:
+        connection.close()
+threads = [threading.Thread(target=end, args=(runs[n::4],)) for n in range(4)]
+[thread.start() for thread in threads]
+[thread.join() for thread in threads]
+print(failures, Run.objects.filter(status=RunStatus.SUCCEEDED).count(), UsageRecord.objects.count())
+"""
+    assert _sqlite_script(tmp_path, script, runs=80) == "[] 80 80"
+
+
+def test_the_gateways_writer_writes_an_end_again_once_the_database_answers(tmp_path):
+    # The database busy for a moment (here: another connection holds SQLite's write lock longer than a writer waits;
+    # on PostgreSQL, a restart) must not lose a run's end and the usage its provider bills.
+    script = """
+import asyncio, sqlite3, threading, time
+from django.conf import settings
+from django.db import connection
+from runs.api.run_ends import record_end
+connection.close()
+settings.DATABASES["default"]["OPTIONS"]["timeout"] = 0.1  # a writer gives up on the lock after 0.1 s
+holder = sqlite3.connect(settings.DATABASES["default"]["NAME"], check_same_thread=False)
+holder.execute("BEGIN EXCLUSIVE")
+threading.Timer(1.0, holder.commit).start()
+run = runs[0]
+written = asyncio.run(record_end(RunEnd(run.id, RunStatus.SUCCEEDED, used, held_run=run)))
+print(written.status, Run.objects.get(id=run.id).status, UsageRecord.objects.filter(run_id=run.id).count())
+"""
+    assert _sqlite_script(tmp_path, script, runs=1) == "succeeded succeeded 1"
