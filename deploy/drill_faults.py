@@ -5,9 +5,12 @@ in ``deploy/drill.py`` before each drill runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import signal
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -160,7 +163,7 @@ async def postgres_restart(drill: Drill, row: Row) -> None:
     api, ready = Tally(), Tally()
     slowest = 0.0
     drill.cluster.stop_postgres()
-    stopped_at = time.monotonic()
+    stopped_at, stopped_clock = time.monotonic(), _clock()
     turn = 0
     while time.monotonic() - stopped_at < drill.plan.outage_seconds:
         base = drill.bases()[turn % 2]
@@ -175,7 +178,7 @@ async def postgres_restart(drill: Drill, row: Row) -> None:
             slowest = max(slowest, time.monotonic() - sent)
         await asyncio.sleep(0.2)
     drill.cluster.start_postgres_again()
-    back_at = time.monotonic()
+    back_at, back_clock = time.monotonic(), _clock()
     recovered: float | None = None
     while time.monotonic() - back_at < 60:
         try:
@@ -194,6 +197,7 @@ async def postgres_restart(drill: Drill, row: Row) -> None:
         1 for r, run in zip(ids, victims, strict=True) if run["usage_rows"] == calls_served.get(drill.runs[r].nonce)
     )
     statuses = ", ".join(run["status"] + (f"/{run['error_kind']}" if run["error_kind"] else "") for run in victims)
+    reapers = _reapers(drill, [r for r, run in zip(ids, victims, strict=True) if run["error_kind"] == "worker_lost"])
     row.passed = (
         set(api.counts) == {"503"}
         and set(ready.counts) == {"503"}
@@ -206,9 +210,27 @@ async def postgres_restart(drill: Drill, row: Row) -> None:
     row.observed = (
         f"during {drill.plan.outage_seconds:g} s down: API {api}, /readyz {ready}, slowest answer {slowest:.1f} s "
         f"(pool timeout {pool_timeout:g} s); all 200 again {secs(recovered)} after PostgreSQL was back; "
-        f"{len(ids)} runs that ended during the outage: {statuses}, usage rows = calls served for {exact}"
+        f"{len(ids)} runs that ended during the outage: {statuses}{reapers}, usage rows = calls served for {exact}"
     )
+    if not row.passed:
+        row.observed += f"; PostgreSQL stopped at {stopped_clock}, started again at {back_clock}"
     row.timings = f"503 within {slowest:.1f} s, recovered {secs(recovered)} after restart"
+
+
+def _clock() -> str:
+    """Now, as the processes' logs write it (UTC, to the millisecond)."""
+    return datetime.now(UTC).strftime("%H:%M:%S.%f")[:12]
+
+
+def _reapers(drill: Drill, run_ids: list[str]) -> str:
+    """Which processes logged reaping these runs, and when (what a failed row needs; the drill's logs are gone)."""
+    seen = []
+    for child in drill.cluster.children.values():
+        for line in child.log_tail(5000).splitlines():
+            if "reaped" in line and any(run_id in line for run_id in run_ids):
+                with contextlib.suppress(ValueError, AttributeError):
+                    seen.append(f"{child.name} at {json.loads(line)['time'][11:23]}")
+    return f" (reaped by {'; '.join(seen)})" if seen else ""
 
 
 async def redis_restart(drill: Drill, row: Row) -> None:
