@@ -33,6 +33,8 @@ from django.urls import set_script_prefix
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 
+from cesaflow.lib.hops import REQUEST_THREADS
+
 GATEWAY_PATHS: Final = frozenset({"/api/v1/chat/completions", "/api/v1/models"})
 
 # A subset of settings.MIDDLEWARE, in the same order (tests/test_gateway.py holds them to that).
@@ -112,6 +114,14 @@ class PageASGIHandler(ASGIHandler):
         in_one_hop = sync_to_async(self._get_response, thread_sensitive=True)  # type: ignore[attr-defined]
         response: HttpResponseBase = await in_one_hop(request)
         return response
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """``ASGIHandler.__call__`` (Django 5.2), the request's thread lent from a pool rather than started for it
+        (``cesaflow.lib.hops.RequestThreads``)."""
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        async with REQUEST_THREADS.request_thread():
+            await self.handle(scope, receive, send)
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         """``ASGIHandler.handle`` (Django 5.2) with ``request_started`` sent on the loop rather than in a thread hop.
