@@ -41,10 +41,10 @@ STOP_LOST = "lost"  # the run already ended elsewhere (reaped after a stalled he
 
 # How long recording what already happened (a run's end, a provider call's usage) waits for a database that went
 # away: PostgreSQL restarting must not lose what the provider bills (found by the deployment drill, deploy/drill.py).
-# How a write reaches its database thread (``record``).
-Hop: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Awaitable[Any]]]
 RECORD_RETRY_SECONDS = 300.0
 RECORD_RETRY_MAX_DELAY_SECONDS = 5.0
+# How a write reaches its database thread (``record``).
+Hop: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Awaitable[Any]]]
 
 # Our own explanation per failure kind. Provider messages are never shown or stored: they can quote the request.
 FAILURE_MESSAGES: dict[str, str] = {
