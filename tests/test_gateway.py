@@ -257,6 +257,21 @@ async def test_a_pages_thread_is_kept_for_the_next_request_and_never_shared_by_t
     assert threads[-1] is not threads[-2]
 
 
+def test_a_request_thread_goes_back_without_a_database_connection():
+    # The next request must find its thread as a fresh one: a connection left open (the server may have ended it
+    # since) would be used without any check.
+    from django.db import connections
+
+    pool = RequestThreads(keep=1)
+    executor = pool.borrow()
+    executor.submit(lambda: connections["default"].ensure_connection()).result(timeout=5)  # that thread's own
+    assert executor.submit(lambda: connections["default"].connection).result(timeout=5) is not None
+    pool.give_back(executor)
+    assert executor.submit(lambda: connections["default"].connection).result(timeout=5) is None
+    assert pool.borrow() is executor
+    executor.shutdown()
+
+
 def test_a_request_thread_still_busy_is_lent_again_only_once_its_work_is_done():
     # A view whose request was cancelled (its client left) runs on to its end in its thread.
     pool = RequestThreads(keep=1)

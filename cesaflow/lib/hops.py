@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
-from django.db import connection
+from django.db import connection, connections
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,6 +69,11 @@ class RequestThreads:
 
     def give_back(self, executor: ThreadPoolExecutor) -> None:
         def idle() -> None:  # in the executor's thread, once everything queued before it has run
+            # As a fresh thread would: no database connection carried into the next request. ``request_finished``
+            # closes the view's; this catches any opened after it (work outliving its request), which the next
+            # request would otherwise use unchecked (Django checks connections at a request's start only in the
+            # thread that sends ``request_started``: the loop's, here).
+            connections.close_all()
             if len(self._idle) < self.keep:
                 self._idle.append(executor)
             else:
