@@ -12,6 +12,7 @@ pool of threads kept from request to request (``RequestThreads``) rather than st
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.db import connection, connections
+
+logger = logging.getLogger("cesaflow.requests")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,7 +76,12 @@ class RequestThreads:
             # closes the view's; this catches any opened after it (work outliving its request), which the next
             # request would otherwise use unchecked (Django checks connections at a request's start only in the
             # thread that sends ``request_started``: the loop's, here).
-            connections.close_all()
+            try:
+                connections.close_all()
+            except Exception as exc:  # its thread's state is in doubt: retired, not lent again
+                logger.warning("a request thread's database connection did not close (%s)", type(exc).__name__)
+                executor.shutdown(wait=False)
+                return
             if len(self._idle) < self.keep:
                 self._idle.append(executor)
             else:
