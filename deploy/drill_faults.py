@@ -228,7 +228,7 @@ def _reapers(drill: Drill, run_ids: list[str]) -> str:
     for child in drill.cluster.children.values():
         for line in child.log_tail(5000).splitlines():
             if "reaped" in line and any(run_id in line for run_id in run_ids):
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line not of our JSON logs
                     seen.append(f"{child.name} at {json.loads(line)['time'][11:23]}")
     return f" (reaped by {'; '.join(seen)})" if seen else ""
 

@@ -296,6 +296,7 @@ def test_a_request_thread_still_busy_is_lent_again_only_once_its_work_is_done():
         assert time.monotonic() < deadline, "an executor beyond keep was not shut down"
         time.sleep(0.01)
     assert pool.borrow() is busy
+    busy.shutdown()
 
 
 async def test_pages_keep_what_their_middleware_does(cast):
