@@ -65,7 +65,7 @@ from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
 from runs.services import run_request_cancel
-from runs.watching import WatchStart, awatch_start
+from runs.watching import WatchStart, awatch_start, subscribe
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -124,15 +124,21 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         self.principal, self.org_context = principal, context
         return context
 
-    async def join_revocations(self, *also: str) -> None:
+    async def join_revocations(self, *also: str, watching: bool = False) -> str | None:
         """Listen for revocation signals (before the check that follows ``connect``'s, so none is missed), and join
-        the groups ``also`` names in the same round trip."""
+        the groups ``also`` names in the same round trip. ``watching``: a run's watcher, which gets the token its
+        ``awatch_start`` needs read with the join (``runs.watching.subscribe``); None otherwise."""
         if self.principal is None or self.org_context is None:
-            return
+            return None
         groups = [*also, revocation.org_group(self.org_context.org.pk)]
         if isinstance(self.principal, SessionPrincipal):
             groups.append(revocation.user_group(self.principal.user.pk))
-        await self.join(*groups)
+        if not watching:
+            await self.join(*groups)
+            return None
+        token = await subscribe(self.channel_layer, groups, self.channel_name, principal=self.principal)
+        self._joined.extend(groups)
+        return token
 
     async def watch_credentials(self) -> None:
         """After accepting: listen for revocation signals, check once more, then re-check on a timer."""
@@ -232,12 +238,12 @@ class RunConsumer(_RunEventsConsumer):
         # Join before taking the snapshot: an event published in between is then queued for us, not missed. The
         # run's group is joined before the run is looked up (in the hop below, so the run is read once on the path
         # to its first words): nothing is forwarded until it is found to be the caller's org's (``forwarding``).
-        await self.join_revocations(events.run_group(run_id))
+        token = await self.join_revocations(events.run_group(run_id), watching=True)
         await self.accept()
         # One hop: the credentials once more, the snapshot, and start on attach (now that this socket receives the
         # run's events, a waiting run may call the provider, and an unwatched one is recorded as watched).
         try:
-            start = await awatch_start(principal=self.principal, context=context, run_id=run_id)
+            start = await awatch_start(principal=self.principal, context=context, run_id=run_id, token=token)
         except Exception:
             logger.warning("websocket credentials could not be re-checked; closing", exc_info=True)
             start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed

@@ -2,7 +2,8 @@
 
 The watcher subscribes to the run's group first (an event published meanwhile is queued, not missed), then this
 hop checks the credentials once more (a revocation committed before the subscription was not heard; for an org API
-key verified recently that check is answered on the event loop, ``revalidate_cached``), takes the
+key verified recently that check is answered on the event loop, ``revalidate_cached``, under the authorization
+generation read in the subscription's own round trip, ``subscribe``), takes the
 run's snapshot and attaches a run that waits for its watcher (start on attach). Where this process executes runs
 (the inline executor, with a free slot), the run is claimed for it in the attach's transaction and starts at once,
 without a hand-over and a claim of its own. Each of these was a hop of its own; on the path to a run's first words
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from channels.db import database_sync_to_async
 
 from cesaflow.lib import row_cache
+from cesaflow.lib.channel_layer import join_groups
 from cesaflow.lib.row_cache import RowCache
 from keys.models import ProviderKey
 from orgs.authentication import KeyPrincipal, Principal, revalidate, revalidate_cached
@@ -121,19 +125,28 @@ def _started(run: Run, attached: Attached) -> WatchStart:
     )
 
 
+async def subscribe(layer: Any, groups: Sequence[str], channel: str, *, principal: Principal) -> str | None:
+    """Join a watcher's ``groups`` (the run's, the revocation signals'); for an org API key, return the
+    authorization generation read after the join, in its round trip (``row_cache.ajoin_then_generation``): the
+    ``token`` of ``awatch_start``. None for a session, whose verdict the hop reads."""
+    if isinstance(principal, KeyPrincipal):
+        return await row_cache.ajoin_then_generation(layer, groups, channel)
+    await join_groups(layer, groups, channel)
+    return None
+
+
 async def awatch_start(
-    *, principal: Principal, context: OrgContext, run_id: uuid.UUID, created: Run | None = None
+    *, principal: Principal, context: OrgContext, run_id: uuid.UUID, token: str | None, created: Run | None = None
 ) -> WatchStart:
     """``watch_start`` from the event loop, claiming the run for this process's executor when it has a slot. A run
     claimed for it is handed over even if the caller is cancelled meanwhile (its client left): once claimed, only
     this executor runs it; so is a run attached and not claimed here, to the executors (``runs.executor.submit``,
-    from this loop: the caller's snapshot does not wait for the workers' nudge). ``created``: see
-    ``watch_start``."""
+    from this loop: the caller's snapshot does not wait for the workers' nudge). ``token``: what ``subscribe``
+    returned (read after the watcher joined its groups, never before). ``created``: see ``watch_start``."""
     from runs import executor  # the executor imports services; import at call time
 
     # An org API key (an IDE or a CLI, which creates a run and then watches it): its verdict and the run it
-    # created come from this process's caches (no database read). A session's are read in the hop.
-    token = await row_cache.ageneration() if isinstance(principal, KeyPrincipal) else None
+    # created come from this process's caches (no database read), under ``token``. A session's are read in the hop.
     cached = revalidate_cached(principal, context, token=token)
     if cached is not None and cached.refused is not None:
         return WatchStart(refused=cached.refused, run=None)

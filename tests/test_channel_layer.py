@@ -109,6 +109,26 @@ async def test_group_add_many_joins_every_group_with_its_expiry(layer):
     assert [(await layer.receive(channel))["n"] for _ in range(2)] == [1, 2]
 
 
+async def test_group_add_many_reads_a_key_in_its_round_trip_once_joined(layer):
+    """``then_get``: the key's raw value, read after the joins (the authorization generation of a run's watcher);
+    None when the key has none or holds what GET cannot read, and the join holds either way."""
+    channel = await layer.new_channel()
+    connection = layer.connection(0)
+    await connection.set("cf-test:then-get", b"token")
+    await connection.sadd("cf-test:a-set", "member")
+    try:
+        assert await layer.group_add_many(["one", "two"], channel, then_get="cf-test:then-get") == b"token"
+        assert await layer.group_add_many(["three"], channel, then_get="cf-test:missing") is None
+        assert await layer.group_add_many(["four"], channel, then_get="cf-test:a-set") is None
+        for group in ("one", "two", "three", "four"):
+            assert await connection.zrange(layer._group_key(group), 0, -1) == [channel.encode()]
+    finally:
+        await connection.delete("cf-test:then-get", "cf-test:a-set")
+    sharded = RedisChannelLayer(hosts=[{"address": "redis://127.0.0.1:1/0"}] * 2)
+    with pytest.raises(ValueError, match="one Redis host"):
+        await sharded.group_add_many(["one"], await sharded.new_channel(), then_get="cf-test:then-get")
+
+
 async def test_a_full_channel_misses_the_message_and_the_others_still_get_it(layer):
     other_process = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)  # its channels live under another key
     small = await other_process.new_channel()

@@ -7,7 +7,9 @@ published four of them, eight round trips (issue #13); and every event a watcher
 to its screen. Here ``group_send_many`` reads the members of all the groups it is given in one pipelined round trip
 and stops there if none has any; otherwise it queues every message in a second one. Joining is the same:
 ``group_add_many`` adds a channel to several groups (each an add and an expiry) in one round trip, where
-channels_redis awaits two commands per group (a run's websocket joins three groups before its first event).
+channels_redis awaits two commands per group (a run's websocket joins three groups before its first event); it
+reads a key in that round trip too, after the joins (a run's watcher reads the authorization generation there:
+``row_cache.ajoin_then_generation``).
 
 Messages for this process's own channels do not travel through Redis: a group send hands each message to every
 member channel created by this instance (``new_channel``) at once, on the loop that receives them, and queues it in
@@ -84,31 +86,55 @@ class RedisChannelLayer(_RedisChannelLayer):  # type: ignore[misc]  # channels_r
     async def group_add(self, group: str, channel: str) -> None:
         await self.group_add_many([group], channel)
 
-    async def group_add_many(self, groups: Iterable[str], channel: str) -> None:
+    def is_at(self, url: str) -> bool:
+        """Whether this layer's one Redis is the one at ``url`` (a key read through the layer is that Redis's)."""
+        return len(self.hosts) == 1 and self.hosts[0].get("address") == url
+
+    async def group_add_many(self, groups: Iterable[str], channel: str, *, then_get: str | None = None) -> Any:
         """Add ``channel`` to each of ``groups``: one pipelined round trip per Redis host. A channel of this instance
-        joins locally too (before Redis: a message sent meanwhile reaches it)."""
+        joins locally too (before Redis: a message sent meanwhile reaches it).
+
+        ``then_get``: a key read in the last round trip, after every group was joined (Redis runs one connection's
+        commands in order): its raw value is returned, None when it has none or cannot be read. Read on the host
+        of the last group: for a layer with one host (``is_at``)."""
         groups = list(groups)
         if not self.require_valid_channel_name(channel):
             raise ValueError(f"Channel name not valid: {channel!r}")
-        by_host = self._by_host(groups)
+        if then_get is not None and self.ring_size != 1:
+            raise ValueError("then_get needs a channel layer with one Redis host.")
+        by_host = list(self._by_host(groups).items())
         now = time.time()
         local = self._is_own(channel) and self._on_local_loop()
         if local:
             for group in groups:
                 self._local_groups[group][channel] = now
+        value = None
         try:
-            for host, positions in by_host.items():
+            for index, (host, positions) in enumerate(by_host):
                 pipe = self.connection(host).pipeline(transaction=False)
                 for position in positions:
                     key = self._group_key(groups[position])
                     pipe.zadd(key, {channel: now})
                     # Everything in the group expires before this: the set goes when its last member would have.
                     pipe.expire(key, self.group_expiry)
-                await pipe.execute()
+                reading = then_get is not None and index == len(by_host) - 1
+                if reading:
+                    pipe.get(then_get)
+                results = await pipe.execute(raise_on_error=False)
+                if reading:
+                    read = results.pop()
+                    if isinstance(read, Exception):
+                        logger.warning("%s not read with the join (%s)", then_get, type(read).__name__)
+                    else:
+                        value = read
+                for result in results:
+                    if isinstance(result, Exception):
+                        raise result
         except BaseException:
             if local:
                 self._leave_locally(groups, channel)
             raise
+        return value
 
     async def group_discard(self, group: str, channel: str) -> None:
         self._leave_locally([group], channel)

@@ -27,12 +27,14 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import models, transaction
 from django.db.models.signals import post_delete, post_save
 from redis.exceptions import RedisError
 
 from cesaflow.lib import aredis
+from cesaflow.lib.channel_layer import RedisChannelLayer, join_groups
 
 logger = logging.getLogger("cesaflow.auth")
 
@@ -65,7 +67,30 @@ async def ageneration() -> str | None:
     except (RedisError, OSError):
         logger.warning("authorization generation unreadable: the database answers", exc_info=True)
         return None
-    return token_of(None if raw is None else cache.client.decode(raw))  # type: ignore[attr-defined]
+    return _decoded_token(raw)
+
+
+async def ajoin_then_generation(layer: Any, groups: Sequence[str], channel: str) -> str | None:
+    """Join ``groups`` (``channel_layer.join_groups``), then ``ageneration()``: read after the join, never before (a
+    change committed before the join is in the token read; one committed after it is heard on the groups joined).
+    In the join's own round trip where the channel layer's one Redis is the shared cache's (as configured: both
+    ``REDIS_URL``); otherwise in a round trip of its own once the join is done."""
+    url = settings.REDIS_URL
+    if isinstance(layer, RedisChannelLayer) and url and layer.is_at(url):
+        return _decoded_token(await layer.group_add_many(groups, channel, then_get=cache.make_key(GENERATION_KEY)))
+    await join_groups(layer, groups, channel)
+    return await ageneration()
+
+
+def _decoded_token(raw: Any) -> str | None:
+    """The token in the raw value of ``GENERATION_KEY`` as Redis returns it (None: none, or undecodable)."""
+    if raw is None:
+        return None
+    try:
+        return token_of(cache.client.decode(raw))  # type: ignore[attr-defined]  # django-redis's
+    except Exception:
+        logger.warning("authorization generation undecodable: the database answers", exc_info=True)
+        return None
 
 
 def token_of(value: Any) -> str | None:

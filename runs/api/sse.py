@@ -52,7 +52,6 @@ from rest_framework.request import Request
 
 from cesaflow.lib import shutdown
 from cesaflow.lib.api import error_responses
-from cesaflow.lib.channel_layer import join_groups
 from cesaflow.lib.metrics import ACTIVE_STREAMS
 from orgs import revocation
 from orgs.api.base import OrgAPIView
@@ -64,7 +63,7 @@ from runs import events
 from runs.models import Run
 from runs.selectors import run_get_for_org
 from runs.services import run_request_cancel
-from runs.watching import WatchStart, awatch_start, created_here
+from runs.watching import WatchStart, awatch_start, created_here, subscribe
 
 logger = logging.getLogger("cesaflow.runs")
 
@@ -130,7 +129,7 @@ async def run_event_stream(
     groups = [group, revocation.org_group(org.pk)]
     if isinstance(principal, SessionPrincipal):
         groups.append(revocation.user_group(principal.user.pk))
-    await join_groups(layer, groups, channel)
+    token = await subscribe(layer, groups, channel, principal=principal)
     receiver: asyncio.Future[Any] | None = None
     closing = asyncio.ensure_future(shutdown.streams_closing())
     ACTIVE_STREAMS.labels("sse").inc()
@@ -142,7 +141,9 @@ async def run_event_stream(
         # One hop: the credentials once more (a revocation committed before subscribing was not heard), the
         # snapshot, and start on attach.
         try:
-            start = await awatch_start(principal=principal, context=context, run_id=run_id, created=created)
+            start = await awatch_start(
+                principal=principal, context=context, run_id=run_id, token=token, created=created
+            )
         except Exception:
             logger.warning("stream credentials could not be re-checked; ending the stream", exc_info=True)
             start = WatchStart(refused=CLOSE_UNAUTHENTICATED, run=None)  # fail closed

@@ -168,7 +168,7 @@ async def _watched_then_left(cast: Any, run: Run) -> None:
     principal = SessionPrincipal(user=cast.dev_a.user, session=record)
     context = await sync_to_async(org_context_for)(principal)
     assert context is not None
-    watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id))
+    watcher = asyncio.create_task(awatch_start(principal=principal, context=context, run_id=run.id, token=None))
     await asyncio.sleep(0)  # the hop has started
     watcher.cancel()
     with pytest.raises(asyncio.CancelledError):

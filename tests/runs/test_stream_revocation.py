@@ -8,11 +8,13 @@ import time
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.db import OperationalError
 from django.test import AsyncClient
 from django.utils import timezone
 
 from cesaflow.lib import row_cache
+from cesaflow.lib.channel_layer import RedisChannelLayer
 from orgs import revocation
 from orgs.authentication import (
     CachedVerdict,
@@ -26,9 +28,9 @@ from orgs.models import ApiKey, Membership
 from orgs.services import api_key_revoke, membership_change_role, membership_remove
 from orgs.sessions.services import sessions_revoke_all
 from orgs.sessions.store import session_store
-from runs import consumers
+from runs import consumers, events
 from runs.models import Run, RunStatus
-from runs.watching import awatch_start
+from runs.watching import awatch_start, subscribe
 from tests.runs.test_consumers import ORIGIN, close_code, key_headers, open_run_socket, session_headers, socket
 from tests.runs.test_execution_support import (
     amake_run,
@@ -226,11 +228,53 @@ async def test_a_revocation_committed_before_the_subscription_is_seen_when_the_w
     context = await sync_to_async(org_context_for)(principal)
     assert context is not None
     await sync_to_async(api_key_revoke)(api_key=cast.dev_a.api_key, actor=cast.admin_a.user)
-    # The cache cannot vouch for it any more.
-    assert revalidate_cached(principal, context, token=await row_cache.ageneration()) is None
-    start = await awatch_start(principal=principal, context=context, run_id=queued_run.id)
+    # The cache cannot vouch for it any more: the token read with the subscription is the new generation.
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    groups = [events.run_group(queued_run.id), revocation.org_group(cast.org_a.pk)]
+    token = await subscribe(layer, groups, channel, principal=principal)
+    try:
+        assert token == row_cache.generation()
+        assert revalidate_cached(principal, context, token=token) is None
+        start = await awatch_start(principal=principal, context=context, run_id=queued_run.id, token=token)
+    finally:
+        for group in groups:
+            await layer.group_discard(group, channel)
     assert (start.refused, start.run) == (4401, None)
     assert (await Run.objects.aget(pk=queued_run.pk)).attached_at is None  # nothing attached for a revoked key
+
+
+async def test_a_watcher_reads_the_generation_with_its_join_or_after_it(cast, settings):
+    """``subscribe``: an org API key's watcher gets the current generation read with its join (the channel layer's
+    Redis is the cache's), or in a read of its own once joined (a layer elsewhere); a session's gets none (its hop
+    reads its verdict). Either way the watcher is in its groups, and hears what is sent to them."""
+    principal = await _verified(cast.dev_a.api_secret)
+    record = await sync_to_async(lambda: record_for(session_cookies_for(cast.dev_a.user)))()
+    assert record is not None
+    session = SessionPrincipal(user=cast.dev_a.user, session=record)
+    current = row_cache.generation()
+    assert current is not None
+    shared = get_channel_layer()
+    assert isinstance(shared, RedisChannelLayer)
+    assert shared.is_at(settings.REDIS_URL)
+    # The same server, another database: not the cache's Redis.
+    base, _, db = settings.REDIS_URL.rpartition("/")
+    other_db = (int(db) + 1) % 16 if db.isdigit() else 1
+    elsewhere = RedisChannelLayer(hosts=[{"address": f"{base}/{other_db}"}], prefix="cf-test")
+    assert not elsewhere.is_at(settings.REDIS_URL)
+    try:
+        for layer in (shared, elsewhere):
+            channel = await layer.new_channel()
+            assert await subscribe(layer, ["watched"], channel, principal=principal) == current
+            other = await layer.new_channel()
+            assert await subscribe(layer, ["watched"], other, principal=session) is None
+            await layer.group_send("watched", {"type": "t", "n": 1})
+            assert (await layer.receive(channel))["n"] == (await layer.receive(other))["n"] == 1
+            for member in (channel, other):
+                await layer.group_discard("watched", member)
+    finally:
+        await elsewhere.flush()
+        await elsewhere.close_pools()
 
 
 def test_every_revocation_signal_replaces_the_authorization_generation_before_it_is_sent(cast):
