@@ -95,6 +95,9 @@ class Harness:
     database_url: str
     redis_url: str
     pin: bool = True
+    # Where the servers under test, ``manage.py`` and the seeding run from (``bench.servers``); the simulator and
+    # the load generator stay in this process's virtualenv.
+    server_bin: Path = BIN
     children: list[Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     env_path: str = field(default_factory=lambda: os.environ.get("PATH", "/usr/bin:/bin"))
@@ -162,7 +165,7 @@ class Harness:
 
     def _manage(self, *args: str) -> str:
         completed = subprocess.run(
-            [sys.executable, str(ROOT / "manage.py"), *args],
+            [str(self.server_bin / "python"), str(ROOT / "manage.py"), *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -177,7 +180,7 @@ class Harness:
     def seed_cesaflow(self, *, simulator_url: str, tap_url: str) -> dict[str, str]:
         """Org, org API key and provider keys (labels ``bench`` and ``benchtap``) via CesaFlow's services."""
         completed = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "cesaflow_setup.py"), simulator_url, tap_url],
+            [str(self.server_bin / "python"), str(ROOT / "bench" / "cesaflow_setup.py"), simulator_url, tap_url],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -252,11 +255,15 @@ class Harness:
         if server == "daphne":
             # CesaFlow's production server (daphne with bounded, in-memory request bodies); the floor stays on plain
             # daphne. Verbosity 0: at 1 (the default) daphne writes an access log to stdout.
-            command = [str(BIN / "python"), "-m", "cesaflow.serve"] if app == "cesaflow" else [str(BIN / "daphne")]
+            command = (
+                [str(self.server_bin / "python"), "-m", "cesaflow.serve"]
+                if app == "cesaflow"
+                else [str(self.server_bin / "daphne")]
+            )
             argv = [*command, "-v", "0", "-b", HOST, "-p", str(port), target]
         elif server == "uvicorn":
             argv = [
-                str(BIN / "uvicorn"),
+                str(self.server_bin / "uvicorn"),
                 target,
                 "--host",
                 HOST,
@@ -276,7 +283,7 @@ class Harness:
 
     def start_run_worker(self, *, name: str, ready: str = "ready", timeout: float = 60) -> Child:
         """``manage.py run_worker`` (``CESAFLOW_EXECUTOR=worker``) on the server's core; returns once it is ready."""
-        argv = [sys.executable, str(ROOT / "manage.py"), "run_worker"]
+        argv = [str(self.server_bin / "python"), str(ROOT / "manage.py"), "run_worker"]
         # Unbuffered: its "ready" line must reach the log file now, not when a buffer fills.
         env = self.env | {"CESAFLOW_EXECUTOR": "worker", "PYTHONUNBUFFERED": "1"}
         child = self.spawn(name, argv, 0, env, SERVER_CPUS)
@@ -314,8 +321,10 @@ def wait_for_port(child: Child, *, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def harness(workdir: Path, *, database_url: str, redis_url: str, pin: bool) -> Iterator[Harness]:
-    h = Harness(workdir=workdir, database_url=database_url, redis_url=redis_url, pin=pin)
+def harness(
+    workdir: Path, *, database_url: str, redis_url: str, pin: bool, server_bin: Path = BIN
+) -> Iterator[Harness]:
+    h = Harness(workdir=workdir, database_url=database_url, redis_url=redis_url, pin=pin, server_bin=server_bin)
     try:
         yield h
     finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import runstream, toolvenv
+from bench import runstream, servers, toolvenv
 from bench.client import Connection
 from bench.harness import PRIVATE_POSTGRES, harness, pin_self
 from bench.measure import Target
@@ -155,9 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"py-spy unavailable: {exc}", file=sys.stderr)
         return 2
     print(f"py-spy: {PYSPY_REQUIREMENT} in {PYSPY_VENV} ({how})", file=sys.stderr)
+    server_bin, _ = servers.installed_or_development(lambda line: print(line, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="cesaflow-profile-") as tmp:
         workdir = Path(tmp)
-        with harness(workdir, database_url=args.database_url, redis_url=args.redis_url, pin=not args.no_pin) as h:
+        with harness(
+            workdir,
+            database_url=args.database_url,
+            redis_url=args.redis_url,
+            pin=not args.no_pin,
+            server_bin=server_bin,
+        ) as h:
             h.reset_database()
             h.reset_redis()
             simulator = h.start_simulator()

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from bench import litellm, measure, runstream
+from bench import litellm, measure, runstream, servers
 from bench.client import Connection
 from bench.harness import Harness, harness, pin_self
 from bench.measure import CpuMeter, Errors, Target, percentile
@@ -476,9 +476,11 @@ class Bench:
 
 
 async def main_async(
-    args: argparse.Namespace, plan: Plan, workdir: Path, litellm_install: tuple[Path, str] | str
+    args: argparse.Namespace, plan: Plan, workdir: Path, litellm_install: tuple[Path, str] | str, server_bin: Path
 ) -> Bench:
-    with harness(workdir, database_url=args.database_url, redis_url=args.redis_url, pin=not args.no_pin) as h:
+    with harness(
+        workdir, database_url=args.database_url, redis_url=args.redis_url, pin=not args.no_pin, server_bin=server_bin
+    ) as h:
         say(f"fresh database {h.database_url} (drop, create, migrate), Redis {args.redis_url}")
         h.reset_database()
         h.reset_redis()
@@ -528,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_self(not args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="cesaflow-bench-"))
     say(f"{'quick' if args.quick else 'full'} run; logs in {workdir}")
+    server_bin, servers_info = servers.installed_or_development(say)
     litellm_install: tuple[Path, str] | str = "left out (--no-litellm)"
     if not args.no_litellm:
         # Before the run's deadline starts: a first install takes a minute or more (bounded at 10).
@@ -537,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         except litellm.Unavailable as exc:
             litellm_install = str(exc)
     try:
-        run = main_async(args, plan, workdir, litellm_install)
+        run = main_async(args, plan, workdir, litellm_install, server_bin)
         bench = asyncio.run(asyncio.wait_for(run, plan.deadline_s))
     except TimeoutError:
         print(f"The benchmark exceeded its {plan.deadline_s:.0f} s deadline; logs in {workdir}", file=sys.stderr)
@@ -550,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = report_notes(
         bench.figures, unavailable=bench.unavailable, litellm=bench.litellm_info, raw=bench.raw, errors=bench.errors
     )
+    notes.append(servers.note(servers_info))
     print("\nNotes:\n" + "\n".join(notes))
     document = {
         "meta": {
@@ -562,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "plan": asdict(plan),
             "litellm": bench.litellm_info,
+            "servers": servers_info,
         },
         "unavailable": bench.unavailable,
         "figures": bench.figures,

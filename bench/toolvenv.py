@@ -1,4 +1,5 @@
-"""Tools the benchmark measures against or with (LiteLLM, py-spy), each in a throwaway virtualenv under ``var/``.
+"""Tools the benchmark measures against or with (LiteLLM, py-spy), each in a throwaway virtualenv under ``var/``,
+and the virtualenv the servers under test run from (``bench.servers``).
 
 Never project dependencies (nothing in ``requirements*.txt``): a tool is installed, at one pinned version, on first
 use with the base interpreter of the project's venv, and reused while its marker file names the same requirement.
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -33,9 +34,12 @@ def ensure(
     *,
     timeout_s: float,
     verify: Callable[[Path], str | None] | None = None,
+    installs: Sequence[Sequence[str]] | None = None,
 ) -> tuple[Path, str]:
     """The venv's ``command`` executable with ``requirement`` installed, and how it got there ("reused" or
-    "installed in N s"). ``verify(venv)`` may refuse a fresh install (returns the reason; the venv is deleted)."""
+    "installed in N s"). ``verify(venv)`` may refuse a fresh install (returns the reason; the venv is deleted).
+    ``installs``: the ``pip install`` arguments of each install step, in order, when ``requirement`` is not one
+    pip requirement but names what they install (the marker compares it)."""
     executable = venv / "bin" / command
     marker = venv / "bench-requirement.txt"  # written once an install succeeded: what is in the venv
     try:
@@ -51,21 +55,22 @@ def ensure(
         subprocess.run(
             [sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120, env=_pip_env()
         )
-        subprocess.run(
-            [
-                str(venv / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--quiet",
-                requirement,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=timeout_s,
-            env=_pip_env(),
-        )
+        for arguments in installs or [[requirement]]:
+            subprocess.run(
+                [
+                    str(venv / "bin" / "python"),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--quiet",
+                    *arguments,
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout_s,
+                env=_pip_env(),
+            )
     except subprocess.TimeoutExpired:
         shutil.rmtree(venv, ignore_errors=True)
         raise Unavailable(f"pip install {requirement} took longer than {timeout_s:.0f} s") from None
