@@ -300,10 +300,14 @@ async def test_generated_code_and_command_output_are_nowhere_once_the_workspace_
     await sync_to_async(canary.collect_pg_files)(collected)
     await sync_to_async(canary.collect_redis)(collected)
     await sync_to_async(canary.collect_directories)(collected)
-    for path in Path(django_settings.VAR_DIR).rglob("*"):
-        # Not CesaFlow's data: the test services' own files, and `make bench`'s throwaway LiteLLM environment.
-        skipped = {"test-services", "bench-litellm"}
-        if path.is_file() and not skipped.intersection(path.parts) and path.stat().st_size < 50_000_000:
+    var = Path(django_settings.VAR_DIR)
+    for path in var.rglob("*"):
+        # Not CesaFlow's data: the test services' own files, and the virtualenvs `make bench` makes (`var/bench-*`:
+        # LiteLLM, py-spy, the servers' production dependencies).
+        top = path.relative_to(var).parts[0]
+        if top == "test-services" or top.startswith("bench-"):
+            continue
+        if path.is_file() and path.stat().st_size < 50_000_000:
             collected.add("var", path.read_bytes())
     collected.add("logs", logs.text())
     assert str(run.id).encode() in collected.blobs["pg_dump"]
