@@ -1,13 +1,13 @@
 """The virtualenv the servers under test run from: the project's production dependencies only.
 
 CesaFlow's servers, ``run_worker`` and the floor run from ``var/bench-servers/``: ``requirements.lock`` (what the
-container image installs, hashes checked) plus uvicorn, the second server measured, at the development lock's pin.
-Not from the development virtualenv: httpx imports its command-line client and DRF its optional helpers whenever
-their packages are installed, and the test tools there bring them (schemathesis: requests and rich; pytest:
-pygments): about 210 modules and 10 MB of resident memory a production process does not have (1,782 modules and
-116 MB against 1,570 and 106 MB once the application is imported, 2026-12-02). Installed on first use and reused
-while the lock files are unchanged; when it cannot be installed the development virtualenv serves, and the report
-says so (``bench.toolvenv.Unavailable``).
+container image installs, hashes checked) plus uvicorn, the second server measured, and click, which it needs, at the
+development lock's pins. Not from the development virtualenv: httpx imports its command-line client and DRF its
+optional helpers whenever their packages are installed, and the test tools there bring them (schemathesis: requests
+and rich; pytest: pygments): about 210 modules and 10 MB of resident memory a production process does not have (1,782
+modules and 116 MB against 1,570 and 106 MB once the application is imported, 2026-12-02). Installed on first use and
+reused while ``requirements.lock`` and those two pins are unchanged; when it cannot be installed the development
+virtualenv serves, and the report says so (``bench.toolvenv.Unavailable``).
 """
 
 from __future__ import annotations
