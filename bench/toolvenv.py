@@ -1,10 +1,10 @@
-"""Tools the benchmark measures against or with (LiteLLM, py-spy), each in a throwaway virtualenv under ``var/``,
-and the virtualenv the servers under test run from (``bench.servers``).
+"""Throwaway virtualenvs under ``var/``: the tools the benchmark measures against or with (LiteLLM, py-spy), and
+the one the servers under test run from (``bench.servers``: the project's production dependencies).
 
-Never project dependencies (nothing in ``requirements*.txt``): a tool is installed, at one pinned version, on first
-use with the base interpreter of the project's venv, and reused while its marker file names the same requirement.
-When it cannot be installed (no registry, pip fails, the install takes longer than ``timeout_s``) ``Unavailable``
-says why, and the caller reports the tool as left out instead of failing.
+The tools are never project dependencies (nothing in ``requirements*.txt``). Each virtualenv is made on first use
+with the base interpreter of the project's venv, at pinned versions, and reused while its marker file names the same
+requirement. When it cannot be made (no registry, pip fails, the install takes longer than ``timeout_s``)
+``Unavailable`` says why, and the caller reports it as left out (or falls back) instead of failing.
 """
 
 from __future__ import annotations
