@@ -251,6 +251,24 @@ def test_each_route_refuses_a_declared_length_over_its_own_limit_unread(server, 
     assert answer.status == route.status_at_limit, answer.raw_head
 
 
+@pytest.mark.parametrize("route", ROUTES, ids=[route.name for route in ROUTES])
+def test_the_server_leaves_a_post_body_to_the_application_whatever_its_content_type(server, route):
+    """Twisted parses the form fields of a POST body on its own (``request.args``, which daphne never reads), and
+    answers a body declared ``multipart/form-data`` that is not one with a bare 400 before the application sees it.
+    The server leaves every body to the application, which answers in the route's own shape."""
+    body = b"no boundary here"  # Twisted's parser: "Not a multipart."
+    with _connect(server) as sock:
+        sock.sendall(_head(route.path, "multipart/form-data; boundary=zz", Content_Length=str(len(body))) + body)
+        answer = _read_answer(sock)
+    # No CSRF cookie (the page), no credentials (the API, the gateway), not JSON (a webhook): each its own answer.
+    expected = {"page": 403, "api": 401, "gateway": 401, "webhook": 415}[route.name]
+    assert answer.status == expected, answer.raw_head
+    assert answer.headers["x-content-type-options"] == "nosniff"  # the application's headers, not Twisted's
+    if route.shape != "page":
+        assert answer.headers["content-type"] == "application/json"
+        assert set(json.loads(answer.body)["error"]) >= {"code", "message"}
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_completion_just_under_the_gateway_limit_is_served_from_memory(server, cast, simulator):  # noqa: F811
     sim_key(cast.org_a, cast.admin_a.user, simulator, label="sim")
