@@ -338,3 +338,64 @@ def test_the_page_handler_refuses_middleware_that_cannot_run_both_ways(settings)
     handler = PageASGIHandler.__new__(PageASGIHandler)
     with pytest.raises(ImproperlyConfigured, match="sync- and async-capable"):
         handler.load_middleware(is_async=True)
+
+
+async def _served_as_a_server_would(path: str, headers: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+    """One request through the application, with the disconnect daphne and uvicorn report once the answer's last
+    byte is sent (queued from within that ``send``, as theirs is)."""
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    incoming.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            incoming.put_nowait({"type": "http.disconnect"})
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+    await asyncio.wait_for(application(scope, incoming.get, send), timeout=10)
+    return sent
+
+
+async def test_a_gateway_request_leaves_nothing_to_the_cyclic_collector(cast):
+    """Once answered, a gateway request's objects (the request, its response, the disconnect that ends it) are
+    freed as the handler lets go of them, not left in a reference cycle for the collector: that garbage made the
+    collections that pause every request in flight more frequent and longer (issue #13, README "Performance").
+    (Pages keep cycles of their own making: DRF's view and response hold each other, as do Django's request and its
+    messages' storage.)"""
+    import gc
+
+    from django.core.exceptions import RequestAborted
+    from django.core.handlers.asgi import ASGIRequest
+    from django.http.response import HttpResponseBase
+
+    auth = [(b"x-api-key", cast.dev_a.api_secret.encode())]
+    path = "/api/v1/models"
+    await _served_as_a_server_would(path, auth)  # warm: what the first request builds for good is not its garbage
+    gc.collect()
+    flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable lands in gc.garbage, kept for inspection
+    try:
+        sent = await _served_as_a_server_would(path, auth)
+        gc.collect()
+        # By type, not isinstance: a lazy object among the garbage (CSP's nonce) would be evaluated by isinstance.
+        kept = (ASGIRequest, HttpResponseBase, RequestAborted)
+        left = [kind.__name__ for kind in map(type, gc.garbage) if issubclass(kind, kept)]
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
+    assert sent[0]["status"] == 200
+    assert left == []
