@@ -52,26 +52,39 @@ class Goal:
 
     def verdict(self, value: float, floor: float | None, litellm: float | None) -> str:
         """Met ("yes") or not ("**no**"), naming what could not be judged: "yes (no LiteLLM)" without LiteLLM."""
+        missing = [
+            name for name, factor, other in self._relative(floor, litellm) if factor is not None and other is None
+        ]
+        word = "**no**" if self.shortfalls(value, floor, litellm) else "yes"
+        return f"{word} (no {' or '.join(missing)})" if missing else word
+
+    def shortfalls(
+        self, value: float, floor: float | None, litellm: float | None, *, shown: str | None = None
+    ) -> list[str]:
+        """Each bound ``value`` misses, and by how much: "2.68 times the floor's (target at most 1.5 times)". A
+        bound that cannot be judged (no floor or LiteLLM figure) is not a miss. ``shown``: the value as the table
+        prints it ("< 50")."""
+        sign = "≥" if self.higher_is_better else "≤"
 
         def ok(bound: float, *, slack: float = 0.0) -> bool:
             return value >= bound - slack if self.higher_is_better else value <= bound + slack
 
-        met = True
-        missing = []
-        if self.limit is not None:
-            met &= ok(self.limit)
-        if self.floor is not None:
-            if floor is None:
-                missing.append("floor")
-            else:
-                met &= ok(floor * self.floor, slack=self.floor_slack)
-        if self.litellm is not None:
-            if litellm is None:
-                missing.append("LiteLLM")
-            else:
-                met &= ok(litellm * self.litellm)
-        word = "yes" if met else "**no**"
-        return f"{word} (no {' or '.join(missing)})" if missing else word
+        missed = []
+        if self.limit is not None and not ok(self.limit):
+            unit = f" {self.unit}" if self.unit else ""
+            missed.append(f"{shown or f'{value:,.1f}'}{unit} (target {sign} {self.limit:,.0f}{unit})")
+        for name, factor, other in self._relative(floor, litellm):
+            if factor is None or other is None:
+                continue
+            if not ok(other * factor, slack=self.floor_slack if name == "floor" else 0.0):
+                ratio = f"{value / other:.2f}{TIMES}" if other else "n/a"
+                whose = "the floor's" if name == "floor" else f"{name}'s"
+                missed.append(f"{ratio} {whose} (target {sign} {factor:g}{TIMES})")
+        return missed
+
+    def _relative(self, floor: float | None, litellm: float | None) -> list[tuple[str, float | None, float | None]]:
+        """(name, factor of the goal, the other's figure) for the floor and LiteLLM."""
+        return [("floor", self.floor, floor), ("LiteLLM", self.litellm, litellm)]
 
 
 @dataclass(frozen=True)
@@ -231,6 +244,39 @@ def run_stream_table(
                 f"| {RUN_STREAM_GOAL.text()} | {met} |"
             )
     return "\n".join(lines)
+
+
+WHY_MISSED = (
+    'Why, and what was tried: README.md, "Performance" ("Where the time still goes"); `make bench-profile` shows '
+    "where a server's CPU goes on this machine."
+)
+
+
+def missed_targets(figures: dict[str, dict[str, Figure]], *, run_stream: bool) -> list[str]:
+    """Every target this run missed, per server (and per run stream), with by how much: issue #13 asks the
+    benchmark to say so for each target it does not meet. Figures the harness bounded ("≥ N") are not misses."""
+    lines = []
+    for metric in METRICS:
+        if metric.goal is None:
+            continue
+        by_target = figures.get(metric.key, {})
+        for server in SERVERS:
+            cf = by_target.get(f"cesaflow-{server}")
+            value = _value(cf)
+            if cf is None or value is None or (cf.prefix.startswith("≥") and metric.goal.higher_is_better):
+                continue
+            floor, litellm = _value(by_target.get(f"floor-{server}")), _value(by_target.get(LITELLM))
+            shortfalls = metric.goal.shortfalls(value, floor, litellm, shown=_format(cf, metric))
+            if shortfalls:
+                lines.append(f"- {metric.label}, {server}: {'; '.join(shortfalls)}")
+    if run_stream:
+        for executor in ("inline", "worker"):
+            for transport, label in TRANSPORT_LABELS.items():
+                added = _value(figures.get("run_added_p50", {}).get(f"{executor}-{transport}"))
+                shortfalls = [] if added is None else RUN_STREAM_GOAL.shortfalls(added, None, None)
+                if shortfalls:
+                    lines.append(f"- first run `text.delta`, added p50, {executor}, {label}: {'; '.join(shortfalls)}")
+    return lines
 
 
 def report_notes(

@@ -1,0 +1,48 @@
+"""``make bench`` says, for every target a run misses, by how much (issue #13: "or says honestly by how much each is
+missed"): ``bench.report.missed_targets`` from the figures of one run."""
+
+from __future__ import annotations
+
+from bench.report import TIMES, Figure, Goal, missed_targets
+
+X = TIMES  # the multiplication sign the report prints
+
+
+def test_a_goal_names_each_bound_it_misses_and_by_how_much():
+    goal = Goal(floor=1.3, litellm=0.5)
+    assert goal.shortfalls(26.0, 10.0, 40.0) == [
+        f"2.60{X} the floor's (target ≤ 1.3{X})",
+        f"0.65{X} LiteLLM's (target ≤ 0.5{X})",
+    ]
+    assert goal.shortfalls(12.0, 10.0, 40.0) == []
+    assert goal.shortfalls(26.0, 10.0, None) == [f"2.60{X} the floor's (target ≤ 1.3{X})"]  # unmeasured is no miss
+    assert goal.verdict(12.0, 10.0, None) == "yes (no LiteLLM)"
+    assert goal.verdict(26.0, 10.0, None) == "**no** (no LiteLLM)"
+    wanted_more = Goal(limit=250, higher_is_better=True, unit="/s")
+    assert wanted_more.shortfalls(200.0, None, None) == ["200.0 /s (target ≥ 250 /s)"]
+    assert wanted_more.shortfalls(300.0, None, None) == []
+    near_zero = Goal(floor=1.3, floor_slack=1)  # within 1 of the floor's counts as within its factor
+    assert near_zero.shortfalls(1.2, 0.2, None) == []
+    assert near_zero.shortfalls(1.5, 0.2, None) != []
+
+
+def test_the_run_lists_every_miss_per_server_and_run_stream_and_nothing_it_met_or_could_not_judge():
+    figures = {
+        "cpu_ms_per_stream": {
+            "cesaflow-daphne": Figure(9.9),
+            "cesaflow-uvicorn": Figure(4.0),
+            "floor-daphne": Figure(3.7),
+            "floor-uvicorn": Figure(3.0),
+        },
+        # "≥ N": the harness ran out before the proxy did; no miss can be claimed.
+        "paced_streams_max": {"cesaflow-daphne": Figure(40, prefix="≥ "), "cesaflow-uvicorn": Figure(50, prefix="< ")},
+        "rss_idle_mb": {"cesaflow-daphne": Figure(130.0), "cesaflow-uvicorn": Figure(111.0)},
+        "run_added_p50": {"inline-sse": Figure(13.0), "worker-ws": Figure(22.8)},
+    }
+    assert missed_targets(figures, run_stream=True) == [
+        f"- CPU per 10-token streamed request, daphne: 2.68{X} the floor's (target ≤ 1.5{X})",
+        "- Paced streams sustained, measured ladder, uvicorn: < 50 (target ≥ 75)",  # as the table prints it
+        "- RSS idle (after warm-up), daphne: 130.0 MB (target ≤ 120 MB)",
+        "- first run `text.delta`, added p50, worker, websocket (`/ws/runs/<id>/`): 22.8 ms (target ≤ 15 ms)",
+    ]
+    assert missed_targets(figures, run_stream=False)[-1].startswith("- RSS idle")
