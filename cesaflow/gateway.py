@@ -157,9 +157,9 @@ class PageASGIHandler(ASGIHandler):
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             if task.done():
-                # Read, not raised: a raised RequestAborted (the disconnect daphne reports once every answer is
-                # sent) would hold this frame in its traceback, and the frame the task holding it, leaving the
-                # whole request (request, response, the provider's response) to the cyclic collector.
+                # Read, not raised: a raised RequestAborted (the disconnect daphne and uvicorn report once the
+                # answer is sent) would hold this frame in its traceback, and the frame the task holding it, leaving
+                # the request, its response and the stream's generator to the cyclic collector.
                 error = task.exception()
                 if error is not None and not isinstance(error, RequestAborted):
                     if isinstance(error, AssertionError):
