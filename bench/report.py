@@ -279,6 +279,14 @@ def missed_targets(figures: dict[str, dict[str, Figure]], *, run_stream: bool) -
     return lines
 
 
+def missed_report(figures: dict[str, dict[str, Figure]], *, run_stream: bool) -> tuple[list[str], str]:
+    """``missed_targets`` and the text printed after the tables."""
+    missed = missed_targets(figures, run_stream=run_stream)
+    if not missed:
+        return missed, "Every target met."
+    return missed, "\n".join(["Missed in this run, and by how much:", *missed, WHY_MISSED])
+
+
 def report_notes(
     figures: dict[str, dict[str, Figure]],
     *,

@@ -35,17 +35,7 @@ from bench.client import Connection
 from bench.harness import Harness, harness, pin_self
 from bench.measure import CpuMeter, Errors, Target, percentile
 from bench.plan import FULL, PHASES, QUICK, STARTED, Plan, parse_args, rotated, say
-from bench.report import (
-    LITELLM,
-    PROXIES,
-    WHY_MISSED,
-    Figure,
-    markdown_table,
-    missed_targets,
-    report_notes,
-    run_stream_table,
-    save,
-)
+from bench.report import LITELLM, PROXIES, Figure, markdown_table, missed_report, report_notes, run_stream_table, save
 from bench.tap import Tap
 from deploy.throwaway import HOST, Child
 
@@ -560,12 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_table = run_stream_table(bench.figures) if "run_stream" in bench.raw else ""
     if runs_table:
         print("\n" + runs_table)
-    missed = missed_targets(bench.figures, run_stream=bool(runs_table))
-    print(
-        "\nMissed in this run, and by how much:\n" + "\n".join([*missed, WHY_MISSED])
-        if missed
-        else "\nEvery target met."
-    )
+    missed, missed_text = missed_report(bench.figures, run_stream=bool(runs_table))
+    print("\n" + missed_text)
     notes = report_notes(
         bench.figures, unavailable=bench.unavailable, litellm=bench.litellm_info, raw=bench.raw, errors=bench.errors
     )

@@ -3,7 +3,7 @@ missed"): ``bench.report.missed_targets`` from the figures of one run."""
 
 from __future__ import annotations
 
-from bench.report import TIMES, Figure, Goal, missed_targets
+from bench.report import TIMES, WHY_MISSED, Figure, Goal, missed_report, missed_targets
 
 X = TIMES  # the multiplication sign the report prints
 
@@ -46,3 +46,11 @@ def test_the_run_lists_every_miss_per_server_and_run_stream_and_nothing_it_met_o
         "- first run `text.delta`, added p50, worker, websocket (`/ws/runs/<id>/`): 22.8 ms (target ≤ 15 ms)",
     ]
     assert missed_targets(figures, run_stream=False)[-1].startswith("- RSS idle")
+
+
+def test_the_printed_report_says_so_when_every_target_is_met_and_points_to_the_reasons_when_not():
+    assert missed_report({}, run_stream=True) == ([], "Every target met.")
+    figures = {"rss_idle_mb": {"cesaflow-daphne": Figure(130.0)}}
+    missed, text = missed_report(figures, run_stream=False)
+    assert text.splitlines() == ["Missed in this run, and by how much:", *missed, WHY_MISSED]
+    assert missed == ["- RSS idle (after warm-up), daphne: 130.0 MB (target ≤ 120 MB)"]
