@@ -253,7 +253,7 @@ def test_each_route_refuses_a_declared_length_over_its_own_limit_unread(server, 
 
 @pytest.mark.parametrize("route", ROUTES, ids=[route.name for route in ROUTES])
 def test_the_server_leaves_a_post_body_to_the_application_whatever_its_content_type(server, route):
-    """Twisted parses the form fields of a POST body on its own (``request.args``, which daphne never reads), and
+    """Left to itself, Twisted parses the form fields of a POST body (``request.args``, which daphne never reads) and
     answers a body declared ``multipart/form-data`` that is not one with a bare 400 before the application sees it.
     The server leaves every body to the application, which answers in the route's own shape."""
     body = b"no boundary here"  # Twisted's parser: "Not a multipart."

@@ -5,6 +5,7 @@ called on the event loop (``PageASGIHandler``)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 from channels.testing import HttpCommunicator
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, RequestAborted
+from django.core.handlers.asgi import ASGIRequest
+from django.http.response import HttpResponseBase
 
 from cesaflow.asgi import application
 from cesaflow.gateway import GATEWAY_MIDDLEWARE, GatewayASGIHandler, PageASGIHandler
@@ -376,12 +379,6 @@ async def test_a_gateway_request_leaves_nothing_to_the_cyclic_collector(cast):
     collections that pause every request in flight more frequent and longer (issue #13, README "Performance").
     (Pages keep cycles of their own making: DRF's view and response hold each other, as do Django's request and its
     messages' storage.)"""
-    import gc
-
-    from django.core.exceptions import RequestAborted
-    from django.core.handlers.asgi import ASGIRequest
-    from django.http.response import HttpResponseBase
-
     auth = [(b"x-api-key", cast.dev_a.api_secret.encode())]
     path = "/api/v1/models"
     await _served_as_a_server_would(path, auth)  # warm: what the first request builds for good is not its garbage
