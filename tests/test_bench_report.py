@@ -3,7 +3,16 @@ missed"): ``bench.report.missed_targets`` from the figures of one run."""
 
 from __future__ import annotations
 
-from bench.report import TIMES, WHY_MISSED, Figure, Goal, missed_report, missed_targets
+from bench.report import (
+    TIMES,
+    WHY_MISSED,
+    WHY_PER_CALL,
+    WHY_RUN_STREAM,
+    Figure,
+    Goal,
+    missed_report,
+    missed_targets,
+)
 
 X = TIMES  # the multiplication sign the report prints
 
@@ -52,5 +61,33 @@ def test_the_printed_report_says_so_when_every_target_is_met_and_points_to_the_r
     assert missed_report({}, run_stream=True) == ([], "Every target met.")
     figures = {"rss_idle_mb": {"cesaflow-daphne": Figure(130.0)}}
     missed, text = missed_report(figures, run_stream=False)
-    assert text.splitlines() == ["Missed in this run, and by how much:", *missed, WHY_MISSED]
+    assert text.splitlines() == ["Missed in this run, by how much, and why:", *missed, WHY_MISSED]
     assert missed == ["- RSS idle (after warm-up), daphne: 130.0 MB (target ≤ 120 MB)"]
+
+
+def test_the_printed_report_says_why_once_after_each_group_of_misses_with_the_same_reason():
+    figures = {
+        "cpu_ms_per_stream": {
+            "cesaflow-daphne": Figure(9.9),
+            "cesaflow-uvicorn": Figure(8.7),
+            "floor-daphne": Figure(3.7),
+            "floor-uvicorn": Figure(3.0),
+        },
+        "rss_idle_mb": {"cesaflow-daphne": Figure(130.0)},  # no reason given: listed, no "Why"
+        "saturation_streams_per_s": {"cesaflow-daphne": Figure(50.0), "floor-daphne": Figure(139.0)},
+        "run_added_p50": {"inline-sse": Figure(13.0), "worker-sse": Figure(21.2), "worker-ws": Figure(22.8)},
+    }
+    missed, text = missed_report(figures, run_stream=True)
+    assert missed == missed_targets(figures, run_stream=True)
+    assert text.splitlines() == [
+        "Missed in this run, by how much, and why:",
+        f"- CPU per 10-token streamed request, daphne: 2.68{X} the floor's (target ≤ 1.5{X})",
+        f"- CPU per 10-token streamed request, uvicorn: 2.90{X} the floor's (target ≤ 1.5{X})",
+        f"- Streams/s at saturation (100 tokens), daphne: 0.36{X} the floor's (target ≥ 0.7{X})",
+        f"  Why: {WHY_PER_CALL}.",
+        "- RSS idle (after warm-up), daphne: 130.0 MB (target ≤ 120 MB)",
+        "- first run `text.delta`, added p50, worker, SSE (`GET /runs/<id>/events`): 21.2 ms (target ≤ 15 ms)",
+        "- first run `text.delta`, added p50, worker, websocket (`/ws/runs/<id>/`): 22.8 ms (target ≤ 15 ms)",
+        f"  Why: {WHY_RUN_STREAM['worker']}.",
+        WHY_MISSED,
+    ]
