@@ -100,9 +100,9 @@ class Metric:
 # Why the gateway's figures trail the floor's: what every call does that the floor does not.
 WHY_PER_CALL = (
     "every call writes its run row and its `key.used` audit row (one transaction, in a thread beside the provider "
-    "call, on the same core as the first words), then its "
-    "end and usage row (batched, after the last byte), through Django's ORM in PostgreSQL, and counts its rate limits "
-    "in Redis; the floor writes nothing and counts nothing (about a third of CesaFlow's CPU per call)"
+    "call, on the same core as the first words), then its end and usage row (batched, after the last byte), through "
+    "Django's ORM in PostgreSQL, about a third of CesaFlow's CPU per call; it also counts its rate limits in Redis. "
+    "The floor writes nothing and counts nothing"
 )
 WHY_PER_CHUNK = (
     "each chunk is decoded from the provider's SSE, parsed, translated to OpenAI's shape and encoded again, through "
