@@ -77,7 +77,7 @@ class Goal:
             if factor is None or other is None:
                 continue
             if not ok(other * factor, slack=self.floor_slack if name == "floor" else 0.0):
-                ratio = f"{value / other:.2f}{TIMES}" if other else "n/a"
+                ratio = _ratio_text(value / other, bound=factor) if other else "n/a"
                 whose = "the floor's" if name == "floor" else f"{name}'s"
                 missed.append(f"{ratio} {whose} (target {sign} {factor:g}{TIMES})")
         return missed
@@ -85,6 +85,13 @@ class Goal:
     def _relative(self, floor: float | None, litellm: float | None) -> list[tuple[str, float | None, float | None]]:
         """(name, factor of the goal, the other's figure) for the floor and LiteLLM."""
         return [("floor", self.floor, floor), ("LiteLLM", self.litellm, litellm)]
+
+
+def _ratio_text(ratio: float, *, bound: float) -> str:
+    """A ratio as a miss prints it: two decimals, or three where two would show the very bound it missed (0.503, not
+    0.50, against a target of at most 0.5 times)."""
+    text = f"{ratio:.2f}"
+    return f"{ratio:.3f}{TIMES}" if float(text) == bound else f"{text}{TIMES}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ def test_a_goal_names_each_bound_it_misses_and_by_how_much():
     wanted_more = Goal(limit=250, higher_is_better=True, unit="/s")
     assert wanted_more.shortfalls(200.0, None, None) == ["200.0 /s (target ≥ 250 /s)"]
     assert wanted_more.shortfalls(300.0, None, None) == []
+    # A miss never prints as the bound it missed.
+    assert goal.shortfalls(10.0, 1.0, 19.9) == [
+        f"10.00{X} the floor's (target ≤ 1.3{X})",
+        f"0.503{X} LiteLLM's (target ≤ 0.5{X})",
+    ]
     near_zero = Goal(floor=1.3, floor_slack=1)  # within 1 of the floor's counts as within its factor
     assert near_zero.shortfalls(1.2, 0.2, None) == []
     assert near_zero.shortfalls(1.5, 0.2, None) != []
