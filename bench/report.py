@@ -107,15 +107,18 @@ class Metric:
 # Why the gateway's figures trail the floor's: what every call does that the floor does not.
 WHY_PER_CALL = (
     "every call writes its run row and its `key.used` audit row (one transaction, in a thread beside the provider "
-    "call, on the same core as the first words), then its end and usage row (batched, after the last byte), through "
-    "Django's ORM in PostgreSQL, about a third of CesaFlow's CPU per call; it also counts its rate limits in Redis. "
-    "The floor writes nothing and counts nothing"
+    "call, on the same core as the first words), then its end and usage row (batched, after the last byte), mostly "
+    "through Django's ORM in PostgreSQL, about a third of CesaFlow's CPU per call; it also counts its rate limits in "
+    "Redis. The floor writes nothing and counts nothing"
 )
 WHY_PER_CHUNK = (
     "each chunk is decoded from the provider's SSE, parsed, translated to OpenAI's shape and encoded again, through "
     "the adapter's generators and a read watchdog; the floor passes the provider's bytes through"
 )
-WHY_PACED = "50 paced streams take most of a core (the per-call work above), so their starts queue behind each other"
+WHY_PACED = (
+    "50 paced streams take most of a core (every call's run, audit and end rows and its rate limits), so their starts "
+    "queue behind each other"
+)
 WHY_PLAIN_API = "Django's request path and DRF's view, the org key's check and the rate limits' round trip to Redis"
 
 
