@@ -39,6 +39,7 @@ import uuid
 from contextlib import suppress
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -93,6 +94,18 @@ class _RunEventsConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # chann
         self._joined: list[str] = []
         self._recheck: asyncio.Task[None] | None = None
         self._counted = False  # in cesaflow_active_streams
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' own dispatch, without the thread hop it makes before every handler (``aclose_old_connections``,
+        Channels 4.2+: ``close_old_connections`` in the process's one shared thread-sensitive thread). These sockets
+        touch the database only through ``db_hop`` (which hands its connection back) and ``database_sync_to_async``
+        (which closes that thread's old connections around each call itself), so the hop had nothing to clean; yet
+        the handshake and every run event waited for it, behind whatever else that thread was doing (issue #13: the
+        run stream's first words)."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def refuse(self, code: int) -> None:
         # Accept first: a close before the handshake completes reaches the browser as a bare 1006.

@@ -25,10 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from channels.db import database_sync_to_async
-
 from cesaflow.lib import row_cache
 from cesaflow.lib.channel_layer import join_groups
+from cesaflow.lib.hops import db_hop
 from cesaflow.lib.row_cache import RowCache
 from keys.models import ProviderKey
 from orgs.authentication import KeyPrincipal, Principal, revalidate, revalidate_cached
@@ -153,8 +152,11 @@ async def awatch_start(
     local = executor.local_executor()
     if local is not None and not local.reserve_slot():
         local = None  # no free slot here: the run is handed over as usual
+    # A hop of the loop's pool (``db_hop``), whole: a websocket has no request thread, and Channels' thread-sensitive
+    # hop would queue every socket's attach on the process's one shared thread, behind the executor's claims and
+    # purges (issue #13: the run stream's first words).
     hop = asyncio.ensure_future(
-        database_sync_to_async(watch_start)(
+        db_hop(watch_start)(
             principal=principal,
             context=context,
             run_id=run_id,

@@ -4,6 +4,8 @@ session and API-key authentication, org isolation with the fixed cast, live even
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from typing import Any
@@ -160,6 +162,35 @@ async def test_developer_gets_the_current_status_then_live_events(cast, queued_r
     await events.apublish(queued_run, event)
     assert await communicator.receive_json_from(timeout=3) == event
     await communicator.disconnect()
+
+
+async def test_run_events_reach_the_socket_while_the_shared_sync_thread_is_busy(cast, queued_run):
+    """A socket's attach and its run events do not wait for the process's one shared thread-sensitive thread, which
+    the executor's claims and purges use: Channels' dispatch closed old database connections there before every
+    handler, and the attach hopped there, so a socket's start and each of its events waited behind whatever that
+    thread was doing. The attach is a hop of the loop's pool now (``awatch_start``), and the consumer's dispatch
+    makes no hop (``dispatch``): both fail this test when put back."""
+    headers = await session_headers(cast.dev_a.user)  # a hop of its own, before the thread is taken
+    started, release = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        started.set()
+        release.wait(10)
+
+    busy = asyncio.ensure_future(sync_to_async(occupy)())  # thread-sensitive: the thread the hop would use
+    try:
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        communicator, snapshot = await open_run_socket(f"/ws/runs/{queued_run.id}/", headers)
+        assert snapshot["status"] == "queued"
+        event: TextDeltaEvent = {"type": "text.delta", "run_id": str(queued_run.id), "seq": 7, "text": "live"}
+        await events.apublish(queued_run, event)
+        assert await communicator.receive_json_from(timeout=3) == event
+        assert not busy.done()  # all of it while the thread was held
+        await communicator.disconnect()
+    finally:
+        release.set()
+        await busy
 
 
 async def test_finished_run_gets_status_and_finished_but_no_content(cast, queued_run):
