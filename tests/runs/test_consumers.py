@@ -179,7 +179,9 @@ async def test_run_events_reach_the_socket_while_the_shared_sync_thread_is_busy(
 
     busy = asyncio.ensure_future(sync_to_async(occupy)())  # thread-sensitive: the thread the hop would use
     try:
+        deadline = time.monotonic() + 5
         while not started.is_set():
+            assert time.monotonic() < deadline, "the shared thread never started the blocker"
             await asyncio.sleep(0.01)
         communicator, snapshot = await open_run_socket(f"/ws/runs/{queued_run.id}/", headers)
         assert snapshot["status"] == "queued"
