@@ -88,10 +88,12 @@ class Goal:
 
 
 def _ratio_text(ratio: float, *, bound: float) -> str:
-    """A ratio as a miss prints it: two decimals, or three where two would show the very bound it missed (0.503, not
-    0.50, against a target of at most 0.5 times)."""
-    text = f"{ratio:.2f}"
-    return f"{ratio:.3f}{TIMES}" if float(text) == bound else f"{text}{TIMES}"
+    """A ratio as a miss prints it: two decimals, or as many more as it takes not to show the very bound it missed
+    (0.503, not 0.50, against a target of at most 0.5 times; 0.6996, not 0.700, against at least 0.7)."""
+    digits = 2
+    while float(f"{ratio:.{digits}f}") == bound and digits < 9:
+        digits += 1
+    return f"{ratio:.{digits}f}{TIMES}"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ def test_a_goal_names_each_bound_it_misses_and_by_how_much():
         f"10.00{X} the floor's (target ≤ 1.3{X})",
         f"0.503{X} LiteLLM's (target ≤ 0.5{X})",
     ]
+    at_least = Goal(floor=0.7, higher_is_better=True)
+    assert at_least.shortfalls(0.6996, 1.0, None) == [f"0.6996{X} the floor's (target ≥ 0.7{X})"]
     near_zero = Goal(floor=1.3, floor_slack=1)  # within 1 of the floor's counts as within its factor
     assert near_zero.shortfalls(1.2, 0.2, None) == []
     assert near_zero.shortfalls(1.5, 0.2, None) != []
